@@ -1,0 +1,241 @@
+//! The Lookup path: tier -> store -> OOV + miss, and Invalidate.
+//!
+//! [`Front`] holds the logic; [`crate::service`] only maps it onto gRPC.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use embark_proto::embark::v1::{MissEvent, Source};
+use embark_store::{EmbeddingStore, StoreError, StoredRow, now_unix_ms};
+
+use crate::{
+    cache::{CachedRow, KeyHash, MissDedup, VectorCache, key_hash},
+    miss::MissPublisher,
+    models::{ModelRegistry, ServedModel},
+};
+
+/// Request limits; each error message names the flag that sets it.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most keys in one Lookup or Invalidate (`--max-batch-keys`).
+    pub max_batch_keys: usize,
+    /// Longest key in bytes (`--max-key-bytes`).
+    pub max_key_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_batch_keys: 4096, max_key_bytes: 8192 }
+    }
+}
+
+/// A request the front refuses; maps to a gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("store unavailable: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// A Lookup's answer: `keys.len() x dim` little-endian f32 plus sources.
+#[derive(Debug)]
+pub struct LookupAnswer {
+    pub dim: usize,
+    pub vectors: Vec<u8>,
+    pub sources: Vec<Source>,
+}
+
+pub struct Front {
+    models: ModelRegistry,
+    tier: VectorCache,
+    store: Arc<dyn EmbeddingStore>,
+    publisher: Arc<dyn MissPublisher>,
+    dedup: MissDedup,
+    limits: Limits,
+    /// A failure record younger than this is answered OOV_FAILED and not
+    /// queued again.
+    failure_ttl: Duration,
+}
+
+impl std::fmt::Debug for Front {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Front").field("models", &self.models.names()).finish_non_exhaustive()
+    }
+}
+
+/// A resolved row: the vector (or the OOV row) and where it came from.
+type Resolved = (Arc<[f32]>, Source);
+
+impl Front {
+    pub fn new(
+        models: ModelRegistry,
+        tier: VectorCache,
+        store: Arc<dyn EmbeddingStore>,
+        publisher: Arc<dyn MissPublisher>,
+        dedup: MissDedup,
+        limits: Limits,
+        failure_ttl: Duration,
+    ) -> Self {
+        Self { models, tier, store, publisher, dedup, limits, failure_ttl }
+    }
+
+    pub fn models(&self) -> &ModelRegistry {
+        &self.models
+    }
+
+    pub fn tier(&self) -> &VectorCache {
+        &self.tier
+    }
+
+    fn model(&self, name: &str) -> Result<&ServedModel, FrontError> {
+        if name.is_empty() {
+            return Err(FrontError::InvalidArgument(format!(
+                "model is required; this EmbArk serves {:?}",
+                self.models.names()
+            )));
+        }
+        self.models.get(name).ok_or_else(|| {
+            FrontError::NotFound(format!("unknown model {name:?}; this EmbArk serves {:?}", self.models.names()))
+        })
+    }
+
+    fn check_keys(&self, keys: &[String]) -> Result<(), FrontError> {
+        if keys.len() > self.limits.max_batch_keys {
+            return Err(FrontError::ResourceExhausted(format!(
+                "{} keys in one request; the limit is {} (--max-batch-keys): split the batch",
+                keys.len(),
+                self.limits.max_batch_keys
+            )));
+        }
+        for (i, k) in keys.iter().enumerate() {
+            if k.is_empty() {
+                return Err(FrontError::InvalidArgument(format!("keys[{i}] is empty; every key must be non-empty")));
+            }
+            if k.len() > self.limits.max_key_bytes {
+                return Err(FrontError::InvalidArgument(format!(
+                    "keys[{i}] is {} bytes; the limit is {} bytes (--max-key-bytes)",
+                    k.len(),
+                    self.limits.max_key_bytes
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers a batch: every key gets a row, never an error for an
+    /// unknown key. Duplicate keys are resolved once and answered alike.
+    pub async fn lookup(&self, model: &str, keys: &[String]) -> Result<LookupAnswer, FrontError> {
+        let started = std::time::Instant::now();
+        let served = self.model(model)?;
+        self.check_keys(keys)?;
+        let dim = served.spec.dim;
+
+        // Distinct keys, each resolved once: `slot[i]` is key i's distinct index.
+        let mut first: HashMap<&str, usize> = HashMap::with_capacity(keys.len());
+        let mut slot = Vec::with_capacity(keys.len());
+        let mut distinct: Vec<(&str, KeyHash)> = Vec::with_capacity(keys.len());
+        for k in keys {
+            let next = distinct.len();
+            let s = *first.entry(k.as_str()).or_insert(next);
+            if s == next {
+                distinct.push((k.as_str(), key_hash(model, k)));
+            }
+            slot.push(s);
+        }
+
+        let now = now_unix_ms();
+        let mut resolved: Vec<Option<Resolved>> = vec![None; distinct.len()];
+        let mut to_store: Vec<usize> = Vec::new();
+        for (i, (_, h)) in distinct.iter().enumerate() {
+            match self.tier.get(h) {
+                Some(CachedRow::Vector(v)) if v.len() == dim => resolved[i] = Some((v, Source::Cache)),
+                Some(CachedRow::Failed { until_unix_ms }) if now < until_unix_ms => {
+                    resolved[i] = Some((served.oov.clone(), Source::OovFailed))
+                }
+                _ => to_store.push(i),
+            }
+        }
+
+        if !to_store.is_empty() {
+            let wanted: Vec<String> = to_store.iter().map(|&i| distinct[i].0.to_owned()).collect();
+            let rows = self.store.get_many(model, &wanted).await?;
+            let ttl_ms = self.failure_ttl.as_millis() as i64;
+            for (&i, row) in to_store.iter().zip(rows) {
+                let (key, h) = distinct[i];
+                resolved[i] = Some(match row {
+                    Some(StoredRow::Vector { vector, .. }) if vector.len() == dim => {
+                        let v: Arc<[f32]> = vector.into();
+                        self.tier.insert(h, CachedRow::Vector(v.clone()));
+                        (v, Source::Store)
+                    }
+                    Some(StoredRow::Failed(f)) if now - f.at_unix_ms < ttl_ms => {
+                        self.tier.insert(h, CachedRow::Failed { until_unix_ms: f.at_unix_ms + ttl_ms });
+                        (served.oov.clone(), Source::OovFailed)
+                    }
+                    // Unknown, an expired failure, or a vector of another
+                    // dim (stale model output): queue it.
+                    _ => {
+                        self.queue_miss(model, key, h, now);
+                        (served.oov.clone(), Source::OovPending)
+                    }
+                });
+            }
+        }
+
+        let mut vectors = Vec::with_capacity(keys.len() * dim * 4);
+        let mut sources = Vec::with_capacity(keys.len());
+        for s in slot {
+            let (v, source) = resolved[s].as_ref().unwrap_or_else(|| unreachable!("every distinct key is resolved"));
+            embark_proto::extend_le_f32(&mut vectors, v);
+            sources.push(*source);
+            served.metrics.keys(*source).increment(1);
+        }
+        served.metrics.lookups.increment(1);
+        served.metrics.latency.record(started.elapsed().as_secs_f64());
+        Ok(LookupAnswer { dim, vectors, sources })
+    }
+
+    fn queue_miss(&self, model: &str, key: &str, h: KeyHash, now: i64) {
+        if !self.dedup.first_in_window(h) {
+            metrics::counter!("embark_misses_deduplicated_total").increment(1);
+            return;
+        }
+        let event = MissEvent {
+            model: model.to_owned(),
+            key: key.to_owned(),
+            first_seen_unix_ms: now,
+            attempts: 0,
+            not_before_unix_ms: 0,
+        };
+        if self.publisher.publish(event) {
+            metrics::counter!("embark_misses_published_total").increment(1);
+        } else {
+            // Dropped: let the next Lookup of this key try again.
+            self.dedup.forget(&h);
+        }
+    }
+
+    /// Forgets the keys' vectors (tier and store) and queues them again.
+    /// Returns how many distinct keys were invalidated.
+    pub async fn invalidate(&self, model: &str, keys: &[String]) -> Result<usize, FrontError> {
+        self.model(model)?;
+        self.check_keys(keys)?;
+        let mut distinct: Vec<String> = keys.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        self.store.delete(model, &distinct).await?;
+        let now = now_unix_ms();
+        for k in &distinct {
+            let h = key_hash(model, k);
+            self.tier.invalidate(&h);
+            self.dedup.forget(&h);
+            self.queue_miss(model, k, h, now);
+        }
+        metrics::counter!("embark_invalidated_keys_total").increment(distinct.len() as u64);
+        Ok(distinct.len())
+    }
+}

@@ -1,0 +1,28 @@
+//! EmbArk, the cache front rankers call.
+//!
+//! A Lookup goes tier -> store -> OOV: known keys come from the in-process
+//! tier or the store; an unknown key gets its model's OOV row at once,
+//! flagged `OOV_PENDING`, and one miss event per dedup window goes to the
+//! miss queue, which KFC drains into the store. A Lookup never waits on a
+//! neural network.
+//!
+//! Map of the crate:
+//! - [`front`]: the Lookup and Invalidate logic, request limits, errors.
+//! - [`cache`]: the moka tier (bounded in bytes) and the miss dedup window.
+//! - [`models`]: the served models, their OOV rows ([`models::OovPolicy`])
+//!   and per-model metric handles.
+//! - [`miss`]: the [`miss::MissPublisher`] seam and the durable single-machine
+//!   queue, which is also KFC's `MissSource` in `embark up`.
+//! - [`embedder`]: the in-process Retina as KFC's `Embedder`.
+//! - [`service`]: `embark.v1.EmbArk` over gRPC.
+//!
+//! The `embark` binary (`src/main.rs`) wires these together: `embark up`
+//! runs front, fill loop and Retina in one process on the embedded store;
+//! `embark serve` runs the front alone.
+
+pub mod cache;
+pub mod embedder;
+pub mod front;
+pub mod miss;
+pub mod models;
+pub mod service;

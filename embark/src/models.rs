@@ -1,0 +1,174 @@
+//! The models this front serves, each with its OOV row and its metric
+//! handles (resolved once, so the Lookup path does not format labels).
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+use embark_proto::embark::v1::{ModelInfo, ModelKind as WireKind, Source};
+use retina::{ModelKind, ModelSpec};
+
+/// What an unknown key's row is, per model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OovPolicy {
+    /// All zeros (the default): a ranker can tell nothing from it.
+    Zeros,
+    /// A vector read from a file: `dim` numbers separated by whitespace or
+    /// commas (e.g. the mean of the model's vectors, which some rankers
+    /// prefer to zeros).
+    File(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelConfigError {
+    #[error("unknown model {name:?}; known models: {known:?}")]
+    Unknown { name: String, known: Vec<&'static str> },
+    #[error("--oov {0:?}: expected MODEL=PATH")]
+    BadOovFlag(String),
+    #[error("OOV file {path} for model {model}: {reason}")]
+    OovFile { model: String, path: String, reason: String },
+}
+
+/// One served model.
+#[derive(Debug)]
+pub struct ServedModel {
+    pub spec: &'static ModelSpec,
+    /// The OOV row, `spec.dim` values.
+    pub oov: Arc<[f32]>,
+    pub metrics: ModelMetrics,
+}
+
+/// Metric handles of one model, resolved once.
+#[derive(Debug)]
+pub struct ModelMetrics {
+    pub lookups: metrics::Counter,
+    pub latency: metrics::Histogram,
+    keys: [metrics::Counter; 4],
+}
+
+impl ModelMetrics {
+    fn new(model: &'static str) -> Self {
+        let keys = |s: &'static str| metrics::counter!("embark_lookup_keys_total", "model" => model, "source" => s);
+        Self {
+            lookups: metrics::counter!("embark_lookups_total", "model" => model),
+            latency: metrics::histogram!("embark_lookup_latency_seconds", "model" => model),
+            keys: [keys("cache"), keys("store"), keys("oov_pending"), keys("oov_failed")],
+        }
+    }
+
+    pub fn keys(&self, source: Source) -> &metrics::Counter {
+        match source {
+            Source::Cache => &self.keys[0],
+            Source::Store => &self.keys[1],
+            Source::OovFailed => &self.keys[3],
+            Source::OovPending | Source::Unspecified => &self.keys[2],
+        }
+    }
+}
+
+/// The served models by name.
+#[derive(Debug, Default)]
+pub struct ModelRegistry {
+    models: HashMap<&'static str, ServedModel>,
+}
+
+impl ModelRegistry {
+    /// `oov_flags` are `MODEL=PATH` pairs; models without one get zeros.
+    pub fn new(specs: &[&'static ModelSpec], oov_flags: &[String]) -> Result<Self, ModelConfigError> {
+        let mut policies: HashMap<String, OovPolicy> = HashMap::new();
+        for flag in oov_flags {
+            let (model, path) = flag.split_once('=').ok_or_else(|| ModelConfigError::BadOovFlag(flag.clone()))?;
+            if !specs.iter().any(|s| s.name == model) {
+                return Err(ModelConfigError::Unknown {
+                    name: model.to_owned(),
+                    known: specs.iter().map(|s| s.name).collect(),
+                });
+            }
+            policies.insert(model.to_owned(), OovPolicy::File(PathBuf::from(path)));
+        }
+        let mut models = HashMap::new();
+        for &spec in specs {
+            let policy = policies.remove(spec.name).unwrap_or(OovPolicy::Zeros);
+            let oov = oov_row(spec, &policy)?;
+            models.insert(spec.name, ServedModel { spec, oov, metrics: ModelMetrics::new(spec.name) });
+        }
+        Ok(Self { models })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&ServedModel> {
+        self.models.get(name)
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut v: Vec<_> = self.models.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn infos(&self) -> Vec<ModelInfo> {
+        let mut v: Vec<ModelInfo> = self
+            .models
+            .values()
+            .map(|m| ModelInfo {
+                name: m.spec.name.to_owned(),
+                dim: m.spec.dim as u32,
+                kind: match m.spec.kind {
+                    ModelKind::Image => WireKind::Image,
+                    ModelKind::Text => WireKind::Text,
+                } as i32,
+                version: m.spec.version.to_owned(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+}
+
+fn oov_row(spec: &ModelSpec, policy: &OovPolicy) -> Result<Arc<[f32]>, ModelConfigError> {
+    match policy {
+        OovPolicy::Zeros => Ok(vec![0f32; spec.dim].into()),
+        OovPolicy::File(path) => {
+            let err = |reason: String| ModelConfigError::OovFile {
+                model: spec.name.to_owned(),
+                path: path.display().to_string(),
+                reason,
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+            let values = text
+                .split(|c: char| c.is_whitespace() || c == ',')
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse::<f32>().map_err(|e| err(format!("{s:?} is not a number: {e}"))))
+                .collect::<Result<Vec<f32>, _>>()?;
+            if values.len() != spec.dim {
+                return Err(err(format!("{} values, the model's dim is {}", values.len(), spec.dim)));
+            }
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(err("values must be finite".into()));
+            }
+            Ok(values.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use retina::catalog::MINILM_L6_V2;
+
+    #[test]
+    fn oov_defaults_to_zeros_and_reads_files() {
+        let r = ModelRegistry::new(&[&MINILM_L6_V2], &[]).expect("registry");
+        assert!(r.get("minilm-l6-v2").expect("model").oov.iter().all(|v| *v == 0.0));
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("oov.txt");
+        std::fs::write(&path, vec!["0.5"; 384].join(", ")).expect("write");
+        let flag = format!("minilm-l6-v2={}", path.display());
+        let r = ModelRegistry::new(&[&MINILM_L6_V2], &[flag]).expect("registry");
+        assert!(r.get("minilm-l6-v2").expect("model").oov.iter().all(|v| *v == 0.5));
+
+        std::fs::write(&path, "1 2 3").expect("write");
+        let flag = format!("minilm-l6-v2={}", path.display());
+        let e = ModelRegistry::new(&[&MINILM_L6_V2], &[flag]).expect_err("short file");
+        assert!(e.to_string().contains("3 values, the model's dim is 384"), "{e}");
+        assert!(ModelRegistry::new(&[&MINILM_L6_V2], &["nope=x".into()]).is_err());
+    }
+}

@@ -1,0 +1,232 @@
+//! The fill loop: misses -> skip what is stored -> embed -> write -> settle.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use embark_proto::embark::v1::MissEvent;
+use embark_store::{EmbeddingStore, FailureRecord, StoreError, StoredRow, now_unix_ms};
+use tokio_util::sync::CancellationToken;
+
+use crate::{EmbedOutcome, Embedder, MissSource, SourceError, backoff::Backoff};
+
+#[derive(Debug, Clone)]
+pub struct FillConfig {
+    /// Misses taken from the source per round.
+    pub max_batch: usize,
+    /// Inputs per embedder call.
+    pub embed_batch: usize,
+    /// A failure record younger than this is trusted: the key is skipped.
+    pub failure_ttl: Duration,
+    /// Transient per-input failures tolerated before a failure record is
+    /// written. Whole-call failures (embedder down) are retried forever.
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+}
+
+impl Default for FillConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 64,
+            embed_batch: 32,
+            failure_ttl: Duration::from_secs(3600),
+            max_attempts: 5,
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+/// What one round did (for logs and tests).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RoundStats {
+    pub embedded: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub retried: usize,
+}
+
+pub struct FillLoop<S, E> {
+    source: Arc<S>,
+    embedder: Arc<E>,
+    store: Arc<dyn EmbeddingStore>,
+    config: FillConfig,
+    /// Consecutive failed rounds or embedder calls, for the backoff.
+    failures: AtomicU32,
+}
+
+impl<S, E> std::fmt::Debug for FillLoop<S, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FillLoop").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl<S: MissSource, E: Embedder> FillLoop<S, E> {
+    pub fn new(source: Arc<S>, embedder: Arc<E>, store: Arc<dyn EmbeddingStore>, config: FillConfig) -> Self {
+        Self { source, embedder, store, config, failures: AtomicU32::new(0) }
+    }
+
+    /// Runs rounds until `cancel` fires. A round in progress is finished
+    /// (written and settled) before returning, so a graceful shutdown does
+    /// not repeat work; misses not yet taken stay in the source.
+    pub async fn run(&self, cancel: CancellationToken) {
+        loop {
+            let batch = tokio::select! {
+                _ = cancel.cancelled() => break,
+                b = self.source.next_batch(self.config.max_batch.max(1)) => b,
+            };
+            let result = match batch {
+                Ok(batch) => self.round(batch).await.map(|_| ()),
+                Err(e) => Err(e.into()),
+            };
+            match result {
+                Ok(()) => self.failures.store(0, Ordering::Relaxed),
+                Err(e) => {
+                    let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    let delay = self.config.backoff.delay(n);
+                    tracing::warn!(error = %e, ?delay, "fill round failed; its misses will be handed out again");
+                    metrics::counter!("kfc_round_errors_total").increment(1);
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        tracing::info!("fill loop stopped");
+    }
+
+    /// Processes one batch and settles it. On `Err` nothing was settled and
+    /// the source will hand the batch out again (what was already written
+    /// is then skipped).
+    pub async fn round(&self, batch: Vec<(S::Token, MissEvent)>) -> Result<RoundStats, FillError> {
+        let mut by_model: HashMap<String, Vec<MissEvent>> = HashMap::new();
+        let mut tokens = Vec::with_capacity(batch.len());
+        for (token, event) in batch {
+            tokens.push(token);
+            by_model.entry(event.model.clone()).or_default().push(event);
+        }
+        let mut stats = RoundStats::default();
+        let mut retry = Vec::new();
+        for (model, events) in by_model {
+            self.fill_model(&model, events, &mut stats, &mut retry).await?;
+        }
+        stats.retried = retry.len();
+        self.source.settle(tokens, retry).await?;
+        Ok(stats)
+    }
+
+    async fn fill_model(
+        &self,
+        model: &str,
+        events: Vec<MissEvent>,
+        stats: &mut RoundStats,
+        retry: &mut Vec<MissEvent>,
+    ) -> Result<(), FillError> {
+        // One embedding per distinct key, however often it was queued.
+        let mut seen = HashMap::with_capacity(events.len());
+        let events: Vec<MissEvent> = events.into_iter().filter(|e| seen.insert(e.key.clone(), ()).is_none()).collect();
+        let keys: Vec<String> = events.iter().map(|e| e.key.clone()).collect();
+
+        let now = now_unix_ms();
+        let ttl_ms = self.config.failure_ttl.as_millis() as i64;
+        let rows = self.store.get_many(model, &keys).await?;
+        let todo: Vec<MissEvent> = events
+            .into_iter()
+            .zip(rows)
+            .filter_map(|(e, row)| match row {
+                Some(StoredRow::Vector { .. }) => None,
+                Some(StoredRow::Failed(f)) if now - f.at_unix_ms < ttl_ms => None,
+                _ => Some(e),
+            })
+            .collect();
+        let skipped = keys.len() - todo.len();
+        stats.skipped += skipped;
+        metrics::counter!("kfc_skipped_total", "model" => model.to_owned()).increment(skipped as u64);
+
+        for chunk in todo.chunks(self.config.embed_batch.max(1)) {
+            self.fill_chunk(model, chunk, stats, retry).await?;
+        }
+        Ok(())
+    }
+
+    async fn fill_chunk(
+        &self,
+        model: &str,
+        chunk: &[MissEvent],
+        stats: &mut RoundStats,
+        retry: &mut Vec<MissEvent>,
+    ) -> Result<(), FillError> {
+        let inputs: Vec<String> = chunk.iter().map(|e| e.key.clone()).collect();
+        let outcomes = match self.embedder.embed(model, inputs).await {
+            Ok(o) if o.len() == chunk.len() => o,
+            other => {
+                let reason = match other {
+                    Ok(o) => format!("embedder returned {} outcomes for {} inputs", o.len(), chunk.len()),
+                    Err(e) => e.to_string(),
+                };
+                let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                let delay = self.config.backoff.delay(n);
+                tracing::warn!(model, %reason, ?delay, inputs = chunk.len(), "embedder call failed; retrying later");
+                metrics::counter!("kfc_embed_call_errors_total", "model" => model.to_owned()).increment(1);
+                retry.extend(chunk.iter().map(|e| delayed(e, e.attempts, delay)));
+                return Ok(());
+            }
+        };
+        self.failures.store(0, Ordering::Relaxed);
+
+        let now = now_unix_ms();
+        let mut vectors = Vec::new();
+        let mut failures = Vec::new();
+        for (event, outcome) in chunk.iter().zip(outcomes) {
+            match outcome {
+                EmbedOutcome::Vector(v) => {
+                    let waited = (now - event.first_seen_unix_ms).max(0) as f64 / 1000.0;
+                    metrics::histogram!("kfc_fill_latency_seconds", "model" => model.to_owned()).record(waited);
+                    vectors.push((event.key.clone(), v));
+                }
+                EmbedOutcome::Failed { code, reason, transient } => {
+                    metrics::counter!("kfc_embed_failures_total", "model" => model.to_owned(), "code" => code.to_string())
+                        .increment(1);
+                    let attempts = event.attempts + 1;
+                    if transient && attempts < self.config.max_attempts {
+                        retry.push(delayed(event, attempts, self.config.backoff.delay(attempts)));
+                    } else {
+                        let reason =
+                            if transient { format!("gave up after {attempts} attempts: {reason}") } else { reason };
+                        failures.push((event.key.clone(), FailureRecord { code, reason, at_unix_ms: now }));
+                    }
+                }
+            }
+        }
+        stats.embedded += vectors.len();
+        stats.failed += failures.len();
+        metrics::counter!("kfc_filled_total", "model" => model.to_owned(), "outcome" => "vector")
+            .increment(vectors.len() as u64);
+        metrics::counter!("kfc_filled_total", "model" => model.to_owned(), "outcome" => "failure")
+            .increment(failures.len() as u64);
+        if !vectors.is_empty() {
+            self.store.put_vectors(model, vectors).await?;
+        }
+        if !failures.is_empty() {
+            self.store.put_failures(model, failures).await?;
+        }
+        Ok(())
+    }
+}
+
+fn delayed(e: &MissEvent, attempts: u32, delay: Duration) -> MissEvent {
+    MissEvent { attempts, not_before_unix_ms: now_unix_ms() + delay.as_millis() as i64, ..e.clone() }
+}

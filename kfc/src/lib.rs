@@ -1,0 +1,24 @@
+//! KFC, the miss filler: takes pending misses, embeds them, writes the
+//! vectors (or failure records) to the store, and only then marks the
+//! misses done. At least once: a crash before [`MissSource::settle`] means a
+//! miss is processed again, never lost; a repeat is harmless because keys
+//! already stored are skipped.
+//!
+//! The loop is generic over its three seams, so the same code runs on one
+//! machine (durable in-process queue, in-process Retina, embedded store) and
+//! distributed (Kafka, Retina over gRPC, ScyllaDB):
+//!
+//! - [`source::MissSource`]: where misses come from and how they are settled.
+//! - [`embedder::Embedder`]: what turns inputs into vectors.
+//! - `embark_store::EmbeddingStore`: where vectors go.
+//!
+//! [`fill::FillLoop`] is the loop itself; [`backoff`] spaces out retries.
+
+pub mod backoff;
+pub mod embedder;
+pub mod fill;
+pub mod source;
+
+pub use embedder::{EmbedError, EmbedOutcome, Embedder};
+pub use fill::{FillConfig, FillLoop};
+pub use source::{MissSource, SourceError};

@@ -1,0 +1,122 @@
+//! The fill loop's decisions, on the real embedded store: what is skipped,
+//! retried, recorded as failed and settled.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use embark_proto::embark::v1::MissEvent;
+use embark_store::{EmbeddingStore, StoredRow, embedded::EmbeddedStore, now_unix_ms};
+use kfc::{EmbedError, EmbedOutcome, Embedder, FillConfig, FillLoop, MissSource, SourceError, backoff::Backoff};
+
+/// An in-memory source that records what was settled.
+#[derive(Default)]
+struct RecordingSource {
+    settled: Mutex<Vec<(Vec<u64>, Vec<MissEvent>)>>,
+}
+
+#[async_trait]
+impl MissSource for RecordingSource {
+    type Token = u64;
+    async fn next_batch(&self, _max: usize) -> Result<Vec<(u64, MissEvent)>, SourceError> {
+        std::future::pending().await
+    }
+    async fn settle(&self, done: Vec<u64>, retry: Vec<MissEvent>) -> Result<(), SourceError> {
+        self.settled.lock().expect("lock").push((done, retry));
+        Ok(())
+    }
+}
+
+/// Answers each call with the next scripted response; records the inputs.
+#[derive(Default)]
+struct ScriptedEmbedder {
+    script: Mutex<VecDeque<Result<Vec<EmbedOutcome>, EmbedError>>>,
+    calls: Mutex<Vec<Vec<String>>>,
+}
+
+#[async_trait]
+impl Embedder for ScriptedEmbedder {
+    async fn embed(&self, _model: &str, inputs: Vec<String>) -> Result<Vec<EmbedOutcome>, EmbedError> {
+        self.calls.lock().expect("lock").push(inputs);
+        self.script.lock().expect("lock").pop_front().unwrap_or_else(|| Err(EmbedError("script exhausted".into())))
+    }
+}
+
+fn miss(key: &str, attempts: u32) -> MissEvent {
+    MissEvent { model: "m".into(), key: key.into(), first_seen_unix_ms: now_unix_ms(), attempts, not_before_unix_ms: 0 }
+}
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    store: Arc<EmbeddedStore>,
+    source: Arc<RecordingSource>,
+    embedder: Arc<ScriptedEmbedder>,
+    fill: FillLoop<RecordingSource, ScriptedEmbedder>,
+}
+
+fn rig(script: Vec<Result<Vec<EmbedOutcome>, EmbedError>>) -> Rig {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).expect("open"));
+    let source = Arc::new(RecordingSource::default());
+    let embedder = Arc::new(ScriptedEmbedder { script: Mutex::new(script.into()), ..Default::default() });
+    let config = FillConfig {
+        max_attempts: 3,
+        backoff: Backoff { base: Duration::from_secs(10), max: Duration::from_secs(60) },
+        ..FillConfig::default()
+    };
+    let fill = FillLoop::new(source.clone(), embedder.clone(), store.clone(), config);
+    Rig { _dir: dir, store, source, embedder, fill }
+}
+
+#[tokio::test]
+async fn stored_keys_are_skipped_duplicates_embedded_once_and_everything_settled() {
+    let r = rig(vec![Ok(vec![EmbedOutcome::Vector(vec![1.0, 2.0])])]);
+    r.store.put_vectors("m", vec![("known".into(), vec![9.0, 9.0])]).await.expect("put");
+    let stats =
+        r.fill.round(vec![(1, miss("new", 0)), (2, miss("known", 0)), (3, miss("new", 0))]).await.expect("round");
+    assert_eq!((stats.embedded, stats.skipped, stats.retried), (1, 1, 0));
+    assert_eq!(*r.embedder.calls.lock().expect("lock"), vec![vec!["new".to_string()]]);
+    let settled = r.source.settled.lock().expect("lock").clone();
+    assert_eq!(settled, vec![(vec![1, 2, 3], vec![])]);
+    let rows = r.store.get_many("m", &["new".into()]).await.expect("get");
+    assert!(matches!(&rows[0], Some(StoredRow::Vector { vector, .. }) if vector == &[1.0, 2.0]));
+}
+
+#[tokio::test]
+async fn permanent_failures_are_recorded_transient_ones_retried_then_given_up() {
+    let failed = |transient| EmbedOutcome::Failed { code: 7, reason: "nope".into(), transient };
+    let r = rig(vec![Ok(vec![failed(false), failed(true), failed(true)])]);
+    let before = now_unix_ms();
+    let stats =
+        r.fill.round(vec![(1, miss("bad", 0)), (2, miss("flaky", 0)), (3, miss("hopeless", 2))]).await.expect("round");
+    assert_eq!((stats.failed, stats.retried), (2, 1));
+
+    let settled = r.source.settled.lock().expect("lock").clone();
+    let (done, retry) = &settled[0];
+    assert_eq!(done, &vec![1, 2, 3]);
+    assert_eq!(retry.len(), 1);
+    assert_eq!((retry[0].key.as_str(), retry[0].attempts), ("flaky", 1));
+    assert!(retry[0].not_before_unix_ms >= before + 5_000, "retried after a backoff");
+
+    let rows = r.store.get_many("m", &["bad".into(), "flaky".into(), "hopeless".into()]).await.expect("get");
+    assert!(matches!(&rows[0], Some(StoredRow::Failed(f)) if f.code == 7 && f.reason == "nope"));
+    assert!(rows[1].is_none(), "a transient failure is not recorded yet");
+    assert!(matches!(&rows[2], Some(StoredRow::Failed(f)) if f.reason.starts_with("gave up after 3 attempts")));
+}
+
+#[tokio::test]
+async fn an_unavailable_embedder_delays_every_miss_and_records_nothing() {
+    let r = rig(vec![Err(EmbedError("connection refused".into()))]);
+    let stats = r.fill.round(vec![(1, miss("a", 0)), (2, miss("b", 4))]).await.expect("round");
+    assert_eq!((stats.embedded, stats.failed, stats.retried), (0, 0, 2));
+    let settled = r.source.settled.lock().expect("lock").clone();
+    let retry = &settled[0].1;
+    // Whole-call failures do not use up the per-input attempts.
+    assert_eq!(retry.iter().map(|e| e.attempts).collect::<Vec<_>>(), vec![0, 4]);
+    assert!(retry.iter().all(|e| e.not_before_unix_ms > now_unix_ms()));
+    let rows = r.store.get_many("m", &["a".into(), "b".into()]).await.expect("get");
+    assert!(rows.iter().all(Option::is_none));
+}

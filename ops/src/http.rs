@@ -1,0 +1,96 @@
+//! The operator HTTP port: Prometheus text on `/metrics`, liveness on
+//! `/healthz`, readiness on `/readyz`.
+//!
+//! The exporter only records; this module serves it from a listener the
+//! binary binds itself, so the bound address is known and the server stops
+//! with the rest of the process.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Latency buckets (seconds) for every `*_seconds` histogram: fine below a
+/// millisecond for Lookup, up to minutes for the miss-to-fill path.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0,
+];
+
+/// Installs the global Prometheus recorder. Call once per process, before
+/// any metric is recorded.
+pub fn install_recorder() -> Result<PrometheusHandle, BuildError> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("_size".into()), &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0])?
+        .install_recorder()
+}
+
+/// Whether the process is ready for traffic (models loaded, listeners up).
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Release);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Clone)]
+struct OpsState {
+    metrics: PrometheusHandle,
+    ready: Readiness,
+}
+
+/// Binds `addr` and serves the operator endpoints until `shutdown` fires.
+/// Returns the bound address (useful with port 0) and the server task.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: PrometheusHandle,
+    ready: Readiness,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    // The exporter folds histogram samples on each render; upkeep keeps
+    // memory bounded when nobody scrapes.
+    let upkeep = metrics.clone();
+    let upkeep_stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = upkeep_stop.cancelled() => break,
+                _ = tick.tick() => upkeep.run_upkeep(),
+            }
+        }
+    });
+    let app = Router::new()
+        .route("/metrics", get(|State(s): State<OpsState>| async move { s.metrics.render() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<OpsState>| async move {
+                if s.ready.get() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+            }),
+        )
+        .with_state(OpsState { metrics, ready });
+    let task = tokio::spawn(async move {
+        let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "operator HTTP server failed");
+        }
+    });
+    Ok((bound, task))
+}

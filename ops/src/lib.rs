@@ -1,0 +1,12 @@
+//! Operations scaffolding shared by the `embark`, `retina` and `kfc`
+//! binaries, so each serves logs, metrics, probes and shutdown the same way.
+//!
+//! - [`telemetry`]: `tracing` subscriber (text or JSON, `RUST_LOG` filter).
+//! - [`http`]: the operator port: Prometheus `/metrics`, `/healthz`, `/readyz`.
+//! - [`grpc`]: what every gRPC server adds: health service, reflection, transport tuning.
+//! - [`shutdown`]: SIGTERM/SIGINT -> a `CancellationToken` every task watches.
+
+pub mod grpc;
+pub mod http;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,51 @@
+//! The wire contracts shared by every EmbArk component.
+//!
+//! - [`embark::v1`]: the cache front rankers call (`Lookup`, `Models`,
+//!   `Invalidate`) and the [`embark::v1::MissEvent`] queued for unknown keys.
+//! - [`retina::v1`]: the embedding worker (`Embed`, `Models`).
+//! - [`EMBARK_DESCRIPTOR_SET`], [`RETINA_DESCRIPTOR_SET`]: compiled descriptors
+//!   for each server's gRPC reflection.
+//!
+//! Vectors cross the wire as one contiguous little-endian float32 matrix
+//! (`bytes`), never as repeated floats: a client wraps it without a copy.
+
+pub mod embark {
+    pub mod v1 {
+        tonic::include_proto!("embark.v1");
+    }
+}
+
+pub mod retina {
+    pub mod v1 {
+        tonic::include_proto!("retina.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of `embark.v1`, for the front's reflection.
+pub const EMBARK_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/embark_descriptors.bin"));
+
+/// Encoded `FileDescriptorSet` of `retina.v1`, for Retina's reflection.
+pub const RETINA_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/retina_descriptors.bin"));
+
+/// Appends `rows` as little-endian float32 to a response matrix.
+///
+/// The wire format is little-endian; on a little-endian host this is one
+/// `memcpy`, elsewhere each value is converted.
+pub fn extend_le_f32(out: &mut Vec<u8>, rows: &[f32]) {
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(rows));
+    } else {
+        for v in rows {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
+/// Reads a little-endian float32 matrix back into values (clients, tests).
+/// Returns `None` when the length is not a multiple of 4.
+pub fn f32_from_le(bytes: &[u8]) -> Option<Vec<f32>> {
+    if !bytes.len().is_multiple_of(4) {
+        return None;
+    }
+    Some(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}

@@ -1,0 +1,20 @@
+//! Retina, the embedding worker: inputs -> model -> vectors.
+//!
+//! - [`catalog`]: the models EmbArk knows (name, kind, dim, version, files).
+//!   Static, so the front can validate requests without loading weights.
+//! - [`text`]: `minilm-l6-v2`, BERT on candle with mean pooling and L2 norm.
+//! - [`engine`]: one inference thread per loaded model, fed by a bounded
+//!   queue; requests arriving together are batched (max batch, max wait).
+//!   Async callers never run inference on the runtime's worker threads.
+//! - [`service`]: the `retina.v1.Retina` gRPC service over an [`engine::Engine`].
+//!
+//! The `retina` binary serves that service; `embark up` embeds the engine
+//! in-process instead.
+
+pub mod catalog;
+pub mod engine;
+pub mod service;
+pub mod text;
+
+pub use catalog::{CATALOG, ModelKind, ModelSpec};
+pub use engine::{Engine, EngineConfig, EngineError, InputFailure, InputResult};

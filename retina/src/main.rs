@@ -1,0 +1,104 @@
+//! `retina`: the embedding worker as a gRPC server.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::Parser;
+use embark_proto::retina::v1::retina_server::RetinaServer;
+use retina::{Engine, EngineConfig, service::RetinaService};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Serves `retina.v1.Retina`: embeds batches of inputs with pretrained models.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// gRPC listen address.
+    #[arg(long, env = "RETINA_LISTEN", default_value = "127.0.0.1:50061")]
+    listen: SocketAddr,
+    /// Operator HTTP address: /metrics, /healthz, /readyz.
+    #[arg(long, env = "RETINA_METRICS_LISTEN", default_value = "127.0.0.1:9465")]
+    metrics_listen: SocketAddr,
+    /// Directory holding one folder of weights per model (scripts/setup-models.sh).
+    #[arg(long, env = "EMBARK_MODELS_DIR")]
+    models_dir: Option<PathBuf>,
+    /// Models to load, comma-separated.
+    #[arg(long, env = "RETINA_MODELS", value_delimiter = ',', default_value = "minilm-l6-v2")]
+    models: Vec<String>,
+    /// Most inputs per forward pass.
+    #[arg(long, env = "RETINA_MAX_BATCH", default_value_t = 32)]
+    max_batch: usize,
+    /// How long a request waits for others to batch with, in milliseconds.
+    #[arg(long, env = "RETINA_MAX_WAIT_MS", default_value_t = 2)]
+    max_wait_ms: u64,
+    /// Requests queued per model before new ones are refused (UNAVAILABLE).
+    #[arg(long, env = "RETINA_QUEUE", default_value_t = 1024)]
+    queue: usize,
+    /// Most inputs in one Embed request.
+    #[arg(long, env = "RETINA_MAX_REQUEST_INPUTS", default_value_t = 1024)]
+    max_request_inputs: usize,
+    /// Longest input accepted, in bytes.
+    #[arg(long, env = "RETINA_MAX_INPUT_BYTES", default_value_t = 64 * 1024)]
+    max_input_bytes: usize,
+    /// Log as JSON lines.
+    #[arg(long, env = "RETINA_LOG_JSON")]
+    log_json: bool,
+}
+
+/// `$EMBARK_MODELS_DIR`, else `~/.cache/embark/models` (where the setup
+/// script puts them).
+fn default_models_dir() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(".cache/embark/models")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    embark_ops::telemetry::init(args.log_json);
+    let metrics = embark_ops::http::install_recorder().context("installing the metrics recorder")?;
+    let shutdown = embark_ops::shutdown::on_signal();
+    let ready = embark_ops::http::Readiness::default();
+    let (ops_addr, ops_task) = embark_ops::http::serve(args.metrics_listen, metrics, ready.clone(), shutdown.clone())
+        .await
+        .with_context(|| format!("binding the metrics port {}", args.metrics_listen))?;
+
+    let models_dir = args.models_dir.clone().unwrap_or_else(default_models_dir);
+    let config = EngineConfig {
+        max_batch: args.max_batch,
+        max_wait: Duration::from_millis(args.max_wait_ms),
+        queue_capacity: args.queue,
+        max_input_bytes: args.max_input_bytes,
+    };
+    let names = args.models.clone();
+    let engine = tokio::task::spawn_blocking(move || Engine::load(&models_dir, &names, config))
+        .await
+        .context("model loading task")??;
+    let engine = Arc::new(engine);
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<RetinaServer<RetinaService>>().await;
+    let (reflection_v1, reflection_v1alpha) = embark_ops::grpc::reflection(embark_proto::RETINA_DESCRIPTOR_SET)?;
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let grpc_addr = listener.local_addr()?;
+    let service = RetinaService::new(engine, args.max_request_inputs);
+    ready.set(true);
+    tracing::info!(grpc = %grpc_addr, metrics = %ops_addr, models = ?args.models, "retina serving");
+    embark_ops::grpc::server_builder(256, Duration::from_secs(60))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(RetinaServer::new(service).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        )
+        .await
+        .context("gRPC server")?;
+    ready.set(false);
+    shutdown.cancel();
+    let _ = ops_task.await;
+    tracing::info!("retina stopped");
+    Ok(())
+}

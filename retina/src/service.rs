@@ -1,0 +1,99 @@
+//! `retina.v1.Retina` over an [`Engine`].
+
+use std::sync::Arc;
+
+use embark_proto::retina::v1::{
+    EmbedFailure, EmbedRequest, EmbedResponse, ModelInfo, ModelKind as WireKind, ModelsRequest, ModelsResponse,
+    retina_server::Retina,
+};
+use tonic::{Request, Response, Status};
+
+use crate::{Engine, EngineError, ModelKind};
+
+#[derive(Debug, Clone)]
+pub struct RetinaService {
+    engine: Arc<Engine>,
+    max_request_inputs: usize,
+}
+
+impl RetinaService {
+    pub fn new(engine: Arc<Engine>, max_request_inputs: usize) -> Self {
+        Self { engine, max_request_inputs }
+    }
+}
+
+fn status(e: EngineError) -> Status {
+    match e {
+        EngineError::UnknownModel { .. } => Status::not_found(e.to_string()),
+        EngineError::Overloaded(_) | EngineError::Stopped(_) => Status::unavailable(e.to_string()),
+        EngineError::MissingFile { .. } | EngineError::Load { .. } => Status::internal(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl Retina for RetinaService {
+    async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
+        let EmbedRequest { model, inputs } = request.into_inner();
+        if model.is_empty() {
+            return Err(Status::invalid_argument("model is required (see the Models RPC)"));
+        }
+        let spec = self.engine.spec(&model).ok_or_else(|| {
+            status(EngineError::UnknownModel {
+                name: model.clone(),
+                available: self.engine.models().map(|s| s.name.to_owned()).collect(),
+            })
+        })?;
+        if inputs.len() > self.max_request_inputs {
+            return Err(Status::resource_exhausted(format!(
+                "{} inputs in one request; the limit is {} (--max-request-inputs): split the batch",
+                inputs.len(),
+                self.max_request_inputs
+            )));
+        }
+        let results = self.engine.embed(&model, inputs).await.map_err(status)?;
+        let mut vectors = Vec::with_capacity(results.len() * spec.dim * 4);
+        let mut failures = Vec::new();
+        let zeros = vec![0f32; spec.dim];
+        for (i, r) in results.iter().enumerate() {
+            match r {
+                Ok(v) if v.len() == spec.dim => embark_proto::extend_le_f32(&mut vectors, v),
+                Ok(v) => {
+                    embark_proto::extend_le_f32(&mut vectors, &zeros);
+                    failures.push(EmbedFailure {
+                        index: i as u32,
+                        code: embark_proto::retina::v1::FailureCode::Internal as i32,
+                        reason: format!("model produced {} values, expected {}", v.len(), spec.dim),
+                        transient: true,
+                    });
+                }
+                Err(f) => {
+                    embark_proto::extend_le_f32(&mut vectors, &zeros);
+                    failures.push(EmbedFailure {
+                        index: i as u32,
+                        code: f.code as i32,
+                        reason: f.reason.clone(),
+                        transient: f.transient,
+                    });
+                }
+            }
+        }
+        Ok(Response::new(EmbedResponse { dim: spec.dim as u32, vectors: vectors.into(), failures }))
+    }
+
+    async fn models(&self, _: Request<ModelsRequest>) -> Result<Response<ModelsResponse>, Status> {
+        let models = self
+            .engine
+            .models()
+            .map(|s| ModelInfo {
+                name: s.name.to_owned(),
+                dim: s.dim as u32,
+                kind: match s.kind {
+                    ModelKind::Image => WireKind::Image,
+                    ModelKind::Text => WireKind::Text,
+                } as i32,
+                version: s.version.to_owned(),
+            })
+            .collect();
+        Ok(Response::new(ModelsResponse { models }))
+    }
+}

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs EmbArk on one machine: fetches the model weights (once), builds the
+# release binary and starts `embark up` in the foreground (Ctrl-C stops it).
+# Extra arguments go to `embark up` (see `embark up --help`).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+export EMBARK_CACHE="${EMBARK_CACHE:-$HOME/.cache/embark}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$EMBARK_CACHE/target}"
+scripts/setup-models.sh
+cargo build --release --locked -p embark --bin embark
+exec "$CARGO_TARGET_DIR/release/embark" up "$@"

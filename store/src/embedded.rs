@@ -1,0 +1,282 @@
+//! The single-machine store: one redb file holding the embeddings table and
+//! the durable queue of pending misses.
+//!
+//! redb gives ACID transactions with a durable commit, so a vector or a
+//! queued miss that a call reported as written survives a crash. All calls
+//! into redb are blocking; the async trait methods run them on tokio's
+//! blocking pool so they never stall the runtime's worker threads.
+
+use std::{path::Path, sync::Arc};
+
+use async_trait::async_trait;
+use embark_proto::embark::v1::MissEvent;
+use prost::Message;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::{EmbeddingStore, FailureRecord, StoreError, StoredRow, row, storage_key};
+
+/// (model, storage key) -> encoded [`StoredRow`].
+const EMBEDDINGS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("embeddings");
+/// Queue sequence number -> encoded [`MissEvent`], oldest first.
+const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending_misses");
+
+/// The embedded store. Cheap to clone; all clones share one database.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore").finish_non_exhaustive()
+    }
+}
+
+fn db_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Embedded(e.into())
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store file. Fails if another process has it
+    /// open: one file belongs to one process.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(db_err)?;
+        // Create both tables up front so read transactions never meet a
+        // missing table.
+        let txn = db.begin_write().map_err(db_err)?;
+        txn.open_table(EMBEDDINGS).map_err(db_err)?;
+        txn.open_table(PENDING).map_err(db_err)?;
+        txn.commit().map_err(db_err)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    /// The durable miss queue that lives in the same file.
+    pub fn pending_misses(&self) -> PendingMisses {
+        PendingMisses { db: self.db.clone() }
+    }
+
+    fn get_many_blocking(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(EMBEDDINGS).map_err(db_err)?;
+        keys.iter()
+            .map(|key| {
+                let skey = storage_key(key);
+                match table.get((model, skey.as_ref())).map_err(db_err)? {
+                    None => Ok(None),
+                    Some(v) => row::decode(v.value())
+                        .map(Some)
+                        .map_err(|reason| StoreError::Corrupt { model: model.to_owned(), reason }),
+                }
+            })
+            .collect()
+    }
+
+    fn write_blocking(
+        &self,
+        model: &str,
+        rows: impl Iterator<Item = (String, Option<Vec<u8>>)>,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(EMBEDDINGS).map_err(db_err)?;
+            for (key, value) in rows {
+                let skey = storage_key(&key);
+                match value {
+                    Some(v) => {
+                        table.insert((model, skey.as_ref()), v.as_slice()).map_err(db_err)?;
+                    }
+                    None => {
+                        table.remove((model, skey.as_ref())).map_err(db_err)?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    /// Runs a blocking closure over a clone of `self` on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&EmbeddedStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this)).await.map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+#[async_trait]
+impl EmbeddingStore for EmbeddedStore {
+    async fn get_many(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError> {
+        let (model, keys) = (model.to_owned(), keys.to_vec());
+        self.blocking(move |s| s.get_many_blocking(&model, &keys)).await
+    }
+
+    async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
+        let model = model.to_owned();
+        let now = crate::now_unix_ms();
+        self.blocking(move |s| {
+            s.write_blocking(&model, rows.into_iter().map(|(k, v)| (k, Some(row::encode_vector(&v, now)))))
+        })
+        .await
+    }
+
+    async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
+        let model = model.to_owned();
+        self.blocking(move |s| {
+            s.write_blocking(&model, rows.into_iter().map(|(k, f)| (k, Some(row::encode_failure(&f)))))
+        })
+        .await
+    }
+
+    async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
+        let (model, keys) = (model.to_owned(), keys.to_vec());
+        self.blocking(move |s| s.write_blocking(&model, keys.into_iter().map(|k| (k, None)))).await
+    }
+}
+
+/// The durable FIFO of misses waiting to be embedded on one machine.
+///
+/// Every method is blocking (call it from a blocking thread). A miss stays
+/// in the queue until [`PendingMisses::settle`] removes it, which the fill
+/// loop calls only after the vector or failure record is written: a crash
+/// in between means the miss is processed again, never lost.
+#[derive(Clone)]
+pub struct PendingMisses {
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for PendingMisses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingMisses").finish_non_exhaustive()
+    }
+}
+
+impl PendingMisses {
+    /// Appends misses at the tail, in one durable transaction.
+    pub fn enqueue(&self, events: &[MissEvent]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(PENDING).map_err(db_err)?;
+            append(&mut table, events)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    /// Up to `max` misses that are due at `now_ms`, oldest first. Looks at
+    /// most `4 * max` entries, so a run of delayed retries at the head can
+    /// only slow the queue, never stall it.
+    pub fn peek_ready(&self, max: usize, now_ms: i64) -> Result<Vec<(u64, MissEvent)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(PENDING).map_err(db_err)?;
+        let mut out = Vec::with_capacity(max);
+        for entry in table.iter().map_err(db_err)?.take(max.saturating_mul(4)) {
+            let (seq, value) = entry.map_err(db_err)?;
+            let event = MissEvent::decode(value.value()).map_err(|e| StoreError::Corrupt {
+                model: String::new(),
+                reason: format!("pending miss {}: {e}", seq.value()),
+            })?;
+            if event.not_before_unix_ms <= now_ms {
+                out.push((seq.value(), event));
+                if out.len() == max {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes processed misses and re-appends those to retry later, in one
+    /// durable transaction.
+    pub fn settle(&self, done: &[u64], retry: &[MissEvent]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(PENDING).map_err(db_err)?;
+            for seq in done {
+                table.remove(*seq).map_err(db_err)?;
+            }
+            append(&mut table, retry)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    /// How many misses are queued (due or not).
+    pub fn len(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(PENDING).map_err(db_err)?;
+        table.len().map_err(db_err)
+    }
+
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.len()? == 0)
+    }
+}
+
+fn append(table: &mut redb::Table<'_, u64, &[u8]>, events: &[MissEvent]) -> Result<(), StoreError> {
+    let next = match table.last().map_err(db_err)? {
+        Some((k, _)) => k.value() + 1,
+        None => 0,
+    };
+    for (seq, e) in (next..).zip(events) {
+        table.insert(seq, e.encode_to_vec().as_slice()).map_err(db_err)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn miss(key: &str, not_before: i64) -> MissEvent {
+        MissEvent {
+            model: "m".into(),
+            key: key.into(),
+            first_seen_unix_ms: 1,
+            attempts: 0,
+            not_before_unix_ms: not_before,
+        }
+    }
+
+    #[tokio::test]
+    async fn rows_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store.redb");
+        let long = "k".repeat(1000);
+        {
+            let s = EmbeddedStore::open(&path).expect("open");
+            s.put_vectors("m", vec![("a".into(), vec![1.0, 2.0]), (long.clone(), vec![3.0])]).await.expect("put");
+            let f = FailureRecord { code: 2, reason: "bad".into(), at_unix_ms: 5 };
+            s.put_failures("m", vec![("b".into(), f)]).await.expect("put failure");
+            s.pending_misses().enqueue(&[miss("x", 0), miss("y", 0)]).expect("enqueue");
+        }
+        let s = EmbeddedStore::open(&path).expect("reopen");
+        let keys: Vec<String> = vec!["a".into(), "b".into(), "c".into(), long.clone()];
+        let rows = s.get_many("m", &keys).await.expect("get");
+        assert!(matches!(&rows[0], Some(StoredRow::Vector { vector, .. }) if vector == &[1.0, 2.0]));
+        assert!(matches!(&rows[1], Some(StoredRow::Failed(f)) if f.reason == "bad" && f.code == 2));
+        assert!(rows[2].is_none());
+        assert!(matches!(&rows[3], Some(StoredRow::Vector { vector, .. }) if vector == &[3.0]));
+        // Other models do not see these rows.
+        assert!(s.get_many("other", &keys).await.expect("get")[0].is_none());
+        s.delete("m", &["a".to_string()]).await.expect("delete");
+        assert!(s.get_many("m", &keys).await.expect("get")[0].is_none());
+        assert_eq!(s.pending_misses().len().expect("len"), 2);
+    }
+
+    #[test]
+    fn queue_is_fifo_skips_delayed_and_settles() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open").pending_misses();
+        q.enqueue(&[miss("a", 0), miss("late", 1000), miss("b", 0)]).expect("enqueue");
+        let ready = q.peek_ready(10, 500).expect("peek");
+        let keys: Vec<_> = ready.iter().map(|(_, e)| e.key.as_str()).collect();
+        assert_eq!(keys, ["a", "b"]);
+        let mut again = ready[0].1.clone();
+        again.attempts = 1;
+        q.settle(&[ready[0].0, ready[1].0], &[again]).expect("settle");
+        let keys: Vec<_> = q.peek_ready(10, 2000).expect("peek").into_iter().map(|(_, e)| e.key).collect();
+        assert_eq!(keys, ["late", "a"]);
+    }
+}

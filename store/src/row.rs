@@ -1,0 +1,92 @@
+//! Row types and the compact encoding the embedded store writes.
+//!
+//! Layout (little-endian): `status u8 | created_at_ms i64 | payload`, where
+//! a vector's payload is `dim u32 | dim x f32` and a failure's is
+//! `code i32 | reason (UTF-8, rest of the value)`. The status byte matches
+//! the CQL table's `status tinyint` (0 vector, 1 failure).
+
+/// What the store holds for one (model, key).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoredRow {
+    Vector { vector: Vec<f32>, created_at_ms: i64 },
+    Failed(FailureRecord),
+}
+
+/// Why an input could not be embedded, and when that was found out. Only
+/// permanent failures are recorded; they expire so an input is tried again
+/// eventually (the server may have been fixed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailureRecord {
+    /// `retina.v1.FailureCode` value.
+    pub code: i32,
+    pub reason: String,
+    pub at_unix_ms: i64,
+}
+
+pub const STATUS_VECTOR: u8 = 0;
+pub const STATUS_FAILED: u8 = 1;
+
+const HEADER: usize = 1 + 8;
+
+pub fn encode_vector(vector: &[f32], created_at_ms: i64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + 4 + vector.len() * 4);
+    out.push(STATUS_VECTOR);
+    out.extend_from_slice(&created_at_ms.to_le_bytes());
+    out.extend_from_slice(&(vector.len() as u32).to_le_bytes());
+    for v in vector {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+pub fn encode_failure(f: &FailureRecord) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + 4 + f.reason.len());
+    out.push(STATUS_FAILED);
+    out.extend_from_slice(&f.at_unix_ms.to_le_bytes());
+    out.extend_from_slice(&f.code.to_le_bytes());
+    out.extend_from_slice(f.reason.as_bytes());
+    out
+}
+
+/// Decodes a stored value; `Err` names what is wrong.
+pub fn decode(bytes: &[u8]) -> Result<StoredRow, String> {
+    if bytes.len() < HEADER + 4 {
+        return Err(format!("value of {} bytes is too short", bytes.len()));
+    }
+    let at = i64::from_le_bytes(bytes[1..9].try_into().map_err(|_| "header")?);
+    let word = <[u8; 4]>::try_from(&bytes[9..13]).map_err(|_| "header")?;
+    let rest = &bytes[13..];
+    match bytes[0] {
+        STATUS_VECTOR => {
+            let dim = u32::from_le_bytes(word) as usize;
+            if rest.len() != dim * 4 {
+                return Err(format!("dim {dim} but {} payload bytes", rest.len()));
+            }
+            let vector = rest.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            Ok(StoredRow::Vector { vector, created_at_ms: at })
+        }
+        STATUS_FAILED => Ok(StoredRow::Failed(FailureRecord {
+            code: i32::from_le_bytes(word),
+            reason: String::from_utf8_lossy(rest).into_owned(),
+            at_unix_ms: at,
+        })),
+        s => Err(format!("unknown status {s}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let v = vec![1.0, -2.5, f32::MIN_POSITIVE];
+        assert_eq!(decode(&encode_vector(&v, 42)), Ok(StoredRow::Vector { vector: v, created_at_ms: 42 }));
+        let f = FailureRecord { code: 3, reason: "not an image".into(), at_unix_ms: 7 };
+        assert_eq!(decode(&encode_failure(&f)), Ok(StoredRow::Failed(f)));
+        assert!(decode(&[0, 1, 2]).is_err());
+        let mut bad = encode_vector(&[1.0], 0);
+        bad.pop();
+        assert!(decode(&bad).is_err());
+    }
+}
