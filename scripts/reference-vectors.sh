@@ -11,3 +11,6 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/pip" install --quiet numpy==2.*
 fi
 "$VENV/bin/python" "$here/reference_minilm.py"
+"$VENV/bin/pip" install --quiet 'numpy==2.*' 'pillow==11.*'
+"$VENV/bin/python" "$here/make_image_fixtures.py"
+"$VENV/bin/python" "$here/reference_efficientnet.py"

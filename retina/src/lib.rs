@@ -13,6 +13,8 @@
 
 pub mod catalog;
 pub mod engine;
+pub mod image_model;
+pub mod preprocess;
 pub mod service;
 pub mod text;
 

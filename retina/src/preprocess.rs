@@ -1,0 +1,262 @@
+//! Untrusted bytes -> the model's input tensor, as Pillow would make it.
+//!
+//! 1. [`decode`]: sniff the format from the bytes (never the URL or the
+//!    Content-Type), accept JPEG, PNG, GIF (first frame), WebP and BMP, and
+//!    refuse anything over the width, height or allocation limits before it
+//!    is decoded (a decompression bomb costs a header read).
+//! 2. [`to_rgb8`]: 8-bit RGB; alpha dropped, grayscale replicated, 16-bit
+//!    scaled by 1/257 (rounded).
+//! 3. [`resize_crop_normalize`]: shorter side to 256 with Pillow's
+//!    antialiased bilinear filter (the same fixed-point arithmetic, so
+//!    lossless inputs match Pillow pixel for pixel), centre crop 224 with
+//!    offsets floored, then `(x - 127) / 128`, HWC.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageFormat, ImageReader};
+
+use crate::image_model::INPUT_SIZE;
+
+/// Shorter side before the centre crop.
+pub const RESIZE_TO: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct DecodeLimits {
+    pub max_width: u32,
+    pub max_height: u32,
+    /// Bytes the decoder may allocate.
+    pub max_alloc: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self { max_width: 8192, max_height: 8192, max_alloc: 256 << 20 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not an image: {0}")]
+    NotAnImage(String),
+    #[error("image too large: {0}")]
+    TooLarge(String),
+    #[error("undecodable image: {0}")]
+    Undecodable(String),
+}
+
+/// An 8-bit RGB image, row-major.
+#[derive(Debug, Clone)]
+pub struct Rgb8 {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, DecodeError> {
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| DecodeError::Undecodable(e.to_string()))?;
+    let format = match reader.format() {
+        Some(f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::Gif | ImageFormat::WebP | ImageFormat::Bmp)) => f,
+        Some(other) => return Err(DecodeError::NotAnImage(format!("{other:?} is not supported"))),
+        None => {
+            let head: String =
+                bytes.iter().take(16).map(|b| if b.is_ascii_graphic() { *b as char } else { '.' }).collect();
+            return Err(DecodeError::NotAnImage(format!("unrecognised content starting {head:?}")));
+        }
+    };
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(limits.max_width);
+    l.max_image_height = Some(limits.max_height);
+    l.max_alloc = Some(limits.max_alloc);
+    reader.limits(l);
+    reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(e) => DecodeError::TooLarge(format!(
+            "{format:?} over the limits ({}x{} px, {} MiB): {e}",
+            limits.max_width,
+            limits.max_height,
+            limits.max_alloc >> 20
+        )),
+        image::ImageError::Unsupported(e) => DecodeError::NotAnImage(e.to_string()),
+        other => DecodeError::Undecodable(format!("{format:?}: {other}")),
+    })
+}
+
+/// 8-bit RGB as Pillow's `convert("RGB")` gives it (16-bit first scaled
+/// by 1/257, rounded).
+pub fn to_rgb8(img: DynamicImage) -> Rgb8 {
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let scale16 = |v: u16| ((v as u32 + 128) / 257) as u8;
+    let pixels = match img {
+        DynamicImage::ImageRgb8(b) => b.into_raw(),
+        DynamicImage::ImageRgba8(b) => b.into_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        DynamicImage::ImageLuma8(b) => b.into_raw().into_iter().flat_map(|v| [v, v, v]).collect(),
+        DynamicImage::ImageLumaA8(b) => b.into_raw().chunks_exact(2).flat_map(|p| [p[0], p[0], p[0]]).collect(),
+        DynamicImage::ImageLuma16(b) => b.into_raw().into_iter().map(scale16).flat_map(|v| [v, v, v]).collect(),
+        DynamicImage::ImageLumaA16(b) => {
+            b.into_raw().chunks_exact(2).map(|p| scale16(p[0])).flat_map(|v| [v, v, v]).collect()
+        }
+        DynamicImage::ImageRgb16(b) => b.into_raw().into_iter().map(scale16).collect(),
+        DynamicImage::ImageRgba16(b) => {
+            b.into_raw().chunks_exact(4).flat_map(|p| [scale16(p[0]), scale16(p[1]), scale16(p[2])]).collect()
+        }
+        other => other.to_rgb8().into_raw(),
+    };
+    Rgb8 { width, height, pixels }
+}
+
+/// Pillow's fixed-point precision for 8-bit resampling.
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// For each output position: first input index and fixed-point weights.
+/// A port of Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the
+/// bilinear (triangle) filter, support scaled when downsampling.
+fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = filterscale; // triangle support 1.0, scaled
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            // C's (int) cast truncates toward zero, as `as` does.
+            let xmin = ((center - support + 0.5) as isize).max(0) as usize;
+            let xmax = ((center + support + 0.5) as isize).min(in_size as isize).max(xmin as isize) as usize;
+            let w: Vec<f64> = (xmin..xmax)
+                .map(|x| {
+                    let t = ((x as f64 - center + 0.5) * ss).abs();
+                    if t < 1.0 { 1.0 - t } else { 0.0 }
+                })
+                .collect();
+            let total: f64 = w.iter().sum();
+            let one = (1u32 << PRECISION_BITS) as f64;
+            let fixed = w
+                .iter()
+                .map(|v| {
+                    let v = if total != 0.0 { v / total } else { *v };
+                    if v < 0.0 { (-0.5 + v * one) as i32 } else { (0.5 + v * one) as i32 }
+                })
+                .collect();
+            (xmin, fixed)
+        })
+        .collect()
+}
+
+fn clip8(acc: i32) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// The output size Pillow code `resize` would be called with: shorter side
+/// `RESIZE_TO`, the other rounded (half to even, as Python's `round`).
+pub fn resized_size(width: usize, height: usize) -> (usize, usize) {
+    let r = RESIZE_TO as f64;
+    if width <= height {
+        (RESIZE_TO, (height as f64 * r / width as f64).round_ties_even() as usize)
+    } else {
+        ((width as f64 * r / height as f64).round_ties_even() as usize, RESIZE_TO)
+    }
+}
+
+/// Shorter side to 256 (antialiased bilinear), centre crop 224, normalise.
+/// Only the crop window is computed; each output pixel is what Pillow's
+/// full resize would give there. Returns `224 * 224 * 3` HWC values.
+pub fn resize_crop_normalize(img: &Rgb8) -> Vec<f32> {
+    let (w, h) = (img.width.max(1), img.height.max(1));
+    let (nw, nh) = resized_size(w, h);
+    let (left, top) = ((nw.saturating_sub(INPUT_SIZE)) / 2, (nh.saturating_sub(INPUT_SIZE)) / 2);
+    let side = INPUT_SIZE;
+
+    // Horizontal pass (skipped when the width does not change, as Pillow
+    // does), over the input rows the vertical pass will read.
+    let hcoef = (nw != w).then(|| coefficients(w, nw));
+    let vcoef = (nh != h).then(|| coefficients(h, nh));
+    let rows: Vec<usize> = match &vcoef {
+        Some(v) => {
+            let first = v[top].0;
+            let last = v[top + side - 1].0 + v[top + side - 1].1.len();
+            (first..last).collect()
+        }
+        None => (top..top + side).collect(),
+    };
+    let row0 = rows.first().copied().unwrap_or(0);
+    let half = 1i32 << (PRECISION_BITS - 1);
+    let mut temp = vec![0u8; rows.len() * side * 3];
+    for (r, &y) in rows.iter().enumerate() {
+        let src = &img.pixels[y * w * 3..(y + 1) * w * 3];
+        let dst = &mut temp[r * side * 3..(r + 1) * side * 3];
+        for ox in 0..side {
+            let xx = left + ox;
+            for c in 0..3 {
+                dst[ox * 3 + c] = match &hcoef {
+                    Some(coef) => {
+                        let (xmin, k) = &coef[xx];
+                        let acc = k.iter().enumerate().fold(half, |a, (i, kv)| a + src[(xmin + i) * 3 + c] as i32 * kv);
+                        clip8(acc)
+                    }
+                    None => src[xx * 3 + c],
+                };
+            }
+        }
+    }
+    let mut out = vec![0f32; side * side * 3];
+    for oy in 0..side {
+        let yy = top + oy;
+        for ox in 0..side {
+            for c in 0..3 {
+                let v = match &vcoef {
+                    Some(coef) => {
+                        let (ymin, k) = &coef[yy];
+                        let acc = k
+                            .iter()
+                            .enumerate()
+                            .fold(half, |a, (i, kv)| a + temp[((ymin + i - row0) * side + ox) * 3 + c] as i32 * kv);
+                        clip8(acc)
+                    }
+                    None => temp[((yy - row0) * side + ox) * 3 + c],
+                };
+                out[(oy * side + ox) * 3 + c] = (v as f32 - 127.0) / 128.0;
+            }
+        }
+    }
+    out
+}
+
+/// Decode, convert and preprocess in one go.
+pub fn prepare(bytes: &[u8], limits: &DecodeLimits) -> Result<Vec<f32>, DecodeError> {
+    Ok(resize_crop_normalize(&to_rgb8(decode(bytes, limits)?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_round_like_python() {
+        assert_eq!(resized_size(451, 300), (385, 256));
+        assert_eq!(resized_size(200, 300), (256, 384));
+        assert_eq!(resized_size(14, 25), (256, 457));
+        assert_eq!(resized_size(256, 256), (256, 256));
+    }
+
+    #[test]
+    fn coefficients_sum_to_one_in_fixed_point() {
+        for (i, o) in [(600, 256), (14, 256), (1000, 256), (256, 256)] {
+            for (_, k) in coefficients(i, o) {
+                let s: i64 = k.iter().map(|v| *v as i64).sum();
+                assert!((s - (1 << PRECISION_BITS)).abs() <= k.len() as i64, "{i}->{o}: {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn text_is_not_an_image_and_bombs_are_refused() {
+        let e = decode(b"<!doctype html><html>", &DecodeLimits::default()).expect_err("html");
+        assert!(matches!(e, DecodeError::NotAnImage(_)), "{e}");
+        // A valid 64x64 PNG is over a 32 px limit before any pixel is decoded.
+        let mut png = Vec::new();
+        image::RgbImage::new(64, 64).write_to(&mut Cursor::new(&mut png), ImageFormat::Png).expect("encode");
+        let limits = DecodeLimits { max_width: 32, max_height: 32, max_alloc: 1 << 20 };
+        assert!(matches!(decode(&png, &limits), Err(DecodeError::TooLarge(_))));
+        assert!(matches!(decode(&png[..png.len() / 2], &DecodeLimits::default()), Err(DecodeError::Undecodable(_))));
+    }
+}
