@@ -18,7 +18,7 @@ use embark::{
 };
 use embark_proto::embark::v1::emb_ark_server::EmbArkServer;
 use embark_store::{EmbeddingStore, embedded::EmbeddedStore};
-use retina::{Engine, EngineConfig};
+use retina::Engine;
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
@@ -61,7 +61,7 @@ struct FrontArgs {
     #[arg(long, env = "EMBARK_DATA_DIR", default_value = "embark-data")]
     data_dir: PathBuf,
     /// Models to serve, comma-separated.
-    #[arg(long, env = "EMBARK_MODELS", value_delimiter = ',', default_value = "minilm-l6-v2")]
+    #[arg(long, env = "EMBARK_MODELS", value_delimiter = ',', default_value = "minilm-l6-v2,efficientnet-lite0")]
     models: Vec<String>,
     /// OOV row of a model read from a file (MODEL=PATH, dim numbers); zeros
     /// otherwise. Repeat or comma-separate for several models.
@@ -110,12 +110,8 @@ struct FillArgs {
     /// Transient failures of one input before it is recorded as failed.
     #[arg(long, env = "EMBARK_FILL_MAX_ATTEMPTS", default_value_t = 5)]
     fill_max_attempts: u32,
-    /// Most inputs per forward pass.
-    #[arg(long, env = "RETINA_MAX_BATCH", default_value_t = 32)]
-    max_batch: usize,
-    /// How long an inference request waits for others to batch with (ms).
-    #[arg(long, env = "RETINA_MAX_WAIT_MS", default_value_t = 2)]
-    max_wait_ms: u64,
+    #[command(flatten)]
+    engine: retina::config::EngineArgs,
 }
 
 /// Parses `1024`, `512MiB`, `1GiB`, `64KiB` (also KB/MB/GB as powers of 1000).
@@ -173,11 +169,7 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
         Some(f) => {
             let dir = f.models_dir.clone().unwrap_or_else(default_models_dir);
             let names = args.models.clone();
-            let config = EngineConfig {
-                max_batch: f.max_batch,
-                max_wait: Duration::from_millis(f.max_wait_ms),
-                ..EngineConfig::default()
-            };
+            let config = f.engine.config();
             let engine = tokio::task::spawn_blocking(move || Engine::load(&dir, &names, config)).await??;
             Some(Arc::new(engine))
         }
@@ -218,7 +210,7 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
         (Some(f), Some(engine)) => {
             let config = kfc::FillConfig {
                 max_batch: f.fill_batch,
-                embed_batch: f.max_batch,
+                embed_batch: f.engine.max_batch,
                 failure_ttl,
                 max_attempts: f.fill_max_attempts,
                 ..kfc::FillConfig::default()

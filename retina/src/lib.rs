@@ -12,7 +12,9 @@
 //! in-process instead.
 
 pub mod catalog;
+pub mod config;
 pub mod engine;
+pub mod fetch;
 pub mod image_model;
 pub mod preprocess;
 pub mod service;

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context;
 use clap::Parser;
 use embark_proto::retina::v1::retina_server::RetinaServer;
-use retina::{Engine, EngineConfig, service::RetinaService};
+use retina::{Engine, config::EngineArgs, service::RetinaService};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -24,23 +24,13 @@ struct Args {
     #[arg(long, env = "EMBARK_MODELS_DIR")]
     models_dir: Option<PathBuf>,
     /// Models to load, comma-separated.
-    #[arg(long, env = "RETINA_MODELS", value_delimiter = ',', default_value = "minilm-l6-v2")]
+    #[arg(long, env = "RETINA_MODELS", value_delimiter = ',', default_value = "minilm-l6-v2,efficientnet-lite0")]
     models: Vec<String>,
-    /// Most inputs per forward pass.
-    #[arg(long, env = "RETINA_MAX_BATCH", default_value_t = 32)]
-    max_batch: usize,
-    /// How long a request waits for others to batch with, in milliseconds.
-    #[arg(long, env = "RETINA_MAX_WAIT_MS", default_value_t = 2)]
-    max_wait_ms: u64,
-    /// Requests queued per model before new ones are refused (UNAVAILABLE).
-    #[arg(long, env = "RETINA_QUEUE", default_value_t = 1024)]
-    queue: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Most inputs in one Embed request.
     #[arg(long, env = "RETINA_MAX_REQUEST_INPUTS", default_value_t = 1024)]
     max_request_inputs: usize,
-    /// Longest input accepted, in bytes.
-    #[arg(long, env = "RETINA_MAX_INPUT_BYTES", default_value_t = 64 * 1024)]
-    max_input_bytes: usize,
     /// Log as JSON lines.
     #[arg(long, env = "RETINA_LOG_JSON")]
     log_json: bool,
@@ -64,12 +54,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding the metrics port {}", args.metrics_listen))?;
 
     let models_dir = args.models_dir.clone().unwrap_or_else(default_models_dir);
-    let config = EngineConfig {
-        max_batch: args.max_batch,
-        max_wait: Duration::from_millis(args.max_wait_ms),
-        queue_capacity: args.queue,
-        max_input_bytes: args.max_input_bytes,
-    };
+    let config = args.engine.config();
     let names = args.models.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::load(&models_dir, &names, config))
         .await

@@ -65,6 +65,9 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Decod
             return Err(DecodeError::NotAnImage(format!("unrecognised content starting {head:?}")));
         }
     };
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(DecodeError::Undecodable("truncated Jpeg: no end-of-image marker after the last scan".into()));
+    }
     let mut l = image::Limits::default();
     l.max_image_width = Some(limits.max_width);
     l.max_image_height = Some(limits.max_height);
@@ -80,6 +83,18 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Decod
         image::ImageError::Unsupported(e) => DecodeError::NotAnImage(e.to_string()),
         other => DecodeError::Undecodable(format!("{format:?}: {other}")),
     })
+}
+
+/// Whether a JPEG has its end-of-image marker (FF D9) after the last
+/// start-of-scan (FF DA). JPEG decoders fill a truncated scan with gray
+/// and succeed; Pillow refuses such a file, and so do we. Inside a scan
+/// every 0xFF data byte is stuffed with 0x00, so FF D9 there is the marker.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let sos = bytes.windows(2).rposition(|w| w == [0xff, 0xda]);
+    match sos {
+        Some(at) => bytes[at..].windows(2).any(|w| w == [0xff, 0xd9]),
+        None => false,
+    }
 }
 
 /// 8-bit RGB as Pillow's `convert("RGB")` gives it (16-bit first scaled
@@ -258,5 +273,10 @@ mod tests {
         let limits = DecodeLimits { max_width: 32, max_height: 32, max_alloc: 1 << 20 };
         assert!(matches!(decode(&png, &limits), Err(DecodeError::TooLarge(_))));
         assert!(matches!(decode(&png[..png.len() / 2], &DecodeLimits::default()), Err(DecodeError::Undecodable(_))));
+        let mut jpeg = Vec::new();
+        image::RgbImage::new(64, 64).write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg).expect("encode");
+        assert!(decode(&jpeg, &DecodeLimits::default()).is_ok());
+        let e = decode(&jpeg[..jpeg.len() - 10], &DecodeLimits::default()).expect_err("truncated");
+        assert!(e.to_string().contains("truncated Jpeg"), "{e}");
     }
 }

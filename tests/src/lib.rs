@@ -10,6 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod http_fixtures;
+
 use anyhow::{Context, bail};
 use embark_proto::{embark::v1::emb_ark_client::EmbArkClient, retina::v1::retina_client::RetinaClient};
 use tonic::transport::Channel;
@@ -213,4 +215,29 @@ pub fn minilm_reference() -> Vec<(String, Vec<f32>)> {
             (t, vec)
         })
         .collect()
+}
+
+/// Peak resident memory of a process (VmHWM), in bytes.
+pub fn peak_rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmHWM in /proc/PID/status")?;
+    Ok(kb * 1024)
+}
+
+/// The efficientnet-lite0 reference vector of a fixture image.
+pub fn efficientnet_reference(file: &str) -> Vec<f32> {
+    let text = std::fs::read_to_string(fixtures().join("efficientnet_reference.json")).expect("fixture");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("fixture json");
+    v["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .find(|c| c["file"] == file)
+        .map(|c| c["vector"].as_array().expect("vector").iter().map(|x| x.as_f64().expect("f64") as f32).collect())
+        .unwrap_or_else(|| panic!("no reference for {file}"))
 }

@@ -118,10 +118,12 @@ async fn models_are_listed_and_invalidate_queues_keys_again() -> anyhow::Result<
     let mut client = embark.embark_client().await?;
 
     let models = client.models(ModelsRequest {}).await?.into_inner().models;
-    assert_eq!(models.len(), 1);
-    assert_eq!((models[0].name.as_str(), models[0].dim), (MODEL, 384));
-    assert_eq!(models[0].kind, ModelKind::Text as i32);
-    assert!(!models[0].version.is_empty());
+    let listed: Vec<_> = models.iter().map(|m| (m.name.as_str(), m.dim, m.kind)).collect();
+    assert_eq!(
+        listed,
+        vec![("efficientnet-lite0", 1280, ModelKind::Image as i32), (MODEL, 384, ModelKind::Text as i32)]
+    );
+    assert!(models.iter().all(|m| !m.version.is_empty()));
 
     let request = LookupRequest { model: MODEL.into(), keys: vec!["invalidate me".into()] };
     client.lookup(request.clone()).await?;

@@ -1,0 +1,84 @@
+//! The engine's options as clap arguments, flattened into both the
+//! `retina` binary and `embark up`, so each flag is defined once.
+
+use std::time::Duration;
+
+use clap::Args;
+use ipnet::IpNet;
+
+use crate::{EngineConfig, fetch::FetchConfig, preprocess::DecodeLimits};
+
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Most inputs per forward pass.
+    #[arg(long, env = "RETINA_MAX_BATCH", default_value_t = 32)]
+    pub max_batch: usize,
+    /// How long a request waits for others to batch with, in milliseconds.
+    #[arg(long, env = "RETINA_MAX_WAIT_MS", default_value_t = 2)]
+    pub max_wait_ms: u64,
+    /// Requests queued per model before new ones are refused (UNAVAILABLE).
+    #[arg(long, env = "RETINA_QUEUE", default_value_t = 1024)]
+    pub queue: usize,
+    /// Longest input (text or URL) accepted, in bytes.
+    #[arg(long, env = "RETINA_MAX_INPUT_BYTES", default_value_t = 64 * 1024)]
+    pub max_input_bytes: usize,
+    /// Downloads in flight at once.
+    #[arg(long, env = "RETINA_FETCH_CONCURRENCY", default_value_t = 32)]
+    pub fetch_concurrency: usize,
+    /// Largest image body downloaded, in bytes (enforced while streaming).
+    #[arg(long, env = "RETINA_FETCH_MAX_BYTES", default_value_t = 16 << 20)]
+    pub fetch_max_bytes: usize,
+    /// Connect timeout, in milliseconds.
+    #[arg(long, env = "RETINA_FETCH_CONNECT_TIMEOUT_MS", default_value_t = 3000)]
+    pub fetch_connect_timeout_ms: u64,
+    /// Time to the response headers, in milliseconds.
+    #[arg(long, env = "RETINA_FETCH_FIRST_BYTE_TIMEOUT_MS", default_value_t = 5000)]
+    pub fetch_first_byte_timeout_ms: u64,
+    /// Time for the whole download, in milliseconds.
+    #[arg(long, env = "RETINA_FETCH_TOTAL_TIMEOUT_MS", default_value_t = 15000)]
+    pub fetch_total_timeout_ms: u64,
+    /// Redirects followed at most.
+    #[arg(long, env = "RETINA_FETCH_MAX_REDIRECTS", default_value_t = 5)]
+    pub fetch_max_redirects: usize,
+    /// Non-public networks image URLs may reach anyway (CIDR, comma-separated,
+    /// e.g. 127.0.0.0/8 for a local image server). Empty: public addresses only.
+    #[arg(long, env = "RETINA_FETCH_ALLOW_NETS", value_delimiter = ',')]
+    pub fetch_allow_nets: Vec<IpNet>,
+    /// Images decoded at once (decoding is CPU work; default: the CPU count).
+    #[arg(long, env = "RETINA_DECODE_CONCURRENCY")]
+    pub decode_concurrency: Option<usize>,
+    /// Widest and tallest image decoded, in pixels.
+    #[arg(long, env = "RETINA_DECODE_MAX_SIDE", default_value_t = 8192)]
+    pub decode_max_side: u32,
+    /// Most memory one decode may allocate, in bytes.
+    #[arg(long, env = "RETINA_DECODE_MAX_ALLOC", default_value_t = 128 << 20)]
+    pub decode_max_alloc: u64,
+}
+
+impl EngineArgs {
+    pub fn config(&self) -> EngineConfig {
+        EngineConfig {
+            max_batch: self.max_batch,
+            max_wait: Duration::from_millis(self.max_wait_ms),
+            queue_capacity: self.queue,
+            max_input_bytes: self.max_input_bytes,
+            fetch: FetchConfig {
+                connect_timeout: Duration::from_millis(self.fetch_connect_timeout_ms),
+                first_byte_timeout: Duration::from_millis(self.fetch_first_byte_timeout_ms),
+                total_timeout: Duration::from_millis(self.fetch_total_timeout_ms),
+                max_bytes: self.fetch_max_bytes,
+                max_redirects: self.fetch_max_redirects,
+                allow: self.fetch_allow_nets.clone(),
+            },
+            fetch_concurrency: self.fetch_concurrency,
+            decode: DecodeLimits {
+                max_width: self.decode_max_side,
+                max_height: self.decode_max_side,
+                max_alloc: self.decode_max_alloc,
+            },
+            decode_concurrency: self
+                .decode_concurrency
+                .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
+        }
+    }
+}
