@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need
-# (model weights, grpcurl, a Python client venv) into ~/.cache/embark, checks
+# (model weights, grpcurl, a Python client venv, the tansu broker) into ~/.cache/embark, checks
 # formatting and lints, builds the binaries and runs every test.
 #
 # Build output goes to $CARGO_TARGET_DIR (default ~/.cache/embark/target) so a
@@ -14,10 +14,12 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 step() { printf '\n== %s\n' "$*"; }
 
-step "setup: model weights, grpcurl, Python client"
+step "setup: model weights, grpcurl, Python client, Kafka broker (tansu)"
 scripts/setup-models.sh
 scripts/install-grpcurl.sh >/dev/null
 examples/python/setup.sh >/dev/null
+EMBARK_TANSU="$(scripts/install-tansu.sh)"
+export EMBARK_TANSU
 
 step "format"
 cargo fmt --all --check
@@ -25,8 +27,11 @@ cargo fmt --all --check
 step "lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "build binaries"
-cargo build --workspace --bins --locked
+step "build (binaries and tests, one feature set, so the tests reuse it)"
+cargo build --workspace --all-targets --locked
+
+step "docker-compose.yml (no Docker engine here: schema, scaling rules, flags)"
+scripts/check-compose.sh "$CARGO_TARGET_DIR/debug"
 
 step "tests"
 log="$(mktemp)"

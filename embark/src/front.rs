@@ -5,12 +5,13 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use embark_proto::embark::v1::{MissEvent, Source};
-use embark_store::{EmbeddingStore, StoreError, StoredRow, now_unix_ms};
+use embark_store::{StoreError, StoredRow, now_unix_ms};
 
 use crate::{
     cache::{CachedRow, KeyHash, MissDedup, VectorCache, key_hash},
     miss::MissPublisher,
     models::{ModelRegistry, ServedModel},
+    store_guard::GuardedStore,
 };
 
 /// Request limits; each error message names the flag that sets it.
@@ -52,7 +53,7 @@ pub struct LookupAnswer {
 pub struct Front {
     models: ModelRegistry,
     tier: VectorCache,
-    store: Arc<dyn EmbeddingStore>,
+    store: GuardedStore,
     publisher: Arc<dyn MissPublisher>,
     dedup: MissDedup,
     limits: Limits,
@@ -74,7 +75,7 @@ impl Front {
     pub fn new(
         models: ModelRegistry,
         tier: VectorCache,
-        store: Arc<dyn EmbeddingStore>,
+        store: GuardedStore,
         publisher: Arc<dyn MissPublisher>,
         dedup: MissDedup,
         limits: Limits,
@@ -162,9 +163,18 @@ impl Front {
 
         if !to_store.is_empty() {
             let wanted: Vec<String> = to_store.iter().map(|&i| distinct[i].0.to_owned()).collect();
-            let rows = self.store.get_many(model, &wanted).await?;
+            let rows = match self.store.get_many(model, &wanted).await {
+                Ok(rows) => rows.into_iter().map(Some).collect(),
+                // Not answered in time: OOV, not queued (the key may well
+                // be stored), counted.
+                Err(_) => vec![None; wanted.len()],
+            };
             let ttl_ms = self.failure_ttl.as_millis() as i64;
             for (&i, row) in to_store.iter().zip(rows) {
+                let Some(row) = row else {
+                    resolved[i] = Some((served.oov.clone(), Source::OovUnavailable));
+                    continue;
+                };
                 let (key, h) = distinct[i];
                 resolved[i] = Some(match row {
                     Some(StoredRow::Vector { vector, .. }) if vector.len() == dim => {
@@ -227,7 +237,7 @@ impl Front {
         let mut distinct: Vec<String> = keys.to_vec();
         distinct.sort_unstable();
         distinct.dedup();
-        self.store.delete(model, &distinct).await?;
+        self.store.inner().delete(model, &distinct).await?;
         let now = now_unix_ms();
         for k in &distinct {
             let h = key_hash(model, k);

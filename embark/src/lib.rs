@@ -13,16 +13,22 @@
 //!   and per-model metric handles.
 //! - [`miss`]: the [`miss::MissPublisher`] seam and the durable single-machine
 //!   queue, which is also KFC's `MissSource` in `embark up`.
+//! - [`miss_kafka`]: the Kafka `MissPublisher` of `embark serve`.
 //! - [`embedder`]: the in-process Retina as KFC's `Embedder`.
+//! - [`store_guard`]: a deadline and a circuit breaker between Lookups and
+//!   the store; unanswered rows come back `OOV_UNAVAILABLE`.
 //! - [`service`]: `embark.v1.EmbArk` over gRPC.
 //!
 //! The `embark` binary (`src/main.rs`) wires these together: `embark up`
 //! runs front, fill loop and Retina in one process on the embedded store;
-//! `embark serve` runs the front alone.
+//! `embark serve` runs the front alone, publishing misses to Kafka for the
+//! `kfc` binary.
 
 pub mod cache;
 pub mod embedder;
 pub mod front;
 pub mod miss;
+pub mod miss_kafka;
 pub mod models;
 pub mod service;
+pub mod store_guard;

@@ -2,7 +2,9 @@
 //!
 //! - `embark up`: front + fill loop + in-process Retina on the embedded
 //!   store, no external service.
-//! - `embark serve`: the front alone (misses wait in the durable queue).
+//! - `embark serve`: the front alone; misses go to Kafka for `kfc`
+//!   (`--kafka-brokers`), or wait in the durable queue.
+//! - `embark migrate`: creates the CQL schema.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -13,8 +15,10 @@ use embark::{
     embedder::InProcessRetina,
     front::{Front, Limits},
     miss::{LocalMissQueue, MissPublisher},
+    miss_kafka::{KafkaMissPublisher, KafkaPublisherConfig},
     models::ModelRegistry,
     service::EmbArkService,
+    store_guard::{GuardConfig, GuardedStore},
 };
 use embark_proto::embark::v1::emb_ark_server::EmbArkServer;
 use embark_store::{EmbeddingStore, embedded::EmbeddedStore};
@@ -41,16 +45,34 @@ enum Command {
         #[command(flatten)]
         fill: FillArgs,
     },
-    /// The front alone on the embedded store; misses wait in its durable
-    /// queue for an `embark up` on the same --data-dir.
+    /// The front alone. With --kafka-brokers its misses go to Kafka for
+    /// `kfc`; otherwise they wait in the durable queue for an `embark up` on
+    /// the same --data-dir.
     Serve {
         #[command(flatten)]
         front: FrontArgs,
+    },
+    /// Create the CQL keyspace and table (safe to run again).
+    Migrate {
+        #[command(flatten)]
+        store: embark_store::args::StoreArgs,
     },
 }
 
 #[derive(Debug, Args)]
 struct FrontArgs {
+    #[command(flatten)]
+    store: embark_store::args::StoreArgs,
+    /// A Lookup waits this long for the store; rows it has not answered by
+    /// then come back OOV_UNAVAILABLE (not queued).
+    #[arg(long, env = "EMBARK_STORE_DEADLINE_MS", default_value_t = 50)]
+    store_deadline_ms: u64,
+    /// Consecutive failed or late store reads that open the breaker.
+    #[arg(long, env = "EMBARK_STORE_BREAKER_FAILURES", default_value_t = 5)]
+    store_breaker_failures: u32,
+    /// How long an open breaker skips the store before one probe read.
+    #[arg(long, env = "EMBARK_STORE_BREAKER_COOL_DOWN_MS", default_value_t = 2000)]
+    store_breaker_cool_down_ms: u64,
     /// gRPC listen address.
     #[arg(long, env = "EMBARK_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
@@ -87,10 +109,31 @@ struct FrontArgs {
     /// Longest key, in bytes.
     #[arg(long, env = "EMBARK_MAX_KEY_BYTES", default_value_t = 8192)]
     max_key_bytes: usize,
-    /// Misses buffered in memory before the durable queue; beyond it they
-    /// are dropped (counted) and queued again by the next Lookup.
+    /// Misses buffered in memory before the durable queue (or Kafka); beyond
+    /// it they are dropped (counted) and queued again by the next Lookup.
     #[arg(long, env = "EMBARK_MISS_BUFFER", default_value_t = 65536)]
     miss_buffer: usize,
+    /// Publish misses to Kafka (`host:port[,host:port]`) for KFC instead of
+    /// the local durable queue (`embark serve` only).
+    #[arg(long, env = "EMBARK_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// The Kafka topic of misses.
+    #[arg(long, env = "EMBARK_MISS_TOPIC", default_value = kfc::kafka::DEFAULT_MISS_TOPIC)]
+    miss_topic: String,
+    /// Create the miss topic with this many partitions if it is missing
+    /// (0: never create it).
+    #[arg(long, env = "EMBARK_MISS_TOPIC_PARTITIONS", default_value_t = 12)]
+    miss_topic_partitions: i32,
+    /// Replication factor of the miss topic when EmbArk creates it.
+    #[arg(long, env = "EMBARK_TOPIC_REPLICATION", default_value_t = 1)]
+    topic_replication: i32,
+    /// A miss the brokers have not acknowledged within this time is dropped
+    /// (counted); the next Lookup of the key publishes it again.
+    #[arg(long, env = "EMBARK_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 30_000)]
+    kafka_message_timeout_ms: u64,
+    /// Extra librdkafka properties, `key=value` (repeat or comma-separate).
+    #[arg(long, env = "EMBARK_KAFKA_PROPERTY", value_delimiter = ',')]
+    kafka_property: Vec<String>,
     /// Requests handled at once per client connection.
     #[arg(long, env = "EMBARK_CONCURRENCY_PER_CONNECTION", default_value_t = 256)]
     concurrency_per_connection: usize,
@@ -144,6 +187,14 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Up { front, fill } => run(front, Some(fill)).await,
             Command::Serve { front } => run(front, None).await,
+            Command::Migrate { store } => {
+                embark_ops::telemetry::init(false);
+                let cfg =
+                    store.cql()?.context("`embark migrate` is for --store cql://...; the embedded store needs none")?;
+                embark_store::cql::CqlStore::migrate(&cfg).await?;
+                println!("keyspace {} and table {}.embeddings are in place", cfg.keyspace, cfg.keyspace);
+                Ok(())
+            }
         }
     })
 }
@@ -158,11 +209,33 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the metrics port {}", args.metrics_listen))?;
 
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
-    let store_path = args.data_dir.join("embark.redb");
-    let store = EmbeddedStore::open(&store_path)
-        .with_context(|| format!("opening {} (is another embark using this --data-dir?)", store_path.display()))?;
+    if fill.is_some() && args.kafka_brokers.is_some() {
+        anyhow::bail!("`embark up` fills its own misses; --kafka-brokers is for `embark serve` with a separate kfc");
+    }
+    let cql = args.store.cql()?;
+    // The redb file holds the vectors on the embedded store, and the durable
+    // miss queue whenever misses stay on this machine (no Kafka).
+    let embedded =
+        if cql.is_none() || args.kafka_brokers.is_none() {
+            std::fs::create_dir_all(&args.data_dir)
+                .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
+            let store_path = args.data_dir.join("embark.redb");
+            Some(EmbeddedStore::open(&store_path).with_context(|| {
+                format!("opening {} (is another embark using this --data-dir?)", store_path.display())
+            })?)
+        } else {
+            None
+        };
+    let store: Arc<dyn EmbeddingStore> = match (&cql, &embedded) {
+        (Some(cfg), _) => {
+            if args.store.cql_migrate_on_start {
+                embark_store::cql::CqlStore::migrate(cfg).await?;
+            }
+            Arc::new(embark_store::cql::CqlStore::connect(cfg).await?)
+        }
+        (None, Some(e)) => Arc::new(e.clone()),
+        (None, None) => unreachable!("the embedded store is opened when no CQL store is given"),
+    };
 
     // Models: loaded in-process for `up`; for `serve`, only their specs.
     let engine = match &fill {
@@ -188,16 +261,48 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
     };
     let registry = ModelRegistry::new(&specs, &args.oov)?;
 
-    let queue = LocalMissQueue::new(store.pending_misses(), args.miss_buffer);
-    let flusher = queue.spawn_flusher();
+    let mut misses = match (&args.kafka_brokers, &embedded) {
+        (Some(brokers), _) => {
+            if args.miss_topic_partitions > 0 {
+                // Best effort: KFC creates it too, and a broker that is down
+                // now must not keep EmbArk from serving.
+                let topics = [(args.miss_topic.as_str(), args.miss_topic_partitions)];
+                if let Err(e) =
+                    kfc::kafka::ensure_topics(brokers, &topics, args.topic_replication, Duration::from_secs(5)).await
+                {
+                    tracing::warn!(error = %e, topic = %args.miss_topic, "cannot make sure the miss topic exists");
+                }
+            }
+            let properties = kfc::kafka::parse_properties(&args.kafka_property).map_err(anyhow::Error::msg)?;
+            Misses::Kafka(Arc::new(KafkaMissPublisher::new(&KafkaPublisherConfig {
+                brokers: brokers.clone(),
+                topic: args.miss_topic.clone(),
+                buffer: args.miss_buffer,
+                message_timeout: Duration::from_millis(args.kafka_message_timeout_ms),
+                properties,
+            })?))
+        }
+        (None, Some(e)) => {
+            let queue = LocalMissQueue::new(e.pending_misses(), args.miss_buffer);
+            let flusher = queue.spawn_flusher();
+            Misses::Local(queue, flusher)
+        }
+        (None, None) => unreachable!("the embedded store is opened when misses stay local"),
+    };
     let failure_ttl = Duration::from_secs(args.failure_ttl_secs);
-    let store: Arc<dyn EmbeddingStore> = Arc::new(store);
     let tier = VectorCache::new(args.cache_bytes, args.cache_ttl_secs.map(Duration::from_secs));
     let front = Arc::new(Front::new(
         registry,
         tier.clone(),
-        store.clone(),
-        queue.clone() as Arc<dyn MissPublisher>,
+        GuardedStore::new(
+            store.clone(),
+            GuardConfig {
+                deadline: Duration::from_millis(args.store_deadline_ms),
+                failure_threshold: args.store_breaker_failures.max(1),
+                cool_down: Duration::from_millis(args.store_breaker_cool_down_ms),
+            },
+        ),
+        misses.publisher(),
         MissDedup::new(Duration::from_secs(args.dedup_window_secs), 10_000_000),
         Limits { max_batch_keys: args.max_batch_keys, max_key_bytes: args.max_key_bytes },
         failure_ttl,
@@ -206,8 +311,8 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
     // The fill loop stops on its own token, after the front has stopped
     // and the last misses were flushed.
     let fill_stop = CancellationToken::new();
-    let fill_task = match (&fill, &engine) {
-        (Some(f), Some(engine)) => {
+    let fill_task = match (&fill, &engine, &misses) {
+        (Some(f), Some(engine), Misses::Local(queue, _)) => {
             let config = kfc::FillConfig {
                 max_batch: f.fill_batch,
                 embed_batch: f.engine.max_batch,
@@ -254,8 +359,10 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
         metrics = %ops_addr,
         models = ?front.models().names(),
         data_dir = %args.data_dir.display(),
-        pending_misses = queue.depth(),
+        pending_misses = misses.depth(),
+        misses = misses.name(),
         mode = if fill.is_some() { "up" } else { "serve" },
+        store = %args.store.store,
         "embark serving"
     );
     embark_ops::grpc::server_builder(args.concurrency_per_connection, Duration::from_secs(30))
@@ -267,26 +374,68 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(256 << 20),
         )
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown.clone().cancelled_owned(),
-        )
+        .serve_with_incoming_shutdown(embark_ops::grpc::incoming(listener), shutdown.clone().cancelled_owned())
         .await
         .context("gRPC server")?;
 
     // In-flight Lookups are done. Keep every miss: flush the buffer into the
     // durable queue, then let the fill loop finish its round.
     ready.set(false);
-    queue.close();
-    let _ = flusher.await;
+    misses.close().await;
     fill_stop.cancel();
     if let Some(t) = fill_task {
         let _ = t.await;
     }
     ops_stop.cancel();
     let _ = ops_task.await;
-    tracing::info!(pending_misses = queue.depth(), "embark stopped");
+    tracing::info!(pending_misses = misses.depth(), "embark stopped");
     Ok(())
+}
+
+/// Where this process's misses go.
+enum Misses {
+    /// The durable queue in the redb file, and the task writing it.
+    Local(Arc<LocalMissQueue>, tokio::task::JoinHandle<()>),
+    Kafka(Arc<KafkaMissPublisher>),
+}
+
+impl Misses {
+    fn publisher(&self) -> Arc<dyn MissPublisher> {
+        match self {
+            Misses::Local(q, _) => q.clone(),
+            Misses::Kafka(k) => k.clone(),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Misses::Local(..) => "local",
+            Misses::Kafka(_) => "kafka",
+        }
+    }
+
+    /// Misses not yet handed on (queued locally, or unacknowledged by Kafka).
+    fn depth(&self) -> u64 {
+        match self {
+            Misses::Local(q, _) => q.depth(),
+            Misses::Kafka(k) => k.queued().max(0) as u64,
+        }
+    }
+
+    /// Keeps every miss: writes the buffer to the durable queue, or waits a
+    /// bounded time for Kafka to acknowledge what is queued.
+    async fn close(&mut self) {
+        match self {
+            Misses::Local(q, flusher) => {
+                q.close();
+                let _ = flusher.await;
+            }
+            Misses::Kafka(k) => {
+                let p = k.clone();
+                let _ = tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(10))).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use embark_proto::embark::v1::MissEvent;
+use embark_proto::embark::v1::{DeadLetter, MissEvent};
 use embark_store::{StoreError, embedded::PendingMisses, now_unix_ms};
 use kfc::{MissSource, SourceError};
 use tokio::sync::{Mutex, Notify, mpsc};
@@ -185,7 +185,9 @@ impl MissSource for LocalMissQueue {
         }
     }
 
-    async fn settle(&self, done: Vec<u64>, retry: Vec<MissEvent>) -> Result<(), SourceError> {
+    /// Dead letters are already failure records in the store; one machine
+    /// has no DLQ to forward them to.
+    async fn settle(&self, done: Vec<u64>, retry: Vec<MissEvent>, _dead: Vec<DeadLetter>) -> Result<(), SourceError> {
         let pending = self.pending.clone();
         tokio::task::spawn_blocking(move || pending.settle(&done, &retry))
             .await

@@ -41,7 +41,7 @@ pub struct ServedModel {
 pub struct ModelMetrics {
     pub lookups: metrics::Counter,
     pub latency: metrics::Histogram,
-    keys: [metrics::Counter; 4],
+    keys: [metrics::Counter; 5],
 }
 
 impl ModelMetrics {
@@ -50,7 +50,7 @@ impl ModelMetrics {
         Self {
             lookups: metrics::counter!("embark_lookups_total", "model" => model),
             latency: metrics::histogram!("embark_lookup_latency_seconds", "model" => model),
-            keys: [keys("cache"), keys("store"), keys("oov_pending"), keys("oov_failed")],
+            keys: [keys("cache"), keys("store"), keys("oov_pending"), keys("oov_failed"), keys("oov_unavailable")],
         }
     }
 
@@ -59,6 +59,7 @@ impl ModelMetrics {
             Source::Cache => &self.keys[0],
             Source::Store => &self.keys[1],
             Source::OovFailed => &self.keys[3],
+            Source::OovUnavailable => &self.keys[4],
             Source::OovPending | Source::Unspecified => &self.keys[2],
         }
     }

@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use embark_proto::{embark::v1::MissEvent, retina::v1::FailureCode};
+use embark_proto::{
+    embark::v1::{DeadLetter, MissEvent},
+    retina::v1::FailureCode,
+};
 use embark_store::{EmbeddingStore, FailureRecord, StoreError, StoredRow, now_unix_ms};
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +59,9 @@ pub struct RoundStats {
     pub failed: usize,
     pub skipped: usize,
     pub retried: usize,
+    /// An embedder call failed as a whole (the embedder is down or
+    /// overloaded): the loop backs off before its next round.
+    pub embedder_down: bool,
 }
 
 pub struct FillLoop<S, E> {
@@ -88,11 +94,19 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
                 b = self.source.next_batch(self.config.max_batch.max(1)) => b,
             };
             let result = match batch {
-                Ok(batch) => self.round(batch).await.map(|_| ()),
+                Ok(batch) => self.round(batch).await,
                 Err(e) => Err(e.into()),
             };
             match result {
-                Ok(()) => self.failures.store(0, Ordering::Relaxed),
+                Ok(stats) if stats.embedder_down => {
+                    // Do not take more work the embedder cannot do yet.
+                    let delay = self.config.backoff.delay(self.failures.load(Ordering::Relaxed).max(1));
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Ok(_) => {}
                 Err(e) => {
                     let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
                     let delay = self.config.backoff.delay(n);
@@ -109,22 +123,26 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
     }
 
     /// Processes one batch and settles it. On `Err` nothing was settled and
-    /// the source will hand the batch out again (what was already written
-    /// is then skipped).
+    /// the batch is handed back to the source (what was already written is
+    /// skipped next time).
     pub async fn round(&self, batch: Vec<(S::Token, MissEvent)>) -> Result<RoundStats, FillError> {
         let mut by_model: HashMap<String, Vec<MissEvent>> = HashMap::new();
-        let mut tokens = Vec::with_capacity(batch.len());
-        for (token, event) in batch {
-            tokens.push(token);
-            by_model.entry(event.model.clone()).or_default().push(event);
+        for (_, event) in &batch {
+            by_model.entry(event.model.clone()).or_default().push(event.clone());
         }
         let mut stats = RoundStats::default();
         let mut retry = Vec::new();
+        let mut dead = Vec::new();
         for (model, events) in by_model {
-            self.fill_model(&model, events, &mut stats, &mut retry).await?;
+            if let Err(e) = self.fill_model(&model, events, &mut stats, &mut retry, &mut dead).await {
+                let n = self.failures.load(Ordering::Relaxed) + 1;
+                self.source.abandon(batch, self.config.backoff.delay(n)).await;
+                return Err(e);
+            }
         }
         stats.retried = retry.len();
-        self.source.settle(tokens, retry).await?;
+        let tokens = batch.into_iter().map(|(t, _)| t).collect();
+        self.source.settle(tokens, retry, dead).await?;
         Ok(stats)
     }
 
@@ -134,6 +152,7 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
         events: Vec<MissEvent>,
         stats: &mut RoundStats,
         retry: &mut Vec<MissEvent>,
+        dead: &mut Vec<DeadLetter>,
     ) -> Result<(), FillError> {
         // One embedding per distinct key, however often it was queued.
         let mut seen = HashMap::with_capacity(events.len());
@@ -157,7 +176,7 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
         metrics::counter!("kfc_skipped_total", "model" => model.to_owned()).increment(skipped as u64);
 
         for chunk in todo.chunks(self.config.embed_batch.max(1)) {
-            self.fill_chunk(model, chunk, stats, retry).await?;
+            self.fill_chunk(model, chunk, stats, retry, dead).await?;
         }
         Ok(())
     }
@@ -168,6 +187,7 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
         chunk: &[MissEvent],
         stats: &mut RoundStats,
         retry: &mut Vec<MissEvent>,
+        dead: &mut Vec<DeadLetter>,
     ) -> Result<(), FillError> {
         let inputs: Vec<String> = chunk.iter().map(|e| e.key.clone()).collect();
         let outcomes = match self.embedder.embed(model, inputs).await {
@@ -182,6 +202,7 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
                 tracing::warn!(model, %reason, ?delay, inputs = chunk.len(), "embedder call failed; retrying later");
                 metrics::counter!("kfc_embed_call_errors_total", "model" => model.to_owned()).increment(1);
                 retry.extend(chunk.iter().map(|e| delayed(e, e.attempts, delay)));
+                stats.embedder_down = true;
                 return Ok(());
             }
         };
@@ -208,6 +229,13 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
                     } else {
                         let reason =
                             if transient { format!("gave up after {attempts} attempts: {reason}") } else { reason };
+                        dead.push(DeadLetter {
+                            event: Some(event.clone()),
+                            code,
+                            reason: reason.clone(),
+                            at_unix_ms: now,
+                            ..DeadLetter::default()
+                        });
                         failures.push((event.key.clone(), FailureRecord { code, reason, at_unix_ms: now }));
                     }
                 }

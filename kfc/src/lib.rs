@@ -13,10 +13,19 @@
 //! - `embark_store::EmbeddingStore`: where vectors go.
 //!
 //! [`fill::FillLoop`] is the loop itself; [`backoff`] spaces out retries.
+//! The distributed implementations of the seams:
+//!
+//! - [`kafka::KafkaMissSource`]: the miss topic, through a consumer group,
+//!   committing only settled offsets; retries and dead letters go back to
+//!   Kafka.
+//! - [`retina_client::RemoteRetina`]: Retina over gRPC, balanced across
+//!   the replicas a name resolves to.
 
 pub mod backoff;
 pub mod embedder;
 pub mod fill;
+pub mod kafka;
+pub mod retina_client;
 pub mod source;
 
 pub use embedder::{EmbedError, EmbedOutcome, Embedder};

@@ -1,7 +1,9 @@
 //! Where misses come from.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
-use embark_proto::embark::v1::MissEvent;
+use embark_proto::embark::v1::{DeadLetter, MissEvent};
 
 #[derive(Debug, thiserror::Error)]
 #[error("miss source: {0}")]
@@ -24,5 +26,19 @@ pub trait MissSource: Send + Sync + 'static {
 
     /// Marks `done` as processed and queues `retry` (with their updated
     /// attempt count and `not_before_unix_ms`) to be handed out again.
-    async fn settle(&self, done: Vec<Self::Token>, retry: Vec<MissEvent>) -> Result<(), SourceError>;
+    /// `dead` are the misses given up on (already stored as failure
+    /// records), for a source that forwards them (Kafka's DLQ).
+    async fn settle(
+        &self,
+        done: Vec<Self::Token>,
+        retry: Vec<MissEvent>,
+        dead: Vec<DeadLetter>,
+    ) -> Result<(), SourceError>;
+
+    /// A round failed before settling `batch` (the store was unreachable):
+    /// hand it out again after `after`. The default does nothing, for a
+    /// source that hands out unsettled misses again by itself.
+    async fn abandon(&self, batch: Vec<(Self::Token, MissEvent)>, after: Duration) {
+        let _ = (batch, after);
+    }
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use embark_proto::embark::v1::MissEvent;
+use embark_proto::embark::v1::{DeadLetter, MissEvent};
 use embark_store::{EmbeddingStore, StoredRow, embedded::EmbeddedStore, now_unix_ms};
 use kfc::{EmbedError, EmbedOutcome, Embedder, FillConfig, FillLoop, MissSource, SourceError, backoff::Backoff};
 
@@ -16,6 +16,7 @@ use kfc::{EmbedError, EmbedOutcome, Embedder, FillConfig, FillLoop, MissSource, 
 #[derive(Default)]
 struct RecordingSource {
     settled: Mutex<Vec<(Vec<u64>, Vec<MissEvent>)>>,
+    dead: Mutex<Vec<DeadLetter>>,
 }
 
 #[async_trait]
@@ -24,8 +25,9 @@ impl MissSource for RecordingSource {
     async fn next_batch(&self, _max: usize) -> Result<Vec<(u64, MissEvent)>, SourceError> {
         std::future::pending().await
     }
-    async fn settle(&self, done: Vec<u64>, retry: Vec<MissEvent>) -> Result<(), SourceError> {
+    async fn settle(&self, done: Vec<u64>, retry: Vec<MissEvent>, dead: Vec<DeadLetter>) -> Result<(), SourceError> {
         self.settled.lock().expect("lock").push((done, retry));
+        self.dead.lock().expect("lock").extend(dead);
         Ok(())
     }
 }
@@ -105,6 +107,12 @@ async fn permanent_failures_are_recorded_transient_ones_retried_then_given_up() 
     assert!(matches!(&rows[0], Some(StoredRow::Failed(f)) if f.code == 7 && f.reason == "nope"));
     assert!(rows[1].is_none(), "a transient failure is not recorded yet");
     assert!(matches!(&rows[2], Some(StoredRow::Failed(f)) if f.reason.starts_with("gave up after 3 attempts")));
+
+    // What was given up on is handed to the source as dead letters.
+    let dead = r.source.dead.lock().expect("lock").clone();
+    let keys: Vec<&str> = dead.iter().filter_map(|d| d.event.as_ref()).map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, vec!["bad", "hopeless"]);
+    assert_eq!((dead[0].code, dead[0].reason.as_str()), (7, "nope"));
 }
 
 #[tokio::test]
@@ -112,6 +120,7 @@ async fn an_unavailable_embedder_delays_every_miss_and_records_nothing() {
     let r = rig(vec![Err(EmbedError("connection refused".into()))]);
     let stats = r.fill.round(vec![(1, miss("a", 0)), (2, miss("b", 4))]).await.expect("round");
     assert_eq!((stats.embedded, stats.failed, stats.retried), (0, 0, 2));
+    assert!(stats.embedder_down, "the loop backs off before its next round");
     let settled = r.source.settled.lock().expect("lock").clone();
     let retry = &settled[0].1;
     // Whole-call failures do not use up the per-input attempts.

@@ -47,3 +47,13 @@ pub fn reflection(
         .build_v1alpha()?;
     Ok((v1, v1alpha))
 }
+
+/// Accepted connections of `listener`, with TCP_NODELAY set on each.
+///
+/// `Server::tcp_nodelay` applies only when tonic binds the port itself. A
+/// server that binds its own listener (to know the bound address first)
+/// must set it per connection, or each small reply waits ~40 ms for the
+/// peer's delayed ACK (Nagle).
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}

@@ -75,10 +75,7 @@ async fn main() -> anyhow::Result<()> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(RetinaServer::new(service).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown.clone().cancelled_owned(),
-        )
+        .serve_with_incoming_shutdown(embark_ops::grpc::incoming(listener), shutdown.clone().cancelled_owned())
         .await
         .context("gRPC server")?;
     ready.set(false);

@@ -6,10 +6,15 @@
 //! - [`embedded::EmbeddedStore`]: the single-machine implementation on one
 //!   redb file, which also holds the durable queue of pending misses
 //!   ([`embedded::PendingMisses`]) for `embark up`.
+//! - [`cql::CqlStore`]: ScyllaDB/Cassandra through the `scylla` driver, for
+//!   the distributed deployment; schema by [`cql::CqlStore::migrate`].
+//! - [`args`]: the store flags `embark` and `kfc` share.
 //! - [`row`]: the row types and their compact binary encoding.
 //! - [`storage_key`]: keys longer than [`MAX_INLINE_KEY_BYTES`] are stored under
 //!   a stable hash, so a store never sees unbounded keys.
 
+pub mod args;
+pub mod cql;
 pub mod embedded;
 pub mod row;
 
@@ -42,6 +47,10 @@ pub enum StoreError {
     Corrupt { model: String, reason: String },
     #[error("store task failed: {0}")]
     Task(String),
+    #[error("CQL store: {0}")]
+    Cql(String),
+    #[error("store configuration: {0}")]
+    Config(String),
 }
 
 /// The embeddings table, one row per (model, key).

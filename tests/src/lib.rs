@@ -11,6 +11,7 @@ use std::{
 };
 
 pub mod http_fixtures;
+pub mod kafka;
 
 use anyhow::{Context, bail};
 use embark_proto::{embark::v1::emb_ark_client::EmbArkClient, retina::v1::retina_client::RetinaClient};
@@ -67,13 +68,23 @@ impl Server {
     /// on free ports, and waits (up to 60 s) until `/readyz` says ready.
     pub async fn start(binary: &Path, args: &[&str]) -> anyhow::Result<Self> {
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        Self::start_on(binary, args, Some(grpc)).await
+    }
+
+    /// Starts `binary` with `args`, `--listen grpc` if given, and
+    /// `--metrics-listen` on a free port; waits (up to 60 s) until ready.
+    /// A process without a gRPC port (kfc) gets `grpc` = its metrics address.
+    pub async fn start_on(binary: &Path, args: &[&str], grpc: Option<SocketAddr>) -> anyhow::Result<Self> {
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let logdir = tempfile::tempdir()?;
         let log = logdir.path().join("server.log");
-        let child = Command::new(binary)
-            .args(args)
-            .arg("--listen")
-            .arg(grpc.to_string())
+        let mut command = Command::new(binary);
+        command.args(args);
+        if let Some(grpc) = grpc {
+            command.arg("--listen").arg(grpc.to_string());
+        }
+        let grpc = grpc.unwrap_or(metrics);
+        let child = command
             .arg("--metrics-listen")
             .arg(metrics.to_string())
             .env("EMBARK_MODELS_DIR", models_dir())

@@ -1,0 +1,127 @@
+//! [`KafkaMissPublisher`]: misses to the Kafka topic, never in a Lookup's way.
+//!
+//! `publish` hands the event to librdkafka's bounded in-memory queue and
+//! returns; a background thread of librdkafka sends it (acks=all) and
+//! reports the outcome to [`DeliveryCounter`]. Nothing on the Lookup path
+//! waits on the network:
+//!
+//! - a full queue (a broker outage longer than the queue lasts) refuses the
+//!   event at once: it is dropped and counted, and the front forgets the
+//!   key's dedup entry, so the next Lookup of the key publishes it again;
+//! - an event librdkafka could not deliver within `message.timeout.ms` is
+//!   counted as dropped too. Its key is still unknown, so a Lookup after the
+//!   dedup window publishes it again.
+//!
+//! Nothing is lost for good: a miss exists as long as the key is unknown.
+
+use std::time::Duration;
+
+use embark_proto::embark::v1::MissEvent;
+use kfc::kafka::message_key;
+use prost::Message as _;
+use rdkafka::{
+    ClientConfig, ClientContext,
+    error::{KafkaError, RDKafkaErrorCode},
+    message::DeliveryResult,
+    producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer},
+    util::Timeout,
+};
+
+use crate::miss::MissPublisher;
+
+#[derive(Debug, Clone)]
+pub struct KafkaPublisherConfig {
+    pub brokers: String,
+    pub topic: String,
+    /// Events librdkafka holds while the brokers are slow or away.
+    pub buffer: usize,
+    /// How long an event may wait for a broker before it is dropped.
+    pub message_timeout: Duration,
+    /// Extra librdkafka properties.
+    pub properties: Vec<(String, String)>,
+}
+
+/// Counts deliveries; librdkafka calls it from its own thread.
+#[derive(Debug, Default)]
+pub struct DeliveryCounter;
+
+impl ClientContext for DeliveryCounter {}
+
+impl ProducerContext for DeliveryCounter {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => metrics::counter!("embark_misses_delivered_total").increment(1),
+            Err((e, _)) => {
+                tracing::debug!(error = %e, "a miss was not delivered");
+                metrics::counter!("embark_misses_dropped_total", "reason" => "undelivered").increment(1);
+            }
+        }
+    }
+}
+
+pub struct KafkaMissPublisher {
+    producer: ThreadedProducer<DeliveryCounter>,
+    topic: String,
+}
+
+impl std::fmt::Debug for KafkaMissPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaMissPublisher").field("topic", &self.topic).finish_non_exhaustive()
+    }
+}
+
+impl KafkaMissPublisher {
+    pub fn new(config: &KafkaPublisherConfig) -> Result<Self, KafkaError> {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &config.brokers)
+            .set("acks", "all")
+            // A retried send may duplicate a miss; duplicates are harmless
+            // (KFC skips stored keys), and idempotence would make a broker
+            // that lost its state fatal for this producer.
+            .set("enable.idempotence", "false")
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", config.buffer.max(1).to_string())
+            .set("message.timeout.ms", config.message_timeout.as_millis().max(1).to_string());
+        for (k, v) in &config.properties {
+            cc.set(k, v);
+        }
+        let producer: ThreadedProducer<DeliveryCounter> = cc.create_with_context(DeliveryCounter)?;
+        Ok(Self { producer, topic: config.topic.clone() })
+    }
+
+    /// Waits up to `timeout` for queued misses to be delivered (shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        let queued = self.producer.in_flight_count();
+        if let Err(e) = self.producer.flush(Timeout::After(timeout)) {
+            tracing::warn!(error = %e, queued, "not every miss reached Kafka before shutdown");
+        } else if queued > 0 {
+            tracing::info!(misses = queued, "flushed queued misses to Kafka");
+        }
+    }
+
+    /// Misses queued in librdkafka, not yet acknowledged.
+    pub fn queued(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+}
+
+impl MissPublisher for KafkaMissPublisher {
+    fn publish(&self, event: MissEvent) -> bool {
+        let key = message_key(&event.model, &event.key);
+        let payload = event.encode_to_vec();
+        match self.producer.send(BaseRecord::to(&self.topic).key(&key).payload(&payload)) {
+            Ok(()) => true,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                metrics::counter!("embark_misses_dropped_total", "reason" => "buffer_full").increment(1);
+                false
+            }
+            Err((e, _)) => {
+                tracing::debug!(error = %e, "a miss could not be queued");
+                metrics::counter!("embark_misses_dropped_total", "reason" => "error").increment(1);
+                false
+            }
+        }
+    }
+}

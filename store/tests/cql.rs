@@ -1,0 +1,89 @@
+//! The CQL store through the real `scylla` driver against an in-process
+//! CQL v4 server (kassandra): schema, round-trips, a 1000-key batch with
+//! gaps, hashed long keys, and reconnecting after the server restarts.
+
+use std::time::Duration;
+
+use cql_test_server::CqlTestServer;
+use embark_store::{
+    EmbeddingStore, FailureRecord, StoredRow,
+    cql::{CqlConfig, CqlStore},
+};
+
+fn config(server: &CqlTestServer) -> CqlConfig {
+    CqlConfig {
+        nodes: vec![server.addr.to_string()],
+        keyspace: "embark_test".into(),
+        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+        request_timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(2),
+        ..CqlConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vectors_failures_long_keys_and_a_thousand_key_batch_round_trip() -> anyhow::Result<()> {
+    let server = CqlTestServer::start()?;
+    let cfg = config(&server);
+    CqlStore::migrate(&cfg).await?;
+    CqlStore::migrate(&cfg).await?; // running it again is fine
+    let store = CqlStore::connect(&cfg).await?;
+
+    let long = format!("https://img.example.com/{}", "x".repeat(2000));
+    store.put_vectors("m", vec![("a".into(), vec![1.0, -2.5, 3.25]), (long.clone(), vec![7.0; 4])]).await?;
+    let failure = FailureRecord { code: 4, reason: "HTTP 404".into(), at_unix_ms: 1_700_000_000_000 };
+    store.put_failures("m", vec![("bad".into(), failure.clone())]).await?;
+
+    let rows = store.get_many("m", &["a".into(), "bad".into(), "nope".into(), long.clone()]).await?;
+    assert!(matches!(&rows[0], Some(StoredRow::Vector { vector, .. }) if vector == &[1.0, -2.5, 3.25]));
+    assert_eq!(rows[1], Some(StoredRow::Failed(failure)));
+    assert_eq!(rows[2], None);
+    assert!(matches!(&rows[3], Some(StoredRow::Vector { vector, .. }) if vector == &[7.0; 4]), "long key round-trips");
+    assert_eq!(store.get_many("other-model", &["a".into()]).await?, vec![None], "models do not share rows");
+
+    // 1000 keys, every third one missing.
+    let keys: Vec<String> = (0..1000).map(|i| format!("key-{i}")).collect();
+    let stored: Vec<(String, Vec<f32>)> =
+        keys.iter().enumerate().filter(|(i, _)| i % 3 != 0).map(|(i, k)| (k.clone(), vec![i as f32; 8])).collect();
+    store.put_vectors("big", stored).await?;
+    let rows = store.get_many("big", &keys).await?;
+    assert_eq!(rows.len(), 1000);
+    for (i, r) in rows.iter().enumerate() {
+        match r {
+            None => assert_eq!(i % 3, 0, "key-{i} is missing"),
+            Some(StoredRow::Vector { vector, .. }) => assert!(i % 3 != 0 && vector == &vec![i as f32; 8], "key-{i}"),
+            Some(other) => panic!("key-{i}: {other:?}"),
+        }
+    }
+
+    store.delete("m", &["a".into()]).await?;
+    assert_eq!(store.get_many("m", &["a".into()]).await?, vec![None]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_driver_reconnects_after_the_server_restarts() -> anyhow::Result<()> {
+    let server = CqlTestServer::start()?;
+    let cfg = config(&server);
+    CqlStore::migrate(&cfg).await?;
+    let store = CqlStore::connect(&cfg).await?;
+    store.put_vectors("m", vec![("k".into(), vec![1.0])]).await?;
+
+    let server = server.restart()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match store.get_many("m", &["k".into()]).await {
+            Ok(rows) => {
+                assert!(matches!(&rows[0], Some(StoredRow::Vector { vector, .. }) if vector == &[1.0]));
+                break;
+            }
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("not reconnected yet: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => anyhow::bail!("no reconnect within 20 s: {e}"),
+        }
+    }
+    drop(server);
+    Ok(())
+}

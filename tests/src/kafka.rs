@@ -1,0 +1,165 @@
+//! A real Kafka-protocol broker for tests: tansu (in-memory storage), one
+//! per test, on a free loopback port, installed once by
+//! `scripts/install-tansu.sh` outside the checkout.
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use embark_proto::embark::v1::{DeadLetter, MissEvent};
+use prost::Message as _;
+use rdkafka::{
+    ClientConfig, Message,
+    consumer::{BaseConsumer, Consumer},
+    producer::{FutureProducer, FutureRecord},
+    util::Timeout,
+};
+
+use crate::free_port;
+
+/// The tansu binary: `$EMBARK_TANSU`, or where the install script puts it.
+pub fn tansu_binary() -> PathBuf {
+    let path = std::env::var_os("EMBARK_TANSU").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("EMBARK_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/embark"));
+        cache.join("tansu-0.6.0/bin/tansu")
+    });
+    assert!(path.is_file(), "no tansu at {}: run scripts/install-tansu.sh (scripts/test.sh does)", path.display());
+    path
+}
+
+/// A running tansu broker. Killed (SIGKILL) when dropped.
+pub struct Broker {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    log: PathBuf,
+    _logdir: tempfile::TempDir,
+}
+
+impl Broker {
+    /// Starts a broker on a free loopback port and waits until it accepts
+    /// connections (bounded).
+    pub fn start() -> anyhow::Result<Self> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let logdir = tempfile::tempdir()?;
+        let log = logdir.path().join("tansu.log");
+        let mut broker = Self { child: None, addr, log, _logdir: logdir };
+        broker.spawn()?;
+        Ok(broker)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let url = format!("tcp://{}", self.addr);
+        let child = Command::new(tansu_binary())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&self.log)?)
+            .spawn()
+            .context("starting tansu")?;
+        self.child = Some(child);
+        let started = Instant::now();
+        while TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_err() {
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!("tansu not listening on {} after 20 s:\n{}", self.addr, self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    pub fn brokers(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: an outage (SIGTERM would keep open connections served).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A new broker on the same address (its in-memory state is gone).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Creates the miss topic (`partitions`) and its DLQ.
+pub async fn create_topics(brokers: &str, miss_topic: &str, dlq_topic: &str, partitions: i32) -> anyhow::Result<()> {
+    kfc::kafka::ensure_topics(brokers, &[(miss_topic, partitions), (dlq_topic, 1)], 1, Duration::from_secs(10))
+        .await
+        .context("creating topics")
+}
+
+/// Produces raw `payloads` (with acks=all) to `topic`.
+pub async fn produce(brokers: &str, topic: &str, payloads: Vec<(Vec<u8>, Vec<u8>)>) -> anyhow::Result<()> {
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", brokers).set("acks", "all").set("linger.ms", "20").create()?;
+    let sends = payloads.iter().map(|(k, p)| {
+        producer.send(FutureRecord::to(topic).key(k).payload(p), Timeout::After(Duration::from_secs(10)))
+    });
+    for r in futures::future::join_all(sends).await {
+        r.map_err(|(e, _)| e).context("producing")?;
+    }
+    Ok(())
+}
+
+/// Produces one `MissEvent` per key of `model`.
+pub async fn produce_misses(brokers: &str, topic: &str, model: &str, keys: &[String]) -> anyhow::Result<()> {
+    let now = embark_store::now_unix_ms();
+    let payloads = keys
+        .iter()
+        .map(|k| {
+            let e = MissEvent {
+                model: model.into(),
+                key: k.clone(),
+                first_seen_unix_ms: now,
+                attempts: 0,
+                not_before_unix_ms: 0,
+            };
+            (kfc::kafka::message_key(model, k), e.encode_to_vec())
+        })
+        .collect();
+    produce(brokers, topic, payloads).await
+}
+
+/// Reads every dead letter on `topic` from the start, waiting up to
+/// `limit` for at least `want` of them.
+pub fn read_dead_letters(brokers: &str, topic: &str, want: usize, limit: Duration) -> anyhow::Result<Vec<DeadLetter>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("dlq-reader-{}", free_port()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let started = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < want && started.elapsed() < limit {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => out.push(DeadLetter::decode(m.payload().unwrap_or_default())?),
+            Some(Err(e)) => eprintln!("reading the DLQ: {e}"),
+            None => {}
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,107 @@
+//! `embark serve` on the CQL store (served in-process by this test with
+//! kassandra, reached through the real `scylla` driver): Lookups end to
+//! end, and a store that stops answering: Lookups stay within their
+//! deadline, unanswered rows are OOV_UNAVAILABLE and not queued, cached
+//! rows keep flowing, the breaker opens and closes again (seen in /metrics).
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use cql_test_server::CqlTestServer;
+use embark_proto::embark::v1::{LookupRequest, Source};
+use embark_store::{
+    EmbeddingStore,
+    cql::{CqlConfig, CqlStore},
+};
+use embark_tests::{Server, binary, eventually};
+
+const MODEL: &str = "minilm-l6-v2";
+const REPLICATION: &str = "{'class': 'SimpleStrategy', 'replication_factor': 1}";
+
+fn sources(raw: &[i32]) -> Vec<Source> {
+    raw.iter().map(|s| Source::try_from(*s).expect("known source")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_from_cql_and_survives_a_store_that_stops_answering() -> anyhow::Result<()> {
+    let cql = CqlTestServer::start()?;
+    let url = format!("cql://{}/embark_e2e", cql.addr);
+
+    // The schema comes from the explicit command.
+    let out =
+        Command::new(binary("embark")).args(["migrate", "--store", &url, "--cql-replication", REPLICATION]).output()?;
+    assert!(out.status.success(), "migrate failed:\n{}", String::from_utf8_lossy(&out.stderr));
+
+    // Vectors written by someone else (KFC, a backfill).
+    let cfg = CqlConfig { replication: REPLICATION.into(), ..CqlConfig::from_url(&url)? };
+    let writer = CqlStore::connect(&cfg).await?;
+    let stored: Vec<(String, Vec<f32>)> =
+        (0..20).map(|i| (format!("stored text {i}"), vec![i as f32 / 10.0; 384])).collect();
+    writer.put_vectors(MODEL, stored).await?;
+
+    let data = tempfile::tempdir()?;
+    let embark = Server::start(
+        &binary("embark"),
+        &[
+            "serve",
+            "--data-dir",
+            data.path().to_str().expect("utf-8"),
+            "--store",
+            &url,
+            "--models",
+            MODEL,
+            "--store-deadline-ms",
+            "200",
+            "--store-breaker-failures",
+            "3",
+            "--store-breaker-cool-down-ms",
+            "1000",
+        ],
+    )
+    .await?;
+    let mut client = embark.embark_client().await?;
+    let lookup = |keys: Vec<String>| LookupRequest { model: MODEL.into(), keys };
+
+    let r = client.lookup(lookup(vec!["stored text 1".into(), "never seen".into()])).await?.into_inner();
+    assert_eq!(sources(&r.sources), vec![Source::Store, Source::OovPending]);
+    assert_eq!(embark_tests::rows(&r.vectors, 384)[0], vec![0.1f32; 384]);
+    let r = client.lookup(lookup(vec!["stored text 1".into()])).await?.into_inner();
+    assert_eq!(sources(&r.sources), vec![Source::Cache]);
+    let published = embark.metric("embark_misses_published_total").await?;
+
+    // The store stops answering.
+    cql.pause();
+    for i in 2..6 {
+        let started = Instant::now();
+        let r = client.lookup(lookup(vec!["stored text 1".into(), format!("stored text {i}")])).await?.into_inner();
+        let took = started.elapsed();
+        assert_eq!(sources(&r.sources), vec![Source::Cache, Source::OovUnavailable], "lookup {i}");
+        assert!(took < Duration::from_millis(600), "lookup {i} took {took:?}, deadline 200 ms");
+    }
+    assert_eq!(embark.metric("embark_store_breaker_open").await?, 1.0, "3 late reads open the breaker");
+    assert!(embark.metric("embark_store_breaker_opens_total").await? >= 1.0);
+    assert!(embark.metric("embark_store_timeouts_total").await? >= 3.0);
+    // While open, the store is skipped at once; cached rows still flow.
+    let started = Instant::now();
+    let r = client.lookup(lookup(vec!["stored text 1".into(), "stored text 9".into()])).await?.into_inner();
+    assert_eq!(sources(&r.sources), vec![Source::Cache, Source::OovUnavailable]);
+    assert!(started.elapsed() < Duration::from_millis(100), "an open breaker answers at once: {:?}", started.elapsed());
+    let series = format!("embark_lookup_keys_total{{model=\"{MODEL}\",source=\"oov_unavailable\"}}");
+    assert_eq!(embark.metric(&series).await?, 5.0);
+    assert_eq!(embark.metric("embark_misses_published_total").await?, published, "unavailable rows are not queued");
+
+    // The store comes back: after the cool-down a probe closes the breaker.
+    cql.resume();
+    eventually(Duration::from_secs(20), "the breaker to close and the store to answer", || {
+        let mut client = client.clone();
+        async move {
+            let r = client.lookup(lookup(vec!["stored text 9".into()])).await?.into_inner();
+            Ok((r.sources == vec![Source::Store as i32]).then_some(()))
+        }
+    })
+    .await?;
+    assert_eq!(embark.metric("embark_store_breaker_open").await?, 0.0);
+    Ok(())
+}

@@ -1,0 +1,361 @@
+//! The distributed miss path with separate processes: `embark serve`
+//! (Kafka publisher, CQL store served in-process by the test through the
+//! real `scylla` driver), `kfc`, `retina`, and a real broker (tansu).
+//!
+//! - misses flow Lookup -> Kafka -> KFC -> Retina -> store -> Lookup;
+//!   a poison input becomes OOV_FAILED and a dead letter with its reason;
+//! - a 5,000-miss backlog survives `kill -9` of KFC mid-flight;
+//! - Retina killed and restarted: KFC backs off, then finishes;
+//! - the broker killed: Lookups keep answering at the same speed; after it
+//!   returns, new misses flow again.
+
+use std::{
+    net::SocketAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use cql_test_server::CqlTestServer;
+use embark_proto::{
+    embark::v1::{LookupRequest, Source, emb_ark_client::EmbArkClient},
+    retina::v1::{EmbedRequest, FailureCode},
+};
+use embark_store::{
+    EmbeddingStore, StoredRow,
+    cql::{CqlConfig, CqlStore},
+};
+use embark_tests::{
+    Server, binary, cosine, eventually, free_port,
+    kafka::{Broker, create_topics, produce, read_dead_letters},
+    minilm_reference, rows,
+};
+use tonic::transport::Channel;
+
+const MODEL: &str = "minilm-l6-v2";
+const DIM: usize = 384;
+const REPLICATION: &str = "{'class': 'SimpleStrategy', 'replication_factor': 1}";
+
+/// Everything but KFC, wired on loopback with fresh topic and group names.
+struct Stack {
+    broker: Broker,
+    _cql: CqlTestServer,
+    store_url: String,
+    store: CqlStore,
+    retina_addr: SocketAddr,
+    retina: Server,
+    embark: Server,
+    miss_topic: String,
+    dlq_topic: String,
+    group: String,
+    _data: tempfile::TempDir,
+}
+
+impl Stack {
+    async fn start() -> anyhow::Result<Self> {
+        let broker = Broker::start()?;
+        let id = free_port();
+        let (miss_topic, dlq_topic, group) = (format!("misses-{id}"), format!("misses-{id}.dlq"), format!("kfc-{id}"));
+        create_topics(&broker.brokers(), &miss_topic, &dlq_topic, 4).await?;
+
+        let cql = CqlTestServer::start()?;
+        let store_url = format!("cql://{}/embark_kafka", cql.addr);
+        let out = Command::new(binary("embark"))
+            .args(["migrate", "--store", &store_url, "--cql-replication", REPLICATION])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "migrate: {}", String::from_utf8_lossy(&out.stderr));
+        let store = CqlStore::connect(&CqlConfig::from_url(&store_url)?).await?;
+
+        let retina_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let retina = start_retina(retina_addr).await?;
+        let data = tempfile::tempdir()?;
+        let embark = Server::start(
+            &binary("embark"),
+            &[
+                "serve",
+                "--models",
+                MODEL,
+                "--store",
+                &store_url,
+                "--kafka-brokers",
+                &broker.brokers(),
+                "--miss-topic",
+                &miss_topic,
+                "--miss-topic-partitions",
+                "0",
+                "--data-dir",
+                data.path().to_str().expect("utf-8"),
+            ],
+        )
+        .await?;
+        Ok(Self {
+            broker,
+            _cql: cql,
+            store_url,
+            store,
+            retina_addr,
+            retina,
+            embark,
+            miss_topic,
+            dlq_topic,
+            group,
+            _data: data,
+        })
+    }
+
+    async fn start_kfc(&self) -> anyhow::Result<Server> {
+        let retina = format!("http://{}", self.retina_addr);
+        Server::start_on(
+            &binary("kfc"),
+            &[
+                "--kafka-brokers",
+                &self.broker.brokers(),
+                "--miss-topic",
+                &self.miss_topic,
+                "--dlq-topic",
+                &self.dlq_topic,
+                "--group",
+                &self.group,
+                "--miss-topic-partitions",
+                "0",
+                "--session-timeout-ms",
+                "6000",
+                "--commit-interval-ms",
+                "200",
+                "--store",
+                &self.store_url,
+                "--retina",
+                &retina,
+                "--retina-timeout-ms",
+                "10000",
+                "--retina-resolve-secs",
+                "1",
+                "--max-backoff-ms",
+                "2000",
+            ],
+            None,
+        )
+        .await
+    }
+
+    async fn client(&self) -> anyhow::Result<EmbArkClient<Channel>> {
+        self.embark.embark_client().await
+    }
+
+    /// How many of `keys` have a vector in the store.
+    async fn stored(&self, keys: &[String]) -> anyhow::Result<usize> {
+        let mut n = 0;
+        for chunk in keys.chunks(500) {
+            let rows = self.store.get_many(MODEL, chunk).await?;
+            n += rows.iter().filter(|r| matches!(r, Some(StoredRow::Vector { .. }))).count();
+        }
+        Ok(n)
+    }
+}
+
+/// Retina with the text model; inputs over 300 bytes are refused
+/// (permanently), which makes a poison input.
+async fn start_retina(addr: SocketAddr) -> anyhow::Result<Server> {
+    Server::start_on(&binary("retina"), &["--models", MODEL, "--max-input-bytes", "300"], Some(addr)).await
+}
+
+fn lookup(keys: Vec<String>) -> LookupRequest {
+    LookupRequest { model: MODEL.into(), keys }
+}
+
+fn sources(raw: &[i32]) -> Vec<Source> {
+    raw.iter().map(|s| Source::try_from(*s).expect("known source")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_flow_through_kafka_and_poison_lands_in_the_dlq() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let _kfc = stack.start_kfc().await?;
+    let mut client = stack.client().await?;
+
+    let reference = minilm_reference();
+    let poison = "p".repeat(400);
+    let mut keys: Vec<String> = reference.iter().map(|(t, _)| t.clone()).collect();
+    keys.push(poison.clone());
+    let first = client.lookup(lookup(keys.clone())).await?.into_inner();
+    assert_eq!(first.dim as usize, DIM);
+    assert!(sources(&first.sources).iter().all(|s| *s == Source::OovPending), "{:?}", first.sources);
+    assert!(rows(&first.vectors, DIM).iter().all(|r| r.iter().all(|x| *x == 0.0)), "OOV rows are zeros");
+
+    // A message that is not a MissEvent at all.
+    produce(&stack.broker.brokers(), &stack.miss_topic, vec![(b"junk".to_vec(), b"\xff\xfe not protobuf".to_vec())])
+        .await?;
+
+    let filled = eventually(Duration::from_secs(60), "the vectors and the failure record", || {
+        let mut client = client.clone();
+        let keys = keys.clone();
+        async move {
+            let r = client.lookup(lookup(keys)).await?.into_inner();
+            let s = sources(&r.sources);
+            let real = s[..s.len() - 1].iter().all(|s| matches!(s, Source::Store | Source::Cache));
+            Ok((real && s[s.len() - 1] == Source::OovFailed).then_some(r))
+        }
+    })
+    .await?;
+    let got = rows(&filled.vectors, DIM);
+    let mut retina = stack.retina.retina_client().await?;
+    let direct = retina
+        .embed(EmbedRequest { model: MODEL.into(), inputs: reference.iter().map(|(t, _)| t.clone()).collect() })
+        .await?
+        .into_inner();
+    let direct = rows(&direct.vectors, DIM);
+    for (i, (text, want)) in reference.iter().enumerate() {
+        let c = cosine(&got[i], want);
+        assert!(c >= 0.9999, "{text:?}: cosine {c} against the reference");
+        assert!(cosine(&got[i], &direct[i]) >= 0.9999, "{text:?}: differs from Retina.Embed");
+    }
+
+    let letters = read_dead_letters(&stack.broker.brokers(), &stack.dlq_topic, 2, Duration::from_secs(30))?;
+    let poisoned = letters
+        .iter()
+        .find(|d| d.event.as_ref().is_some_and(|e| e.key == poison))
+        .expect("the poison input is a dead letter");
+    assert_eq!(poisoned.code, FailureCode::InvalidInput as i32);
+    assert!(poisoned.reason.contains("300"), "the reason names the limit: {}", poisoned.reason);
+    let junk = letters.iter().find(|d| d.event.is_none()).expect("the junk message is a dead letter");
+    assert!(junk.reason.contains("not a MissEvent"), "{}", junk.reason);
+    assert_eq!(&junk.raw[..], b"\xff\xfe not protobuf");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_survives_kill_9_of_kfc() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let mut client = stack.client().await?;
+    let keys: Vec<String> = (0..5000).map(|i| format!("backlog item {i}: a short product title")).collect();
+    for chunk in keys.chunks(500) {
+        let r = client.lookup(lookup(chunk.to_vec())).await?.into_inner();
+        assert!(sources(&r.sources).iter().all(|s| *s == Source::OovPending));
+    }
+    eventually(Duration::from_secs(30), "5,000 misses acknowledged by the broker", || async {
+        Ok((stack.embark.metric("embark_misses_delivered_total").await? >= 5000.0).then_some(()))
+    })
+    .await?;
+
+    let mut kfc = stack.start_kfc().await?;
+    let series = format!("kfc_filled_total{{model=\"{MODEL}\",outcome=\"vector\"}}");
+    let before_kill = eventually(Duration::from_secs(120), "KFC to be mid-flight", || async {
+        let n = kfc.metric(&series).await?;
+        Ok((n >= 1000.0).then_some(n))
+    })
+    .await?;
+    kfc.kill();
+    let stored_at_kill = stack.stored(&keys).await?;
+    assert!(stored_at_kill < keys.len(), "killed mid-flight ({stored_at_kill} stored)");
+
+    let kfc = stack.start_kfc().await?;
+    eventually(Duration::from_secs(240), "every key of the backlog stored", || async {
+        Ok((stack.stored(&keys).await? == keys.len()).then_some(()))
+    })
+    .await?;
+    let after = kfc.metric(&series).await?;
+    let skipped = kfc.metric(&format!("kfc_skipped_total{{model=\"{MODEL}\"}}")).await?;
+    eprintln!(
+        "backlog 5000: {before_kill} embedded before kill -9, {stored_at_kill} stored at the kill, \
+         {after} embedded after the restart, {skipped} replayed keys skipped as already stored, \
+         {} embedded twice",
+        (before_kill + after) as i64 - keys.len() as i64
+    );
+    // The Lookup path sees them too.
+    let r = client.lookup(lookup(keys[..100].to_vec())).await?.into_inner();
+    assert!(sources(&r.sources).iter().all(|s| matches!(s, Source::Store | Source::Cache)));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kfc_backs_off_while_retina_is_down_then_finishes() -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    let kfc = stack.start_kfc().await?;
+    stack.retina.kill();
+
+    let mut client = stack.client().await?;
+    let keys: Vec<String> = (0..300).map(|i| format!("while retina is down {i}")).collect();
+    client.lookup(lookup(keys.clone())).await?;
+    eventually(Duration::from_secs(30), "KFC to see Retina down", || async {
+        Ok((kfc.metric(&format!("kfc_embed_call_errors_total{{model=\"{MODEL}\"}}")).await? >= 1.0).then_some(()))
+    })
+    .await?;
+    // Backing off, not spinning: a few calls over two seconds.
+    let calls = |t: String| async move {
+        embark_tests::metric_value(&t, &format!("kfc_embed_call_errors_total{{model=\"{MODEL}\"}}"))
+    };
+    let a = calls(kfc.metrics_text().await?).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let b = calls(kfc.metrics_text().await?).await;
+    assert!(b - a <= 20.0, "{} failed calls in 2 s: a hot loop", b - a);
+    assert_eq!(stack.stored(&keys).await?, 0);
+
+    stack.retina = start_retina(stack.retina_addr).await?;
+    eventually(Duration::from_secs(90), "the backlog filled after Retina returns", || async {
+        Ok((stack.stored(&keys).await? == keys.len()).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_does_not_touch_lookups() -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    let _kfc = stack.start_kfc().await?;
+    let mut client = stack.client().await?;
+
+    // Known keys in the tier, so each Lookup mixes hits and new misses.
+    let known: Vec<String> = (0..16).map(|i| format!("known {i}")).collect();
+    stack.store.put_vectors(MODEL, known.iter().map(|k| (k.clone(), vec![0.5; DIM])).collect()).await?;
+    client.lookup(lookup(known.clone())).await?;
+
+    async fn timed(client: &mut EmbArkClient<Channel>, known: &[String], tag: &str) -> anyhow::Result<Vec<Duration>> {
+        let mut took = Vec::new();
+        for i in 0..300 {
+            let mut keys = known.to_vec();
+            keys.extend((0..16).map(|j| format!("{tag} miss {i}-{j}")));
+            let started = Instant::now();
+            let r = client.lookup(lookup(keys)).await?.into_inner();
+            took.push(started.elapsed());
+            let s = sources(&r.sources);
+            assert!(s[..16].iter().all(|s| *s == Source::Cache), "{s:?}");
+            assert!(s[16..].iter().all(|s| *s == Source::OovPending), "{s:?}");
+        }
+        took.sort();
+        Ok(took)
+    }
+    let pct = |v: &[Duration], p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+
+    let healthy = timed(&mut client, &known, "healthy").await?;
+    stack.broker.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let outage = timed(&mut client, &known, "outage").await?;
+    eprintln!(
+        "Lookup latency, broker up: p50 {:?} p99 {:?}; broker killed: p50 {:?} p99 {:?}",
+        pct(&healthy, 0.5),
+        pct(&healthy, 0.99),
+        pct(&outage, 0.5),
+        pct(&outage, 0.99)
+    );
+    assert!(
+        pct(&outage, 0.5) <= pct(&healthy, 0.5) * 2 + Duration::from_millis(2),
+        "the outage slowed Lookups: p50 {:?} vs {:?}",
+        pct(&outage, 0.5),
+        pct(&healthy, 0.5)
+    );
+    assert!(pct(&outage, 0.99) < Duration::from_millis(50), "p99 {:?} during the outage", pct(&outage, 0.99));
+
+    // The broker returns (empty: tansu's in-memory store); new misses flow.
+    stack.broker.restart()?;
+    create_topics(&stack.broker.brokers(), &stack.miss_topic, &stack.dlq_topic, 4).await?;
+    let fresh: Vec<String> = (0..5).map(|i| format!("after the outage {i}")).collect();
+    eventually(Duration::from_secs(120), "new misses filled after the broker returns", || {
+        let mut client = client.clone();
+        let fresh = fresh.clone();
+        async move {
+            let r = client.lookup(lookup(fresh)).await?.into_inner();
+            Ok(sources(&r.sources).iter().all(|s| matches!(s, Source::Store | Source::Cache)).then_some(()))
+        }
+    })
+    .await?;
+    Ok(())
+}
