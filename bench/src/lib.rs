@@ -6,5 +6,11 @@
 //! - `kfc-fill`: a backlog of misses drained by KFC (real broker, CQL
 //!   store) against Retina alone on the same inputs.
 //!
-//! Run them with `scripts/bench-retina.sh` and `scripts/bench-kfc.sh`; they
-//! are not tests.
+//! - `lookup-bench`: Lookup against Redis MGET, a gRPC echo and a raw
+//!   stream of the same bytes, over TCP and a Unix socket; peak, latency
+//!   curves ([`plot`]), memory per cached entry.
+//!
+//! Run them with `scripts/bench-retina.sh`, `scripts/bench-kfc.sh` and
+//! `scripts/bench-lookup.sh`; they are not tests.
+
+pub mod plot;

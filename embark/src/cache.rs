@@ -1,12 +1,15 @@
-//! The in-process tier: a moka cache bounded in bytes.
+//! The in-process tier (quick_cache, bounded in bytes) and the miss dedup
+//! window (moka, for its per-entry time-to-live).
 //!
 //! Entries are keyed by a 128-bit hash of (model, key), so a lookup builds
 //! no key string and an entry costs 16 bytes of key however long the URL.
 //! A collision needs ~2^64 distinct keys; we accept that (invariant in
-//! ARCHITECTURE.md). Vectors are shared `Arc<[f32]>`: a hit costs one copy,
-//! into the response.
+//! ARCHITECTURE.md). Rows are shared little-endian `Bytes`: a hit costs one
+//! copy, into the response.
 
 use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
 
 use moka::sync::Cache;
 
@@ -25,62 +28,110 @@ pub fn key_hash(model: &str, key: &str) -> KeyHash {
 
 #[derive(Debug, Clone)]
 pub enum CachedRow {
-    Vector(Arc<[f32]>),
+    /// The row as the response carries it: little-endian f32, `dim * 4`
+    /// bytes in an allocation of exactly that size (see [`le_bytes`]).
+    Vector(Bytes),
     /// Known un-embeddable until this time (ms since epoch).
-    Failed {
-        until_unix_ms: i64,
-    },
+    Failed { until_unix_ms: i64 },
 }
 
-/// Per-entry bookkeeping moka and the hash map add, on top of the vector.
-const ENTRY_OVERHEAD_BYTES: u32 = 96;
+/// A row as little-endian f32 bytes, in an allocation of exactly
+/// `4 * v.len()` bytes. `Bytes` keeps its reference count apart from the
+/// data (unlike `Arc<[f32]>`, whose 16-byte header pushes a 5120-byte row
+/// into the allocator's 6144-byte size class), and a hit is copied into the
+/// response as it is, with no conversion.
+pub fn le_bytes(v: &[f32]) -> Bytes {
+    let mut out = Vec::with_capacity(v.len() * 4);
+    embark_proto::extend_le_f32(&mut out, v);
+    Bytes::from(out)
+}
 
+/// A tier entry: the row and, with a TTL, when it expires.
+#[derive(Debug, Clone)]
+struct Entry {
+    row: CachedRow,
+    expires_unix_ms: i64,
+}
+
+/// Per-entry bookkeeping on top of the vector: the 16-byte key, the entry,
+/// the shared `Bytes` header, and the cache's slot and metadata.
+const ENTRY_OVERHEAD_BYTES: u64 = 96;
+
+/// Weighs an entry by its vector bytes plus the bookkeeping.
+#[derive(Debug, Clone, Copy)]
+struct RowWeighter;
+
+impl quick_cache::Weighter<KeyHash, Entry> for RowWeighter {
+    fn weight(&self, _: &KeyHash, e: &Entry) -> u64 {
+        match &e.row {
+            CachedRow::Vector(v) => v.len() as u64 + ENTRY_OVERHEAD_BYTES,
+            CachedRow::Failed { .. } => ENTRY_OVERHEAD_BYTES,
+        }
+    }
+}
+
+/// The tier: a sharded quick_cache (S3-FIFO eviction) bounded in bytes.
+///
+/// quick_cache rather than moka: a hit takes one shard's read lock and
+/// clones an `Arc`, with no read buffer, frequency sketch or maintenance
+/// on the Lookup path. Under the Lookup benchmark moka's bookkeeping was a
+/// quarter of the front's CPU. The optional TTL is checked on read.
 #[derive(Clone)]
 pub struct VectorCache {
-    inner: Cache<KeyHash, CachedRow>,
+    inner: Arc<quick_cache::sync::Cache<KeyHash, Entry, RowWeighter>>,
+    ttl_ms: Option<i64>,
 }
 
 impl std::fmt::Debug for VectorCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VectorCache").field("entries", &self.inner.entry_count()).finish()
+        f.debug_struct("VectorCache").field("entries", &self.inner.len()).finish()
     }
 }
 
 impl VectorCache {
     /// A tier holding at most about `capacity_bytes` (vectors plus entry
-    /// overhead), evicting by TinyLFU; entries also expire after `ttl`.
+    /// overhead); entries expire `ttl` after insertion if given.
     pub fn new(capacity_bytes: u64, ttl: Option<Duration>) -> Self {
-        let mut b = Cache::builder().max_capacity(capacity_bytes).weigher(|_k: &KeyHash, v: &CachedRow| -> u32 {
-            match v {
-                CachedRow::Vector(v) => (v.len() as u32).saturating_mul(4).saturating_add(ENTRY_OVERHEAD_BYTES),
-                CachedRow::Failed { .. } => ENTRY_OVERHEAD_BYTES,
-            }
-        });
-        if let Some(ttl) = ttl {
-            b = b.time_to_live(ttl);
+        // An estimate for sizing the shards' tables: 1280-d image vectors.
+        let estimated_items = (capacity_bytes / (5120 + ENTRY_OVERHEAD_BYTES)).clamp(1024, 1 << 26) as usize;
+        Self {
+            inner: Arc::new(quick_cache::sync::Cache::with_weighter(
+                estimated_items,
+                capacity_bytes.max(1),
+                RowWeighter,
+            )),
+            ttl_ms: ttl.map(|t| t.as_millis().min(i64::MAX as u128) as i64),
         }
-        Self { inner: b.build() }
     }
 
     pub fn get(&self, k: &KeyHash) -> Option<CachedRow> {
-        self.inner.get(k)
+        let e = self.inner.get(k)?;
+        if self.ttl_ms.is_some() && e.expires_unix_ms <= embark_store::now_unix_ms() {
+            self.inner.remove(k);
+            return None;
+        }
+        Some(e.row)
     }
 
     pub fn insert(&self, k: KeyHash, row: CachedRow) {
-        self.inner.insert(k, row);
+        let expires_unix_ms = match self.ttl_ms {
+            Some(ttl) => embark_store::now_unix_ms().saturating_add(ttl),
+            None => i64::MAX,
+        };
+        self.inner.insert(k, Entry { row, expires_unix_ms });
     }
 
     pub fn invalidate(&self, k: &KeyHash) {
-        self.inner.invalidate(k);
+        self.inner.remove(k);
     }
 
     /// Approximate bytes held (for the gauge).
     pub fn weighted_size(&self) -> u64 {
-        self.inner.weighted_size()
+        self.inner.weight()
     }
 
     pub fn entry_count(&self) -> u64 {
-        self.inner.entry_count()
+        self.inner.len() as u64
     }
 }
 
@@ -140,9 +191,20 @@ mod tests {
     fn cache_is_bounded_in_bytes() {
         let c = VectorCache::new(100 * (384 * 4 + 96), None);
         for i in 0..1000u32 {
-            c.insert(key_hash("m", &i.to_string()), CachedRow::Vector(vec![0.0; 384].into()));
+            c.insert(key_hash("m", &i.to_string()), CachedRow::Vector(le_bytes(&[0.0; 384])));
         }
-        c.inner.run_pending_tasks();
         assert!(c.entry_count() <= 100, "{}", c.entry_count());
+        assert!(c.weighted_size() <= 100 * (384 * 4 + 96));
+    }
+
+    #[test]
+    fn entries_expire_after_the_ttl() {
+        let c = VectorCache::new(1 << 20, Some(Duration::from_millis(30)));
+        let k = key_hash("m", "k");
+        c.insert(k, CachedRow::Vector(le_bytes(&[1.0; 4])));
+        assert!(c.get(&k).is_some());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(c.get(&k).is_none(), "expired");
+        assert_eq!(c.entry_count(), 0);
     }
 }

@@ -4,11 +4,12 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use bytes::Bytes;
 use embark_proto::embark::v1::{MissEvent, Source};
 use embark_store::{StoreError, StoredRow, now_unix_ms};
 
 use crate::{
-    cache::{CachedRow, KeyHash, MissDedup, VectorCache, key_hash},
+    cache::{CachedRow, KeyHash, MissDedup, VectorCache, key_hash, le_bytes},
     miss::MissPublisher,
     models::{ModelRegistry, ServedModel},
     store_guard::GuardedStore,
@@ -69,7 +70,7 @@ impl std::fmt::Debug for Front {
 }
 
 /// A resolved row: the vector (or the OOV row) and where it came from.
-type Resolved = (Arc<[f32]>, Source);
+type Resolved = (Bytes, Source);
 
 impl Front {
     pub fn new(
@@ -153,9 +154,9 @@ impl Front {
         let mut to_store: Vec<usize> = Vec::new();
         for (i, (_, h)) in distinct.iter().enumerate() {
             match self.tier.get(h) {
-                Some(CachedRow::Vector(v)) if v.len() == dim => resolved[i] = Some((v, Source::Cache)),
+                Some(CachedRow::Vector(v)) if v.len() == dim * 4 => resolved[i] = Some((v, Source::Cache)),
                 Some(CachedRow::Failed { until_unix_ms }) if now < until_unix_ms => {
-                    resolved[i] = Some((served.oov.clone(), Source::OovFailed))
+                    resolved[i] = Some((served.oov_le.clone(), Source::OovFailed))
                 }
                 _ => to_store.push(i),
             }
@@ -172,37 +173,47 @@ impl Front {
             let ttl_ms = self.failure_ttl.as_millis() as i64;
             for (&i, row) in to_store.iter().zip(rows) {
                 let Some(row) = row else {
-                    resolved[i] = Some((served.oov.clone(), Source::OovUnavailable));
+                    resolved[i] = Some((served.oov_le.clone(), Source::OovUnavailable));
                     continue;
                 };
                 let (key, h) = distinct[i];
                 resolved[i] = Some(match row {
                     Some(StoredRow::Vector { vector, .. }) if vector.len() == dim => {
-                        let v: Arc<[f32]> = vector.into();
+                        let v = le_bytes(&vector);
                         self.tier.insert(h, CachedRow::Vector(v.clone()));
                         (v, Source::Store)
                     }
                     Some(StoredRow::Failed(f)) if now - f.at_unix_ms < ttl_ms => {
                         self.tier.insert(h, CachedRow::Failed { until_unix_ms: f.at_unix_ms + ttl_ms });
-                        (served.oov.clone(), Source::OovFailed)
+                        (served.oov_le.clone(), Source::OovFailed)
                     }
                     // Unknown, an expired failure, or a vector of another
                     // dim (stale model output): queue it.
                     _ => {
                         self.queue_miss(model, key, h, now);
-                        (served.oov.clone(), Source::OovPending)
+                        (served.oov_le.clone(), Source::OovPending)
                     }
                 });
             }
         }
 
+        // One copy of each row into the response; counters once per
+        // request, not once per key.
         let mut vectors = Vec::with_capacity(keys.len() * dim * 4);
         let mut sources = Vec::with_capacity(keys.len());
+        let mut counts = [0u64; 8];
         for s in slot {
             let (v, source) = resolved[s].as_ref().unwrap_or_else(|| unreachable!("every distinct key is resolved"));
-            embark_proto::extend_le_f32(&mut vectors, v);
+            vectors.extend_from_slice(v);
             sources.push(*source);
-            served.metrics.keys(*source).increment(1);
+            counts[(*source as usize).min(counts.len() - 1)] += 1;
+        }
+        for (i, n) in counts.iter().enumerate() {
+            if *n > 0
+                && let Ok(source) = Source::try_from(i as i32)
+            {
+                served.metrics.keys(source).increment(*n);
+            }
         }
         served.metrics.lookups.increment(1);
         served.metrics.latency.record(started.elapsed().as_secs_f64());

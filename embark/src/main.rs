@@ -76,9 +76,16 @@ struct FrontArgs {
     /// gRPC listen address.
     #[arg(long, env = "EMBARK_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Also serve gRPC on this Unix domain socket (a ranker on the same host
+    /// skips TCP). The file is replaced at start and removed at exit.
+    #[arg(long, env = "EMBARK_UDS")]
+    uds: Option<PathBuf>,
     /// Operator HTTP address: /metrics, /healthz, /readyz.
     #[arg(long, env = "EMBARK_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     metrics_listen: SocketAddr,
+    /// Page cache of the embedded store file (the tier holds hot vectors).
+    #[arg(long, env = "EMBARK_EMBEDDED_CACHE_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
+    embedded_cache_bytes: u64,
     /// Where the embedded store (embark.redb) lives.
     #[arg(long, env = "EMBARK_DATA_DIR", default_value = "embark-data")]
     data_dir: PathBuf,
@@ -353,6 +360,16 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let grpc_addr = listener.local_addr()?;
+    let uds = match &args.uds {
+        Some(path) => {
+            // A socket file left by a crash would make bind fail.
+            if path.exists() {
+                std::fs::remove_file(path).with_context(|| format!("removing the old socket {}", path.display()))?;
+            }
+            Some(tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?)
+        }
+        None => None,
+    };
     ready.set(true);
     tracing::info!(
         grpc = %grpc_addr,
@@ -363,9 +380,10 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
         misses = misses.name(),
         mode = if fill.is_some() { "up" } else { "serve" },
         store = %args.store.store,
+        uds = ?args.uds,
         "embark serving"
     );
-    embark_ops::grpc::server_builder(args.concurrency_per_connection, Duration::from_secs(30))
+    let router = embark_ops::grpc::server_builder(args.concurrency_per_connection, Duration::from_secs(30))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -373,10 +391,28 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
             EmbArkServer::new(EmbArkService::new(front))
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(256 << 20),
-        )
-        .serve_with_incoming_shutdown(embark_ops::grpc::incoming(listener), shutdown.clone().cancelled_owned())
-        .await
-        .context("gRPC server")?;
+        );
+    let tcp = router
+        .clone()
+        .serve_with_incoming_shutdown(embark_ops::grpc::incoming(listener), shutdown.clone().cancelled_owned());
+    let unix = async {
+        match uds {
+            Some(l) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::UnixListenerStream::new(l),
+                        shutdown.clone().cancelled_owned(),
+                    )
+                    .await
+            }
+            None => Ok(()),
+        }
+    };
+    let served = tokio::try_join!(tcp, unix);
+    if let Some(path) = &args.uds {
+        let _ = std::fs::remove_file(path);
+    }
+    served.context("gRPC server")?;
 
     // In-flight Lookups are done. Keep every miss: flush the buffer into the
     // durable queue, then let the fill loop finish its round.

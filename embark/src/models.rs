@@ -33,6 +33,8 @@ pub struct ServedModel {
     pub spec: &'static ModelSpec,
     /// The OOV row, `spec.dim` values.
     pub oov: Arc<[f32]>,
+    /// The OOV row as the response carries it (little-endian bytes).
+    pub oov_le: bytes::Bytes,
     pub metrics: ModelMetrics,
 }
 
@@ -89,7 +91,8 @@ impl ModelRegistry {
         for &spec in specs {
             let policy = policies.remove(spec.name).unwrap_or(OovPolicy::Zeros);
             let oov = oov_row(spec, &policy)?;
-            models.insert(spec.name, ServedModel { spec, oov, metrics: ModelMetrics::new(spec.name) });
+            let oov_le = crate::cache::le_bytes(&oov);
+            models.insert(spec.name, ServedModel { spec, oov, oov_le, metrics: ModelMetrics::new(spec.name) });
         }
         Ok(Self { models })
     }

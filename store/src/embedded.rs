@@ -32,15 +32,26 @@ impl std::fmt::Debug for EmbeddedStore {
     }
 }
 
+/// The page cache of [`EmbeddedStore::open`]: enough for the miss queue and
+/// the B-tree's inner pages; the vectors themselves are cached by EmbArk.
+pub const DEFAULT_PAGE_CACHE_BYTES: usize = 64 << 20;
+
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Embedded(e.into())
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the store file. Fails if another process has it
-    /// open: one file belongs to one process.
+    /// Opens (or creates) the store file with redb's default page cache.
+    /// Fails if another process has it open: one file belongs to one process.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(db_err)?;
+        Self::open_with_cache(path, DEFAULT_PAGE_CACHE_BYTES)
+    }
+
+    /// Like [`EmbeddedStore::open`], with a page cache of `cache_bytes`.
+    /// EmbArk's own tier already holds the hot vectors, so a small page
+    /// cache avoids keeping them in memory twice.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        let db = Database::builder().set_cache_size(cache_bytes).create(path).map_err(db_err)?;
         // Create both tables up front so read transactions never meet a
         // missing table.
         let txn = db.begin_write().map_err(db_err)?;

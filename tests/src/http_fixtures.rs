@@ -81,7 +81,8 @@ async fn serve(mut stream: TcpStream) {
         }
     }
     let request = String::from_utf8_lossy(&buf[..n]);
-    let path = request.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    // The query is ignored, so tests can make distinct URLs of one image.
+    let path = request.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").to_owned();
     let reply = |status: &str, kind: &str, body: Vec<u8>| {
         let mut r = format!(
             "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

@@ -1,0 +1,668 @@
+//! Benchmark (not a test): EmbArk's Lookup against Redis MGET of the same
+//! bytes, a plain tonic echo of the same bytes (what gRPC itself costs), and
+//! a raw request/response stream of the same bytes (the transport's limit),
+//! over loopback TCP and a Unix domain socket, in one run.
+//!
+//! - N keys (default 100k) of `dim` float32 (default 1280) go into EmbArk's
+//!   store and hot tier, and, as the same bytes, into a `redis-server` this
+//!   program starts (no persistence).
+//! - C clients (default 32), each on its own connection, send batches of B
+//!   keys (default 64) drawn Zipf(1.0) or uniform, closed loop, for T
+//!   seconds after a warm-up: the peak.
+//! - Then each system is driven open loop at fractions of its own peak, and
+//!   latency is measured from each request's scheduled time, so a stall is
+//!   not hidden by the requests it delayed (coordinated omission).
+//! - EmbArk's resident memory per cached entry is measured against the raw
+//!   vector bytes.
+//!
+//! Writes `lookup-bench.json` and `lookup-bench.png` to `--out`. Run with
+//! `scripts/bench-lookup.sh`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Parser;
+use embark_proto::embark::v1::{
+    InvalidateRequest, InvalidateResponse, LookupRequest, LookupResponse, ModelsRequest, ModelsResponse, Source,
+    emb_ark_client::EmbArkClient,
+    emb_ark_server::{EmbArk, EmbArkServer},
+};
+use embark_store::{EmbeddingStore, embedded::EmbeddedStore};
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng, rngs::SmallRng};
+use rand_distr::{Distribution, Zipf};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(about = "EmbArk Lookup vs Redis MGET vs gRPC echo vs raw stream, TCP and UDS")]
+struct Args {
+    #[arg(long, default_value_t = 100_000)]
+    keys: usize,
+    #[arg(long, default_value_t = 1280)]
+    dim: usize,
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Key popularity: zipf (exponent 1.0) or uniform.
+    #[arg(long, default_value = "zipf")]
+    dist: String,
+    /// Seconds of each peak measurement, after `--warmup`.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Transports to measure.
+    #[arg(long, value_delimiter = ',', default_value = "tcp,uds")]
+    transports: Vec<String>,
+    /// Offered load, as fractions of each system's peak (empty: no sweep).
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.3,0.5,0.7,0.9")]
+    sweep: Vec<f64>,
+    /// Seconds per sweep point.
+    #[arg(long, default_value_t = 3.0)]
+    sweep_seconds: f64,
+    /// Where `embark` is (default: next to this program).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    #[arg(long, default_value = "redis-server")]
+    redis_server: PathBuf,
+    /// Output directory for the JSON and the PNG.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+}
+
+const MODEL: &str = "efficientnet-lite0";
+
+fn key(i: usize) -> String {
+    format!("https://img.example.com/catalog/{i:08}.jpg")
+}
+
+/// Deterministic vector bytes of key `i` (little-endian f32).
+fn vector(i: usize, dim: usize) -> Vec<f32> {
+    let mut rng = SmallRng::seed_from_u64(i as u64);
+    (0..dim).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS")?;
+    Ok(kb * 1024)
+}
+
+async fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while !ok() {
+        if started.elapsed() > limit {
+            bail!("{what} not ready after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// A gRPC channel to `tcp://addr` or `unix://path`, with the client-side
+/// settings a ranker should use: a 1 MiB max frame and large windows.
+async fn channel(target: &str) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(if target.starts_with("unix:") {
+        "http://[::]:50051".to_owned()
+    } else {
+        format!("http://{target}")
+    })?
+    .tcp_nodelay(true)
+    .initial_stream_window_size(Some(4 << 20))
+    .initial_connection_window_size(Some(16 << 20))
+    .max_frame_size(Some((1 << 20) - 1));
+    Ok(match target.strip_prefix("unix:") {
+        Some(path) => {
+            let path = path.to_owned();
+            endpoint
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
+                }))
+                .await?
+        }
+        None => endpoint.connect().await?,
+    })
+}
+
+/// The echo floor: `embark.v1.EmbArk/Lookup` answering the same bytes from
+/// memory, with no cache, store or bookkeeping.
+struct Echo {
+    row_bytes: usize,
+    payload: Bytes,
+}
+
+#[tonic::async_trait]
+impl EmbArk for Echo {
+    async fn lookup(&self, r: tonic::Request<LookupRequest>) -> Result<tonic::Response<LookupResponse>, tonic::Status> {
+        let n = r.get_ref().keys.len();
+        Ok(tonic::Response::new(LookupResponse {
+            dim: (self.row_bytes / 4) as u32,
+            vectors: self.payload.slice(..(n * self.row_bytes).min(self.payload.len())),
+            sources: vec![Source::Cache as i32; n],
+        }))
+    }
+    async fn models(&self, _: tonic::Request<ModelsRequest>) -> Result<tonic::Response<ModelsResponse>, tonic::Status> {
+        Ok(tonic::Response::new(ModelsResponse::default()))
+    }
+    async fn invalidate(
+        &self,
+        _: tonic::Request<InvalidateRequest>,
+    ) -> Result<tonic::Response<InvalidateResponse>, tonic::Status> {
+        Ok(tonic::Response::new(InvalidateResponse::default()))
+    }
+}
+
+/// Serves the echo on TCP and UDS; returns their addresses.
+async fn start_echo(args: &Args, dir: &Path) -> anyhow::Result<(String, String)> {
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let tcp_addr = tcp.local_addr()?.to_string();
+    let uds_path = dir.join("echo.sock");
+    let uds = tokio::net::UnixListener::bind(&uds_path)?;
+    let payload = Bytes::from(vec![7u8; args.batch * args.dim * 4]);
+    let router = embark_ops::grpc::server_builder(1024, Duration::from_secs(30))
+        .add_service(EmbArkServer::new(Echo { row_bytes: args.dim * 4, payload }).max_encoding_message_size(256 << 20));
+    let r2 = router.clone();
+    tokio::spawn(async move { router.serve_with_incoming(embark_ops::grpc::incoming(tcp)).await });
+    tokio::spawn(async move { r2.serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(uds)).await });
+    Ok((tcp_addr, format!("unix:{}", uds_path.display())))
+}
+
+/// The raw limit: for each 4-byte request (a key count), the server writes
+/// that many rows of bytes; the client reads them all.
+async fn start_raw(args: &Args, dir: &Path) -> anyhow::Result<(String, String)> {
+    let row = args.dim * 4;
+    let payload: Arc<[u8]> = vec![7u8; args.batch * row].into();
+    async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, payload: Arc<[u8]>, row: usize) {
+        let mut n = [0u8; 4];
+        while s.read_exact(&mut n).await.is_ok() {
+            let len = (u32::from_le_bytes(n) as usize * row).min(payload.len());
+            if s.write_all(&payload[..len]).await.is_err() {
+                break;
+            }
+        }
+    }
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let tcp_addr = tcp.local_addr()?.to_string();
+    let uds_path = dir.join("raw.sock");
+    let uds = tokio::net::UnixListener::bind(&uds_path)?;
+    let p = payload.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = tcp.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(serve(s, p.clone(), row));
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((s, _)) = uds.accept().await {
+            tokio::spawn(serve(s, payload.clone(), row));
+        }
+    });
+    Ok((tcp_addr, format!("unix:{}", uds_path.display())))
+}
+
+/// One client's connection to one system.
+enum Conn {
+    Grpc(EmbArkClient<Channel>),
+    Redis(redis::aio::MultiplexedConnection),
+    RawTcp(tokio::net::TcpStream, Vec<u8>),
+    RawUnix(tokio::net::UnixStream, Vec<u8>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum System {
+    Embark,
+    Redis,
+    Echo,
+    Raw,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::Embark => "embark",
+            System::Redis => "redis",
+            System::Echo => "grpc-echo",
+            System::Raw => "raw-stream",
+        }
+    }
+}
+
+async fn connect(system: System, target: &str) -> anyhow::Result<Conn> {
+    Ok(match system {
+        System::Embark | System::Echo => {
+            Conn::Grpc(EmbArkClient::new(channel(target).await?).max_decoding_message_size(256 << 20))
+        }
+        System::Redis => {
+            let url = match target.strip_prefix("unix:") {
+                Some(p) => format!("redis+unix://{p}"),
+                None => format!("redis://{target}/"),
+            };
+            Conn::Redis(redis::Client::open(url)?.get_multiplexed_async_connection().await?)
+        }
+        System::Raw => match target.strip_prefix("unix:") {
+            Some(p) => Conn::RawUnix(tokio::net::UnixStream::connect(p).await?, Vec::new()),
+            None => {
+                let s = tokio::net::TcpStream::connect(target).await?;
+                s.set_nodelay(true)?;
+                Conn::RawTcp(s, Vec::new())
+            }
+        },
+    })
+}
+
+/// One request of `keys`; returns the bytes received.
+async fn call(conn: &mut Conn, keys: Vec<String>, row: usize) -> anyhow::Result<usize> {
+    let n = keys.len();
+    let got = match conn {
+        Conn::Grpc(c) => {
+            let r = c.lookup(LookupRequest { model: MODEL.into(), keys }).await?.into_inner();
+            r.vectors.len()
+        }
+        Conn::Redis(c) => {
+            let rows: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(&keys).query_async(c).await?;
+            rows.iter().map(|r| r.as_ref().map_or(0, Vec::len)).sum()
+        }
+        Conn::RawTcp(s, buf) => {
+            s.write_all(&(n as u32).to_le_bytes()).await?;
+            buf.resize(n * row, 0);
+            s.read_exact(buf).await?;
+            buf.len()
+        }
+        Conn::RawUnix(s, buf) => {
+            s.write_all(&(n as u32).to_le_bytes()).await?;
+            buf.resize(n * row, 0);
+            s.read_exact(buf).await?;
+            buf.len()
+        }
+    };
+    if got != n * row {
+        bail!("got {got} bytes for {n} rows of {row}");
+    }
+    Ok(got)
+}
+
+#[derive(Debug, Clone)]
+struct Run {
+    requests: u64,
+    secs: f64,
+    hist: Histogram<u64>,
+}
+
+impl Run {
+    fn req_per_s(&self) -> f64 {
+        self.requests as f64 / self.secs
+    }
+    fn us(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64
+    }
+}
+
+struct KeyPicker {
+    zipf: Option<Zipf<f64>>,
+    n: usize,
+}
+
+impl KeyPicker {
+    fn pick(&self, rng: &mut SmallRng, b: usize) -> Vec<String> {
+        (0..b)
+            .map(|_| match &self.zipf {
+                Some(z) => key((z.sample(rng) as usize).saturating_sub(1).min(self.n - 1)),
+                None => key(rng.random_range(0..self.n)),
+            })
+            .collect()
+    }
+}
+
+/// C clients for `secs` after `warmup`; `rate` = None is closed loop (the
+/// peak), Some(r) is open loop at r requests/s in all, latency measured from
+/// each request's scheduled time.
+async fn drive(
+    system: System,
+    target: &str,
+    args: &Args,
+    picker: Arc<KeyPicker>,
+    rate: Option<f64>,
+    secs: f64,
+    warmup: f64,
+) -> anyhow::Result<Run> {
+    let row = args.dim * 4;
+    let mut tasks = Vec::new();
+    let start = Instant::now() + Duration::from_millis(200);
+    let measure_from = start + Duration::from_secs_f64(warmup);
+    let end = measure_from + Duration::from_secs_f64(secs);
+    for c in 0..args.clients {
+        let mut conn = connect(system, target).await?;
+        let picker = picker.clone();
+        let batch = args.batch;
+        let clients = args.clients.max(1) as f64;
+        let period = rate.map(|r| Duration::from_secs_f64(args.clients as f64 / r));
+        tasks.push(tokio::spawn(async move {
+            let mut rng = SmallRng::seed_from_u64(c as u64 * 7919 + 1);
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut requests = 0u64;
+            // Spread the clients' schedules over one period.
+            let mut next = start + period.map_or(Duration::ZERO, |p| p.mul_f64(c as f64 / clients));
+            tokio::time::sleep_until(start.into()).await;
+            loop {
+                let scheduled = match period {
+                    Some(p) => {
+                        let s = next;
+                        next += p;
+                        if s > Instant::now() {
+                            tokio::time::sleep_until(s.into()).await;
+                        }
+                        s
+                    }
+                    None => Instant::now(),
+                };
+                if scheduled >= end {
+                    break;
+                }
+                let keys = picker.pick(&mut rng, batch);
+                call(&mut conn, keys, row).await?;
+                if scheduled >= measure_from {
+                    let us = scheduled.elapsed().as_micros().max(1) as u64;
+                    hist.saturating_record(us);
+                    requests += 1;
+                }
+            }
+            anyhow::Ok((requests, hist))
+        }));
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut requests = 0;
+    for t in tasks {
+        let (r, h) = t.await??;
+        requests += r;
+        hist.add(h)?;
+    }
+    Ok(Run { requests, secs, hist })
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?.parent().context("exe dir")?.to_path_buf(),
+    };
+    std::fs::create_dir_all(&args.out)?;
+    let work = tempfile::tempdir()?;
+    let row = args.dim * 4;
+    let n = args.keys;
+    anyhow::ensure!(args.dim == 1280, "the preloaded model is efficientnet-lite0: --dim must be 1280");
+    eprintln!("preloading {n} keys x {} B into EmbArk's store and Redis", row);
+
+    // EmbArk: vectors in the embedded store, then into the tier.
+    let data = work.path().join("embark");
+    std::fs::create_dir_all(&data)?;
+    {
+        let store = EmbeddedStore::open(&data.join("embark.redb"))?;
+        for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
+            store.put_vectors(MODEL, chunk.iter().map(|&i| (key(i), vector(i, args.dim))).collect()).await?;
+        }
+    }
+    let grpc_port = free_port();
+    let metrics_port = free_port();
+    let uds_path = work.path().join("embark.sock");
+    let cache_bytes = format!("{}", (n as u64) * (row as u64 + 256) + (64 << 20));
+    let embark = Proc(
+        Command::new(bin_dir.join("embark"))
+            .args(["serve", "--models", MODEL, "--cache-bytes", &cache_bytes, "--embedded-cache-bytes", "8MiB"])
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--uds")
+            .arg(&uds_path)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{grpc_port}"),
+                "--metrics-listen",
+                &format!("127.0.0.1:{metrics_port}"),
+            ])
+            .args(["--concurrency-per-connection", "1024", "--store-deadline-ms", "10000"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting embark")?,
+    );
+    let embark_tcp = format!("127.0.0.1:{grpc_port}");
+    let embark_uds = format!("unix:{}", uds_path.display());
+    wait_for("embark", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(&embark_tcp).is_ok() && uds_path.exists()
+    })
+    .await?;
+    let pid = embark.0.id();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = rss_bytes(pid)?;
+    let mut client = EmbArkClient::new(channel(&embark_tcp).await?).max_decoding_message_size(256 << 20);
+    // RSS at the half-way point of the first pass too: the slope between
+    // it and the end is the marginal cost of an entry, free of start-up and
+    // allocator warm-up.
+    let mut rss_half = 0;
+    for pass in 0..2 {
+        let mut cached = 0;
+        for (c, chunk) in (0..n).collect::<Vec<_>>().chunks(1024).enumerate() {
+            if pass == 0 && c == n / 2048 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                rss_half = rss_bytes(pid)?;
+            }
+            let keys: Vec<String> = chunk.iter().map(|&i| key(i)).collect();
+            let r = client.lookup(LookupRequest { model: MODEL.into(), keys }).await?.into_inner();
+            cached += r.sources.iter().filter(|s| **s == Source::Cache as i32).count();
+            if pass == 0 {
+                anyhow::ensure!(
+                    r.sources.iter().all(|s| *s == Source::Store as i32),
+                    "preloaded keys come from the store"
+                );
+            }
+        }
+        if pass == 1 {
+            anyhow::ensure!(cached == n, "only {cached} of {n} keys in the tier");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_after = rss_bytes(pid)?;
+    let per_entry = (rss_after.saturating_sub(rss_before)) as f64 / n as f64;
+    let half_keys = (n / 2048 * 1024) as f64;
+    let marginal = (rss_after.saturating_sub(rss_half)) as f64 / (n as f64 - half_keys);
+    eprintln!(
+        "embark RSS {:.0} MiB -> {:.0} MiB: {per_entry:.0} B per cached entry for {row} B of vector ({:.3}x)",
+        rss_before as f64 / 1048576.0,
+        rss_after as f64 / 1048576.0,
+        per_entry / row as f64
+    );
+    eprintln!("marginal: {marginal:.0} B per entry ({:.3}x of the vector)", marginal / row as f64);
+
+    // Redis, same bytes, TCP and UDS, no persistence.
+    let redis_port = free_port();
+    let redis_sock = work.path().join("redis.sock");
+    let _redis = Proc(
+        Command::new(&args.redis_server)
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--unixsocket")
+            .arg(&redis_sock)
+            .args(["--unixsocketperm", "700", "--protected-mode", "no", "--io-threads", "1"])
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| {
+                format!("starting {} (scripts/bench-lookup.sh installs it)", args.redis_server.display())
+            })?,
+    );
+    let redis_tcp = format!("127.0.0.1:{redis_port}");
+    wait_for("redis", Duration::from_secs(20), || std::net::TcpStream::connect(&redis_tcp).is_ok()).await?;
+    let mut rc = redis::Client::open(format!("redis://{redis_tcp}/"))?.get_multiplexed_async_connection().await?;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(2000) {
+        let mut pipe = redis::pipe();
+        for &i in chunk {
+            let v = vector(i, args.dim);
+            pipe.cmd("SET").arg(key(i)).arg(bytemuck::cast_slice::<f32, u8>(&v)).ignore();
+        }
+        pipe.query_async::<()>(&mut rc).await?;
+    }
+    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut rc).await?;
+    let redis_used: f64 =
+        info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0);
+
+    let (echo_tcp, echo_uds) = start_echo(&args, work.path()).await?;
+    let (raw_tcp, raw_uds) = start_raw(&args, work.path()).await?;
+    let picker =
+        Arc::new(KeyPicker { zipf: if args.dist == "uniform" { None } else { Some(Zipf::new(n as f64, 1.0)?) }, n });
+
+    let mut results = Vec::new();
+    let mut curves = Vec::new();
+    println!(
+        "\n{} keys x {} B, {} clients, batch {}, {} keys, {:.0} s per peak\n",
+        n, row, args.clients, args.batch, args.dist, args.seconds
+    );
+    for transport in &args.transports {
+        let targets: [(System, String); 4] = match transport.as_str() {
+            "tcp" => [
+                (System::Embark, embark_tcp.clone()),
+                (System::Redis, redis_tcp.clone()),
+                (System::Echo, echo_tcp.clone()),
+                (System::Raw, raw_tcp.clone()),
+            ],
+            "uds" => [
+                (System::Embark, embark_uds.clone()),
+                (System::Redis, format!("unix:{}", redis_sock.display())),
+                (System::Echo, echo_uds.clone()),
+                (System::Raw, raw_uds.clone()),
+            ],
+            t => bail!("unknown transport {t:?} (tcp, uds)"),
+        };
+        println!("{transport}:");
+        println!(
+            "  {:<11} {:>10} {:>12} {:>10} {:>9} {:>9} {:>9}",
+            "system", "req/s", "keys/s", "MiB/s", "p50 us", "p99 us", "p999 us"
+        );
+        let mut peaks = Vec::new();
+        for (system, target) in &targets {
+            let run = drive(*system, target, &args, picker.clone(), None, args.seconds, args.warmup).await?;
+            let keys_s = run.req_per_s() * args.batch as f64;
+            println!(
+                "  {:<11} {:>10.0} {:>12.0} {:>10.1} {:>9.0} {:>9.0} {:>9.0}",
+                system.name(),
+                run.req_per_s(),
+                keys_s,
+                keys_s * row as f64 / 1048576.0,
+                run.us(0.5),
+                run.us(0.99),
+                run.us(0.999)
+            );
+            peaks.push((*system, run));
+        }
+        let get = |s: System| peaks.iter().find(|(x, _)| *x == s).map(|(_, r)| r.req_per_s()).unwrap_or(f64::NAN);
+        let (e, r, ec, raw) = (get(System::Embark), get(System::Redis), get(System::Echo), get(System::Raw));
+        println!(
+            "  embark/redis {:.2}x   embark/echo {:.2}x   embark/raw {:.2}x   echo/redis {:.2}x\n",
+            e / r,
+            e / ec,
+            e / raw,
+            ec / r
+        );
+
+        // Latency vs offered load, each system at fractions of its own peak.
+        for (system, target) in &targets {
+            let peak = get(*system);
+            let mut points = Vec::new();
+            for f in &args.sweep {
+                let run =
+                    drive(*system, target, &args, picker.clone(), Some(peak * f), args.sweep_seconds, 0.5).await?;
+                points.push(json!({
+                    "fraction": f, "offered_req_s": peak * f, "req_s": run.req_per_s(),
+                    "keys_s": run.req_per_s() * args.batch as f64,
+                    "p50_us": run.us(0.5), "p99_us": run.us(0.99), "p999_us": run.us(0.999),
+                }));
+                if *system == System::Embark {
+                    println!(
+                        "  embark at {:>3.0}% of peak ({:.0} req/s): p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us",
+                        f * 100.0,
+                        peak * f,
+                        run.us(0.5),
+                        run.us(0.99),
+                        run.us(0.999)
+                    );
+                }
+            }
+            curves.push(json!({"transport": transport, "system": system.name(), "points": points}));
+        }
+        for (system, run) in &peaks {
+            results.push(json!({
+                "transport": transport, "system": system.name(), "req_s": run.req_per_s(),
+                "keys_s": run.req_per_s() * args.batch as f64,
+                "bytes_s": run.req_per_s() * (args.batch * row) as f64,
+                "p50_us": run.us(0.5), "p99_us": run.us(0.99), "p999_us": run.us(0.999),
+            }));
+        }
+        results.push(json!({
+            "transport": transport, "embark_over_redis": e / r, "embark_over_echo": e / ec,
+            "embark_over_raw": e / raw, "echo_over_redis": ec / r,
+        }));
+        println!();
+    }
+
+    let report = json!({
+        "keys": n, "dim": args.dim, "clients": args.clients, "batch": args.batch, "dist": args.dist,
+        "seconds": args.seconds, "cpus": std::thread::available_parallelism().map(|p| p.get()).unwrap_or(0),
+        "memory": {
+            "embark_rss_before_warm": rss_before, "embark_rss_after_warm": rss_after,
+            "embark_bytes_per_entry": per_entry, "vector_bytes": row,
+            "embark_rss_half_warm": rss_half, "embark_marginal_bytes_per_entry": marginal,
+            "embark_marginal_ratio_to_raw": marginal / row as f64,
+            "embark_ratio_to_raw": per_entry / row as f64,
+            "redis_used_memory_per_key": redis_used / n as f64,
+        },
+        "peaks": results, "curves": curves,
+    });
+    let json_path = args.out.join("lookup-bench.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+    let png_path = args.out.join("lookup-bench.png");
+    embark_bench::plot::latency_curves(&report, &png_path)?;
+    println!(
+        "memory: {marginal:.0} B per cached entry at the margin ({:.3}x of {row} B), {per_entry:.0} B on average \
+         ({:.3}x); Redis used_memory {:.0} B per key",
+        marginal / row as f64,
+        per_entry / row as f64,
+        redis_used / n as f64
+    );
+    println!("wrote {} and {}", json_path.display(), png_path.display());
+    Ok(())
+}
