@@ -18,8 +18,13 @@ step "setup: model weights, grpcurl, Python client, Kafka broker (tansu)"
 scripts/setup-models.sh
 scripts/install-grpcurl.sh >/dev/null
 examples/python/setup.sh >/dev/null
-EMBARK_TANSU="$(scripts/install-tansu.sh)"
-export EMBARK_TANSU
+# tansu builds from source once (~10 min on 2 cores, its own target dir):
+# let it run beside the lints and the build, and wait for it before the tests.
+tansu_out="$(mktemp)"
+tansu_log="$(mktemp)"
+scripts/install-tansu.sh >"$tansu_out" 2>"$tansu_log" &
+tansu_pid=$!
+trap 'kill "$tansu_pid" 2>/dev/null || true' EXIT
 
 step "format"
 cargo fmt --all --check
@@ -32,6 +37,17 @@ cargo build --workspace --all-targets --locked
 
 step "docker-compose.yml (no Docker engine here: schema, scaling rules, flags)"
 scripts/check-compose.sh "$CARGO_TARGET_DIR/debug"
+
+step "Kafka broker for the tests (tansu)"
+if ! wait "$tansu_pid"; then
+  cat "$tansu_log" >&2
+  echo "installing tansu failed" >&2
+  exit 1
+fi
+EMBARK_TANSU="$(cat "$tansu_out")"
+export EMBARK_TANSU
+echo "$EMBARK_TANSU"
+rm -f "$tansu_out" "$tansu_log"
 
 step "tests"
 log="$(mktemp)"
