@@ -268,6 +268,7 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
     };
     let registry = ModelRegistry::new(&specs, &args.oov)?;
 
+    let dedup = MissDedup::new(Duration::from_secs(args.dedup_window_secs), 10_000_000);
     let mut misses = match (&args.kafka_brokers, &embedded) {
         (Some(brokers), _) => {
             if args.miss_topic_partitions > 0 {
@@ -281,13 +282,16 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
                 }
             }
             let properties = kfc::kafka::parse_properties(&args.kafka_property).map_err(anyhow::Error::msg)?;
-            Misses::Kafka(Arc::new(KafkaMissPublisher::new(&KafkaPublisherConfig {
-                brokers: brokers.clone(),
-                topic: args.miss_topic.clone(),
-                buffer: args.miss_buffer,
-                message_timeout: Duration::from_millis(args.kafka_message_timeout_ms),
-                properties,
-            })?))
+            Misses::Kafka(Arc::new(KafkaMissPublisher::new(
+                &KafkaPublisherConfig {
+                    brokers: brokers.clone(),
+                    topic: args.miss_topic.clone(),
+                    buffer: args.miss_buffer,
+                    message_timeout: Duration::from_millis(args.kafka_message_timeout_ms),
+                    properties,
+                },
+                dedup.clone(),
+            )?))
         }
         (None, Some(e)) => {
             let queue = LocalMissQueue::new(e.pending_misses(), args.miss_buffer);
@@ -310,7 +314,7 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
             },
         ),
         misses.publisher(),
-        MissDedup::new(Duration::from_secs(args.dedup_window_secs), 10_000_000),
+        dedup,
         Limits { max_batch_keys: args.max_batch_keys, max_key_bytes: args.max_key_bytes },
         failure_ttl,
     ));

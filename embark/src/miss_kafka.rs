@@ -9,8 +9,8 @@
 //!   event at once: it is dropped and counted, and the front forgets the
 //!   key's dedup entry, so the next Lookup of the key publishes it again;
 //! - an event librdkafka could not deliver within `message.timeout.ms` is
-//!   counted as dropped too. Its key is still unknown, so a Lookup after the
-//!   dedup window publishes it again.
+//!   counted as dropped too, and its key leaves the dedup window, so the
+//!   next Lookup of it publishes it again.
 //!
 //! Nothing is lost for good: a miss exists as long as the key is unknown.
 
@@ -20,14 +20,17 @@ use embark_proto::embark::v1::MissEvent;
 use kfc::kafka::message_key;
 use prost::Message as _;
 use rdkafka::{
-    ClientConfig, ClientContext,
+    ClientConfig, ClientContext, Message,
     error::{KafkaError, RDKafkaErrorCode},
     message::DeliveryResult,
     producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer},
     util::Timeout,
 };
 
-use crate::miss::MissPublisher;
+use crate::{
+    cache::{MissDedup, key_hash},
+    miss::MissPublisher,
+};
 
 #[derive(Debug, Clone)]
 pub struct KafkaPublisherConfig {
@@ -41,9 +44,12 @@ pub struct KafkaPublisherConfig {
     pub properties: Vec<(String, String)>,
 }
 
-/// Counts deliveries; librdkafka calls it from its own thread.
-#[derive(Debug, Default)]
-pub struct DeliveryCounter;
+/// Counts deliveries, and lets the next Lookup of an undelivered miss
+/// publish it again at once; librdkafka calls it from its own thread.
+#[derive(Debug)]
+pub struct DeliveryCounter {
+    dedup: MissDedup,
+}
 
 impl ClientContext for DeliveryCounter {}
 
@@ -53,9 +59,18 @@ impl ProducerContext for DeliveryCounter {
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         match result {
             Ok(_) => metrics::counter!("embark_misses_delivered_total").increment(1),
-            Err((e, _)) => {
+            Err((e, message)) => {
                 tracing::debug!(error = %e, "a miss was not delivered");
                 metrics::counter!("embark_misses_dropped_total", "reason" => "undelivered").increment(1);
+                // Otherwise the key would wait out the dedup window before
+                // any Lookup could publish it again.
+                let split = message.key().and_then(|k| {
+                    let nl = k.iter().position(|b| *b == b'\n')?;
+                    Some((std::str::from_utf8(&k[..nl]).ok()?, std::str::from_utf8(&k[nl + 1..]).ok()?))
+                });
+                if let Some((model, key)) = split {
+                    self.dedup.forget(&key_hash(model, key));
+                }
             }
         }
     }
@@ -73,7 +88,9 @@ impl std::fmt::Debug for KafkaMissPublisher {
 }
 
 impl KafkaMissPublisher {
-    pub fn new(config: &KafkaPublisherConfig) -> Result<Self, KafkaError> {
+    /// A publisher whose undelivered misses are forgotten by `dedup` (the
+    /// front's dedup window), so they are published again by the next Lookup.
+    pub fn new(config: &KafkaPublisherConfig, dedup: MissDedup) -> Result<Self, KafkaError> {
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", &config.brokers)
             .set("acks", "all")
@@ -87,7 +104,7 @@ impl KafkaMissPublisher {
         for (k, v) in &config.properties {
             cc.set(k, v);
         }
-        let producer: ThreadedProducer<DeliveryCounter> = cc.create_with_context(DeliveryCounter)?;
+        let producer: ThreadedProducer<DeliveryCounter> = cc.create_with_context(DeliveryCounter { dedup })?;
         Ok(Self { producer, topic: config.topic.clone() })
     }
 

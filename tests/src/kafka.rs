@@ -145,19 +145,39 @@ pub async fn produce_misses(brokers: &str, topic: &str, model: &str, keys: &[Str
 /// Reads every dead letter on `topic` from the start, waiting up to
 /// `limit` for at least `want` of them.
 pub fn read_dead_letters(brokers: &str, topic: &str, want: usize, limit: Duration) -> anyhow::Result<Vec<DeadLetter>> {
+    read_all(brokers, topic, limit, |letters: &[DeadLetter]| letters.len() >= want)
+}
+
+/// Reads the miss events on `topic` from the start until `done` says so or
+/// `limit` passes.
+pub fn read_misses(
+    brokers: &str,
+    topic: &str,
+    limit: Duration,
+    done: impl Fn(&[MissEvent]) -> bool,
+) -> anyhow::Result<Vec<MissEvent>> {
+    read_all(brokers, topic, limit, done)
+}
+
+fn read_all<T: prost::Message + Default>(
+    brokers: &str,
+    topic: &str,
+    limit: Duration,
+    done: impl Fn(&[T]) -> bool,
+) -> anyhow::Result<Vec<T>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", format!("dlq-reader-{}", free_port()))
+        .set("group.id", format!("test-reader-{}", free_port()))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()?;
     consumer.subscribe(&[topic])?;
     let started = Instant::now();
     let mut out = Vec::new();
-    while out.len() < want && started.elapsed() < limit {
+    while !done(&out) && started.elapsed() < limit {
         match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => out.push(DeadLetter::decode(m.payload().unwrap_or_default())?),
-            Some(Err(e)) => eprintln!("reading the DLQ: {e}"),
+            Some(Ok(m)) => out.push(T::decode(m.payload().unwrap_or_default())?),
+            Some(Err(e)) => eprintln!("reading {topic}: {e}"),
             None => {}
         }
     }
