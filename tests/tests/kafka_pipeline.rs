@@ -32,6 +32,11 @@ use embark_tests::{
 use tonic::transport::Channel;
 
 const MODEL: &str = "minilm-l6-v2";
+
+/// The tests here each run a broker, a CQL server and three processes on
+/// 2 cores: one at a time, so none starves another's deadlines (and no two
+/// race for the free ports they pick).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const DIM: usize = 384;
 const REPLICATION: &str = "{'class': 'SimpleStrategy', 'replication_factor': 1}";
 
@@ -84,6 +89,10 @@ impl Stack {
                 "0",
                 "--data-dir",
                 data.path().to_str().expect("utf-8"),
+                // These tests are about Kafka: a busy CI machine must not
+                // turn slow store reads into OOV_UNAVAILABLE.
+                "--store-deadline-ms",
+                "2000",
             ],
         )
         .await?;
@@ -168,6 +177,7 @@ fn sources(raw: &[i32]) -> Vec<Source> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misses_flow_through_kafka_and_poison_lands_in_the_dlq() -> anyhow::Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let stack = Stack::start().await?;
     let _kfc = stack.start_kfc().await?;
     let mut client = stack.client().await?;
@@ -224,6 +234,7 @@ async fn misses_flow_through_kafka_and_poison_lands_in_the_dlq() -> anyhow::Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_survives_kill_9_of_kfc() -> anyhow::Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let stack = Stack::start().await?;
     let mut client = stack.client().await?;
     let keys: Vec<String> = (0..5000).map(|i| format!("backlog item {i}: a short product title")).collect();
@@ -268,6 +279,7 @@ async fn a_backlog_survives_kill_9_of_kfc() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kfc_backs_off_while_retina_is_down_then_finishes() -> anyhow::Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let mut stack = Stack::start().await?;
     let kfc = stack.start_kfc().await?;
     stack.retina.kill();
@@ -299,6 +311,7 @@ async fn kfc_backs_off_while_retina_is_down_then_finishes() -> anyhow::Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_does_not_touch_lookups() -> anyhow::Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let mut stack = Stack::start().await?;
     let mut client = stack.client().await?;
 
