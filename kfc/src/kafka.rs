@@ -163,6 +163,10 @@ struct PartitionState {
 }
 
 impl PartitionState {
+    fn new(generation: u64) -> Self {
+        Self { generation, unsettled: BTreeSet::new(), next: None, committed: None }
+    }
+
     fn position(&self) -> Option<i64> {
         self.unsettled.first().copied().or(self.next)
     }
@@ -193,8 +197,7 @@ impl OffsetTracker {
         for &p in partitions {
             t.generations += 1;
             let generation = t.generations;
-            t.partitions
-                .insert(p, PartitionState { generation, unsettled: BTreeSet::new(), next: None, committed: None });
+            t.partitions.insert(p, PartitionState::new(generation));
         }
     }
 
@@ -215,10 +218,7 @@ impl OffsetTracker {
             // the eager protocol): start tracking here.
             t.generations += 1;
             let generation = t.generations;
-            t.partitions.insert(
-                partition,
-                PartitionState { generation, unsettled: BTreeSet::new(), next: None, committed: None },
-            );
+            t.partitions.insert(partition, PartitionState::new(generation));
         }
         let s = t.partitions.get_mut(&partition).expect("inserted above");
         s.unsettled.insert(offset);

@@ -230,14 +230,48 @@ pub fn minilm_reference() -> Vec<(String, Vec<f32>)> {
 
 /// Peak resident memory of a process (VmHWM), in bytes.
 pub fn peak_rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    proc_status_bytes(pid, "VmHWM")
+}
+
+/// Resident memory of a process now (VmRSS), in bytes.
+pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    proc_status_bytes(pid, "VmRSS")
+}
+
+/// A `kB` field of `/proc/PID/status`, in bytes.
+fn proc_status_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .context("VmHWM in /proc/PID/status")?;
+        .with_context(|| format!("{field} in /proc/{pid}/status"))?;
     Ok(kb * 1024)
+}
+
+/// A gRPC channel over the Unix socket at `path`, with `endpoint`'s
+/// settings (its URI is a placeholder: the connector ignores it).
+pub async fn connect_uds(endpoint: tonic::transport::Endpoint, path: PathBuf) -> anyhow::Result<Channel> {
+    Ok(endpoint
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await?)
+}
+
+/// A child process killed (SIGKILL, by its own handle) when dropped, for
+/// programs that start servers without the readiness probe of [`Server`].
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The efficientnet-lite0 reference vector of a fixture image.

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use embark_proto::embark::v1::{LookupRequest, ModelsRequest, Source, emb_ark_client::EmbArkClient};
-use embark_tests::{Server, binary};
-use tonic::transport::{Endpoint, Uri};
+use embark_tests::{Server, binary, connect_uds};
+use tonic::transport::Endpoint;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookup_over_a_unix_socket() -> anyhow::Result<()> {
@@ -27,15 +27,7 @@ async fn lookup_over_a_unix_socket() -> anyhow::Result<()> {
     .await?;
     assert!(sock.exists(), "the socket is bound once ready");
 
-    let path = sock.clone();
-    let channel = Endpoint::from_static("http://[::]:50051")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await?;
+    let channel = connect_uds(Endpoint::from_static("http://[::]:50051"), sock.clone()).await?;
     let mut client = EmbArkClient::new(channel);
     let models = client.models(ModelsRequest {}).await?.into_inner();
     assert_eq!(models.models.len(), 1);

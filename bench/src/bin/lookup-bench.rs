@@ -20,7 +20,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -34,12 +34,13 @@ use embark_proto::embark::v1::{
     emb_ark_server::{EmbArk, EmbArkServer},
 };
 use embark_store::{EmbeddingStore, embedded::EmbeddedStore};
+use embark_tests::{KillOnDrop, free_port, rss_bytes};
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use rand_distr::{Distribution, Zipf};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Channel, Endpoint};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -99,30 +100,6 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
 }
 
-/// A child process killed on drop.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
-}
-
-fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmRSS")?;
-    Ok(kb * 1024)
-}
-
 async fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
     let started = Instant::now();
     while !ok() {
@@ -147,19 +124,7 @@ async fn channel(target: &str) -> anyhow::Result<Channel> {
     .initial_connection_window_size(Some(16 << 20))
     .max_frame_size(Some((1 << 20) - 1));
     Ok(match target.strip_prefix("unix:") {
-        Some(path) => {
-            let path = path.to_owned();
-            endpoint
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            tokio::net::UnixStream::connect(path).await?,
-                        ))
-                    }
-                }))
-                .await?
-        }
+        Some(path) => embark_tests::connect_uds(endpoint, PathBuf::from(path)).await?,
         None => endpoint.connect().await?,
     })
 }
@@ -444,7 +409,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics_port = free_port();
     let uds_path = work.path().join("embark.sock");
     let cache_bytes = format!("{}", (n as u64) * (row as u64 + 256) + (64 << 20));
-    let embark = Proc(
+    let embark = KillOnDrop(
         Command::new(bin_dir.join("embark"))
             .args(["serve", "--models", MODEL, "--cache-bytes", &cache_bytes, "--embedded-cache-bytes", "8MiB"])
             .arg("--data-dir")
@@ -514,7 +479,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Redis, same bytes, TCP and UDS, no persistence.
     let redis_port = free_port();
     let redis_sock = work.path().join("redis.sock");
-    let _redis = Proc(
+    let _redis = KillOnDrop(
         Command::new(&args.redis_server)
             .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--unixsocket")

@@ -13,14 +13,14 @@
 
 use std::{
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use embark_proto::embark::v1::{LookupRequest, Source, emb_ark_client::EmbArkClient};
-use embark_tests::{free_port, http_fixtures::ImageServer, models_dir};
+use embark_tests::{KillOnDrop, free_port, http_fixtures::ImageServer, models_dir};
 use hdrhistogram::Histogram;
 
 #[derive(Debug, Parser)]
@@ -34,14 +34,6 @@ struct Args {
     /// Where `embark` is (default: next to this program).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,7 +53,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let images = ImageServer::start().await?;
     let data = tempfile::tempdir()?;
     let port = free_port();
-    let _embark = Proc(
+    let _embark = KillOnDrop(
         Command::new(bin_dir.join("embark"))
             .arg("up")
             .arg("--data-dir")
