@@ -243,16 +243,17 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
         }
         stats.embedded += vectors.len();
         stats.failed += failures.len();
-        metrics::counter!("kfc_filled_total", "model" => model.to_owned(), "outcome" => "vector")
-            .increment(vectors.len() as u64);
-        metrics::counter!("kfc_filled_total", "model" => model.to_owned(), "outcome" => "failure")
-            .increment(failures.len() as u64);
+        // Counted only once written, so the counter never runs ahead of the store.
+        let (n_vectors, n_failures) = (vectors.len() as u64, failures.len() as u64);
         if !vectors.is_empty() {
             self.store.put_vectors(model, vectors).await?;
         }
         if !failures.is_empty() {
             self.store.put_failures(model, failures).await?;
         }
+        metrics::counter!("kfc_filled_total", "model" => model.to_owned(), "outcome" => "vector").increment(n_vectors);
+        metrics::counter!("kfc_filled_total", "model" => model.to_owned(), "outcome" => "failure")
+            .increment(n_failures);
         Ok(())
     }
 }

@@ -36,7 +36,11 @@ async fn pending_misses_and_vectors_survive_crashes_and_restarts() -> anyhow::Re
     let r = up.embark_client().await?.lookup(request.clone()).await?.into_inner();
     assert_eq!(r.sources, vec![Source::Store as i32; 3], "filled before any Lookup of this process");
     let vectors = r.vectors;
-    assert_eq!(up.metric("embark_miss_queue_depth").await?, 0.0);
+    // The queue entries are removed once the store write returned, a moment after the count.
+    eventually(Duration::from_secs(10), "the filled misses to leave the queue", || async {
+        Ok((up.metric("embark_miss_queue_depth").await? == 0.0).then_some(()))
+    })
+    .await?;
     up.kill();
 
     // 3. After a crash the vectors are still there and nothing is re-embedded.
