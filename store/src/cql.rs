@@ -20,11 +20,14 @@ use futures::{StreamExt, TryStreamExt, stream};
 pub use scylla::statement::Consistency;
 use scylla::{
     client::{session::Session, session_builder::SessionBuilder},
+    response::{PagingState, PagingStateResponse},
     statement::prepared::PreparedStatement,
     value::CqlTimestamp,
 };
 
-use crate::{EmbeddingStore, FailureRecord, StoreError, StoredRow, now_unix_ms, row, storage_key};
+use crate::{
+    EmbeddingStore, FailureRecord, ScanCursor, ScanPage, StoreError, StoredRow, now_unix_ms, row, storage_key,
+};
 
 #[derive(Debug, Clone)]
 pub struct CqlConfig {
@@ -113,6 +116,7 @@ pub struct CqlStore {
     put_vector: PreparedStatement,
     put_failure: PreparedStatement,
     delete: PreparedStatement,
+    scan: PreparedStatement,
     concurrency: usize,
 }
 
@@ -202,12 +206,19 @@ impl CqlStore {
         let delete =
             prepare(format!("DELETE FROM {ks}.embeddings WHERE model = ? AND key = ?"), config.write_consistency)
                 .await?;
+        // The partition key is (model, key), so a model's rows are found by
+        // a token-ordered scan of the whole table, filtered here. Paging
+        // state is what the driver resumes from, also in a later process.
+        let scan =
+            prepare(format!("SELECT model, key, vector, dim, status FROM {ks}.embeddings"), config.read_consistency)
+                .await?;
         Ok(Self {
             session: Arc::new(session),
             get,
             put_vector,
             put_failure,
             delete,
+            scan,
             concurrency: config.concurrency.max(1),
         })
     }
@@ -293,6 +304,38 @@ impl EmbeddingStore for CqlStore {
 
     async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
         self.write_all(model, rows.into_iter().map(|(k, f)| (k, None, Some(f))).collect()).await
+    }
+
+    async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError> {
+        let mut statement = self.scan.clone();
+        statement.set_page_size(page.clamp(1, 5000) as i32);
+        let state = match cursor {
+            Some(c) => PagingState::new_from_raw_bytes(c.0),
+            None => PagingState::start(),
+        };
+        let (result, paging) = self.session.execute_single_page(&statement, (), state).await.map_err(cql_err)?;
+        let rows = result.into_rows_result().map_err(cql_err)?;
+        type Row = (String, String, Option<Vec<u8>>, Option<i32>, Option<i32>);
+        let mut out = ScanPage::default();
+        for r in rows.rows::<Row>().map_err(cql_err)? {
+            let (m, key, vector, dim, status) = r.map_err(cql_err)?;
+            if m != model || status.unwrap_or(row::STATUS_VECTOR as i32) != row::STATUS_VECTOR as i32 {
+                continue;
+            }
+            let bytes = vector.unwrap_or_default();
+            if bytes.len() != dim.unwrap_or(0).max(0) as usize * 4 {
+                return Err(StoreError::Corrupt {
+                    model: model.to_owned(),
+                    reason: format!("key {key:?}: dim {dim:?} but {} vector bytes", bytes.len()),
+                });
+            }
+            out.rows.push((key, bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()));
+        }
+        out.next = match paging {
+            PagingStateResponse::HasMorePages { state } => state.as_bytes_slice().map(|b| ScanCursor(b.to_vec())),
+            PagingStateResponse::NoMorePages => None,
+        };
+        Ok(out)
     }
 
     async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {

@@ -70,6 +70,40 @@ pub trait EmbeddingStore: Send + Sync + 'static {
 
     /// Forgets the rows of these keys; absent keys are ignored.
     async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError>;
+
+    /// One page of a model's stored vectors (failure records are skipped),
+    /// from `cursor` on (`None`: the start). The order is the store's own
+    /// and stable, so a [`ScanCursor`] saved to disk resumes a scan in a
+    /// later process. Keys longer than [`MAX_INLINE_KEY_BYTES`] come back
+    /// as their stored hash. A page may hold fewer than `page` rows (or
+    /// none) before the end; the scan is over when `next` is `None`.
+    async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError>;
+}
+
+/// Where a [`EmbeddingStore::scan`] stopped: opaque bytes, hex in checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanCursor(pub Vec<u8>);
+
+impl ScanCursor {
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if !s.len().is_multiple_of(2) {
+            return None;
+        }
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect::<Option<_>>().map(Self)
+    }
+}
+
+/// A page of [`EmbeddingStore::scan`].
+#[derive(Debug, Default)]
+pub struct ScanPage {
+    /// (stored key, vector).
+    pub rows: Vec<(String, Vec<f32>)>,
+    /// Where the next page starts; `None` once the scan is complete.
+    pub next: Option<ScanCursor>,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -89,5 +123,14 @@ mod tests {
         assert!(a.starts_with("h128:") && a.len() == 5 + 32, "{a}");
         assert_eq!(a, storage_key(&long));
         assert_ne!(a, storage_key(&"y".repeat(MAX_INLINE_KEY_BYTES + 1)));
+    }
+
+    #[test]
+    fn scan_cursors_round_trip_through_hex() {
+        let c = ScanCursor(vec![0, 1, 0xab, 0xff]);
+        assert_eq!(c.to_hex(), "0001abff");
+        assert_eq!(ScanCursor::from_hex(&c.to_hex()), Some(c));
+        assert_eq!(ScanCursor::from_hex("abc"), None);
+        assert_eq!(ScanCursor::from_hex("zz"), None);
     }
 }

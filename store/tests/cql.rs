@@ -1,12 +1,13 @@
 //! The CQL store through the real `scylla` driver against an in-process
 //! CQL v4 server (kassandra): schema, round-trips, a 1000-key batch with
-//! gaps, hashed long keys, and reconnecting after the server restarts.
+//! gaps, hashed long keys, a paged scan of one model, and reconnecting
+//! after the server restarts.
 
 use std::time::Duration;
 
 use cql_test_server::CqlTestServer;
 use embark_store::{
-    EmbeddingStore, FailureRecord, StoredRow,
+    EmbeddingStore, FailureRecord, ScanCursor, StoredRow,
     cql::{CqlConfig, CqlStore},
 };
 
@@ -85,5 +86,35 @@ async fn the_driver_reconnects_after_the_server_restarts() -> anyhow::Result<()>
         }
     }
     drop(server);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_pages_through_one_model_and_resumes_from_a_saved_cursor() -> anyhow::Result<()> {
+    let server = CqlTestServer::start()?;
+    let cfg = config(&server);
+    CqlStore::migrate(&cfg).await?;
+    let store = CqlStore::connect(&cfg).await?;
+    let rows: Vec<(String, Vec<f32>)> = (0..250).map(|i| (format!("k{i}"), vec![i as f32, 1.0])).collect();
+    store.put_vectors("m", rows.clone()).await?;
+    store.put_vectors("other", (0..50).map(|i| (format!("k{i}"), vec![0.0])).collect()).await?;
+    let failure = FailureRecord { code: 4, reason: "HTTP 404".into(), at_unix_ms: 1 };
+    store.put_failures("m", vec![("failed".into(), failure)]).await?;
+
+    let (mut seen, mut cursor, mut pages) = (Vec::new(), None, 0);
+    loop {
+        let page = store.scan("m", cursor.take(), 40).await?;
+        pages += 1;
+        seen.extend(page.rows);
+        match page.next {
+            // A new connection resumes from the hex a checkpoint would hold.
+            Some(c) => cursor = Some(ScanCursor::from_hex(&c.to_hex()).expect("hex")),
+            None => break,
+        }
+        anyhow::ensure!(pages < 100, "the scan does not end");
+    }
+    seen.sort_by_key(|(k, _)| k[1..].parse::<u32>().unwrap_or(u32::MAX));
+    assert_eq!(seen, rows, "every vector of the model once, no failure records, no other model");
+    assert!(pages >= 7, "{pages} pages of at most 40 rows");
     Ok(())
 }
