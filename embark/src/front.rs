@@ -12,6 +12,7 @@ use crate::{
     cache::{CachedRow, KeyHash, MissDedup, VectorCache, key_hash, le_bytes},
     miss::MissPublisher,
     models::{ModelRegistry, ServedModel},
+    similar::{SimilarError, SimilarIndexes},
     store_guard::GuardedStore,
 };
 
@@ -39,6 +40,10 @@ pub enum FrontError {
     NotFound(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error("store unavailable: {0}")]
     Store(#[from] StoreError),
 }
@@ -61,12 +66,36 @@ pub struct Front {
     /// A failure record younger than this is answered OOV_FAILED and not
     /// queued again.
     failure_ttl: Duration,
+    /// The similarity indexes and the largest `k` a Similar may ask for.
+    similar: Option<(Arc<SimilarIndexes>, usize)>,
 }
 
 impl std::fmt::Debug for Front {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Front").field("models", &self.models.names()).finish_non_exhaustive()
     }
+}
+
+/// What `Similar` searches with.
+#[derive(Debug, Clone)]
+pub enum SimilarQuery {
+    /// A stored key's vector; the key itself is left out of the answer.
+    Key(String),
+    /// Little-endian f32 bytes of the model's dim.
+    Vector(Vec<u8>),
+}
+
+/// A `Similar` answer, best first.
+#[derive(Debug)]
+pub struct SimilarAnswer {
+    pub keys: Vec<String>,
+    pub scores: Vec<f32>,
+    pub exact: bool,
+}
+
+/// Little-endian f32 bytes as floats (a trailing partial value is ignored).
+pub fn le_f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 /// A resolved row: the vector (or the OOV row) and where it came from.
@@ -82,7 +111,13 @@ impl Front {
         limits: Limits,
         failure_ttl: Duration,
     ) -> Self {
-        Self { models, tier, store, publisher, dedup, limits, failure_ttl }
+        Self { models, tier, store, publisher, dedup, limits, failure_ttl, similar: None }
+    }
+
+    /// Serves `Similar` from these indexes, with `k` up to `max_k`.
+    pub fn with_similar(mut self, indexes: Arc<SimilarIndexes>, max_k: usize) -> Self {
+        self.similar = Some((indexes, max_k));
+        self
     }
 
     pub fn models(&self) -> &ModelRegistry {
@@ -238,6 +273,69 @@ impl Front {
             // Dropped: let the next Lookup of this key try again.
             self.dedup.forget(&h);
         }
+    }
+
+    /// The keys most similar to the query's vector (see `embark.proto`).
+    pub async fn similar(
+        &self,
+        model: &str,
+        query: SimilarQuery,
+        k: usize,
+        min_score: f32,
+    ) -> Result<SimilarAnswer, FrontError> {
+        let served = self.model(model)?;
+        let dim = served.spec.dim;
+        let (indexes, max_k) = self.similar.as_ref().ok_or_else(|| {
+            FrontError::FailedPrecondition("similarity search is off on this EmbArk (--similar-max-vectors 0)".into())
+        })?;
+        if k == 0 || k > *max_k {
+            return Err(FrontError::InvalidArgument(format!("k is {k}; ask for 1 to {max_k} (--similar-max-k)")));
+        }
+        if !(-1.0..=1.0).contains(&min_score) {
+            return Err(FrontError::InvalidArgument(format!("min_score {min_score} is not a cosine in [-1, 1]")));
+        }
+        let (vector, exclude) = match query {
+            SimilarQuery::Vector(bytes) => {
+                if bytes.len() != dim * 4 {
+                    return Err(FrontError::InvalidArgument(format!(
+                        "vector is {} bytes; model {model:?} takes {dim} little-endian float32 ({} bytes)",
+                        bytes.len(),
+                        dim * 4
+                    )));
+                }
+                (le_f32s(&bytes), None)
+            }
+            SimilarQuery::Key(key) => {
+                let answer = self.lookup(model, std::slice::from_ref(&key)).await?;
+                match answer.sources.first() {
+                    Some(Source::Cache | Source::Store) => {}
+                    Some(s) => {
+                        return Err(FrontError::FailedPrecondition(format!(
+                            "key has no vector yet ({}); it is queued for embedding when pending, retry later",
+                            s.as_str_name()
+                        )));
+                    }
+                    None => unreachable!("one row per key"),
+                }
+                (le_f32s(&answer.vectors), Some(embark_store::storage_key(&key).into_owned()))
+            }
+        };
+        let (indexes, model_name) = (indexes.clone(), model.to_owned());
+        let found =
+            tokio::task::spawn_blocking(move || indexes.search(&model_name, &vector, k, min_score, exclude.as_deref()))
+                .await
+                .map_err(|e| FrontError::Unavailable(format!("search task failed: {e}")))?;
+        let (hits, exact) = found.map_err(|e| match e {
+            SimilarError::Off(_) => FrontError::FailedPrecondition(e.to_string()),
+            SimilarError::Loading { .. } => FrontError::Unavailable(e.to_string()),
+            SimilarError::Query(q) => FrontError::InvalidArgument(q.to_string()),
+        })?;
+        metrics::counter!("embark_similar_requests_total", "model" => model.to_owned()).increment(1);
+        Ok(SimilarAnswer {
+            keys: hits.iter().map(|h| h.key.to_string()).collect(),
+            scores: hits.iter().map(|h| h.score).collect(),
+            exact,
+        })
     }
 
     /// Forgets the keys' vectors (tier and store) and queues them again.

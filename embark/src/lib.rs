@@ -17,6 +17,9 @@
 //! - [`embedder`]: the in-process Retina as KFC's `Embedder`.
 //! - [`store_guard`]: a deadline and a circuit breaker between Lookups and
 //!   the store; unanswered rows come back `OOV_UNAVAILABLE`.
+//! - [`similar`]: per-model similarity indexes (`embark_index`) behind
+//!   `Similar`, loaded from the store and kept current by
+//!   [`similar::IndexingStore`] (one machine) or a periodic rescan (serve).
 //! - [`service`]: `embark.v1.EmbArk` over gRPC.
 //!
 //! The `embark` binary (`src/main.rs`) wires these together: `embark up`
@@ -31,4 +34,5 @@ pub mod miss;
 pub mod miss_kafka;
 pub mod models;
 pub mod service;
+pub mod similar;
 pub mod store_guard;

@@ -5,6 +5,9 @@
 //! - `embark serve`: the front alone; misses go to Kafka for `kfc`
 //!   (`--kafka-brokers`), or wait in the durable queue.
 //! - `embark migrate`: creates the CQL schema.
+//! - `embark backfill | export | dedup`: batch tools ([`cli`]).
+
+mod cli;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -18,6 +21,7 @@ use embark::{
     miss_kafka::{KafkaMissPublisher, KafkaPublisherConfig},
     models::ModelRegistry,
     service::EmbArkService,
+    similar::{IndexingStore, SimilarIndexes},
     store_guard::{GuardConfig, GuardedStore},
 };
 use embark_proto::embark::v1::emb_ark_server::EmbArkServer;
@@ -57,6 +61,12 @@ enum Command {
         #[command(flatten)]
         store: embark_store::args::StoreArgs,
     },
+    /// Embed every key of a file (or stdin) that is not stored yet; resumable.
+    Backfill(cli::backfill::BackfillArgs),
+    /// Write a model's keys and vectors as .npy + keys.jsonl and Parquet; resumable.
+    Export(cli::export::ExportArgs),
+    /// Write the near-duplicate pairs of a model's keys as CSV; resumable.
+    Dedup(cli::dedup::DedupArgs),
 }
 
 #[derive(Debug, Args)]
@@ -144,9 +154,45 @@ struct FrontArgs {
     /// Requests handled at once per client connection.
     #[arg(long, env = "EMBARK_CONCURRENCY_PER_CONNECTION", default_value_t = 256)]
     concurrency_per_connection: usize,
+    #[command(flatten)]
+    similar: SimilarArgs,
     /// Log as JSON lines.
     #[arg(long, env = "EMBARK_LOG_JSON")]
     log_json: bool,
+}
+
+/// The similarity indexes behind `Similar` (see docs/similarity.md).
+#[derive(Debug, Args)]
+struct SimilarArgs {
+    /// Vectors each model's index holds at most (0: no index, `Similar`
+    /// off). Memory is about this x (dim x 4 + 600) bytes per model.
+    #[arg(long, env = "EMBARK_SIMILAR_MAX_VECTORS", default_value_t = 1_000_000)]
+    similar_max_vectors: usize,
+    /// Below this many vectors a model is searched exactly; from it on
+    /// through an HNSW graph.
+    #[arg(long, env = "EMBARK_SIMILAR_EXACT_BELOW", default_value_t = 20_000)]
+    similar_exact_below: usize,
+    /// HNSW candidate list per search: higher is slower with better recall.
+    #[arg(long, env = "EMBARK_SIMILAR_EF_SEARCH", default_value_t = 96)]
+    similar_ef_search: usize,
+    /// The largest k a Similar call may ask for.
+    #[arg(long, env = "EMBARK_SIMILAR_MAX_K", default_value_t = 1000)]
+    similar_max_k: usize,
+    /// `embark serve`: rescan the store this often for vectors other
+    /// processes wrote (0: load once at start).
+    #[arg(long, env = "EMBARK_SIMILAR_REFRESH_SECS", default_value_t = 300)]
+    similar_refresh_secs: u64,
+}
+
+impl SimilarArgs {
+    fn config(&self) -> embark_index::IndexConfig {
+        embark_index::IndexConfig {
+            exact_below: self.similar_exact_below.max(1),
+            max_vectors: self.similar_max_vectors,
+            ef_search: self.similar_ef_search.max(1),
+            ..embark_index::IndexConfig::default()
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -183,7 +229,7 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
     n.checked_mul(mul).ok_or_else(|| format!("{s:?} is too large"))
 }
 
-fn default_models_dir() -> PathBuf {
+pub(crate) fn default_models_dir() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(".cache/embark/models")
 }
 
@@ -202,8 +248,21 @@ fn main() -> anyhow::Result<()> {
                 println!("keyspace {} and table {}.embeddings are in place", cfg.keyspace, cfg.keyspace);
                 Ok(())
             }
+            Command::Backfill(args) => tool(cli::backfill::run(args)).await,
+            Command::Export(args) => tool(cli::export::run(args)).await,
+            Command::Dedup(args) => tool(cli::dedup::run(args)).await,
         }
     })
+}
+
+/// Runs a batch tool; an interrupted one exits 130 after its summary.
+async fn tool(run: impl std::future::Future<Output = anyhow::Result<i32>>) -> anyhow::Result<()> {
+    embark_ops::telemetry::init(false);
+    let code = run.await?;
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
 }
 
 async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
@@ -268,6 +327,18 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
     };
     let registry = ModelRegistry::new(&specs, &args.oov)?;
 
+    // Similarity indexes: loaded from the store in the background; every
+    // write and delete below goes through `IndexingStore` to keep them current.
+    let indexes = SimilarIndexes::new(
+        &specs.iter().map(|s| (s.name.to_owned(), s.dim)).collect::<Vec<_>>(),
+        &args.similar.config(),
+    );
+    indexes.spawn_load(store.clone(), ops_stop.clone());
+    if fill.is_none() && args.similar.similar_refresh_secs > 0 {
+        indexes.spawn_refresh(store.clone(), Duration::from_secs(args.similar.similar_refresh_secs), ops_stop.clone());
+    }
+    let store: Arc<dyn EmbeddingStore> = Arc::new(IndexingStore::new(store, indexes.clone()));
+
     let dedup = MissDedup::new(Duration::from_secs(args.dedup_window_secs), 10_000_000);
     let mut misses = match (&args.kafka_brokers, &embedded) {
         (Some(brokers), _) => {
@@ -302,22 +373,25 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
     };
     let failure_ttl = Duration::from_secs(args.failure_ttl_secs);
     let tier = VectorCache::new(args.cache_bytes, args.cache_ttl_secs.map(Duration::from_secs));
-    let front = Arc::new(Front::new(
-        registry,
-        tier.clone(),
-        GuardedStore::new(
-            store.clone(),
-            GuardConfig {
-                deadline: Duration::from_millis(args.store_deadline_ms),
-                failure_threshold: args.store_breaker_failures.max(1),
-                cool_down: Duration::from_millis(args.store_breaker_cool_down_ms),
-            },
-        ),
-        misses.publisher(),
-        dedup,
-        Limits { max_batch_keys: args.max_batch_keys, max_key_bytes: args.max_key_bytes },
-        failure_ttl,
-    ));
+    let front = Arc::new(
+        Front::new(
+            registry,
+            tier.clone(),
+            GuardedStore::new(
+                store.clone(),
+                GuardConfig {
+                    deadline: Duration::from_millis(args.store_deadline_ms),
+                    failure_threshold: args.store_breaker_failures.max(1),
+                    cool_down: Duration::from_millis(args.store_breaker_cool_down_ms),
+                },
+            ),
+            misses.publisher(),
+            dedup,
+            Limits { max_batch_keys: args.max_batch_keys, max_key_bytes: args.max_key_bytes },
+            failure_ttl,
+        )
+        .with_similar(indexes, args.similar.similar_max_k.max(1)),
+    );
 
     // The fill loop stops on its own token, after the front has stopped
     // and the last misses were flushed.

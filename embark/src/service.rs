@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use embark_proto::embark::v1::{
     InvalidateRequest, InvalidateResponse, LookupRequest, LookupResponse, ModelsRequest, ModelsResponse,
-    emb_ark_server::EmbArk,
+    SimilarRequest, SimilarResponse, emb_ark_server::EmbArk, similar_request::Query,
 };
 use tonic::{Request, Response, Status};
 
-use crate::front::{Front, FrontError};
+use crate::front::{Front, FrontError, SimilarQuery};
 
 #[derive(Debug, Clone)]
 pub struct EmbArkService {
@@ -27,6 +27,8 @@ impl From<FrontError> for Status {
             FrontError::InvalidArgument(m) => Status::invalid_argument(m),
             FrontError::NotFound(m) => Status::not_found(m),
             FrontError::ResourceExhausted(m) => Status::resource_exhausted(m),
+            FrontError::FailedPrecondition(m) => Status::failed_precondition(m),
+            FrontError::Unavailable(m) => Status::unavailable(m),
             FrontError::Store(e) => {
                 tracing::warn!(error = %e, "store read failed during a request");
                 metrics::counter!("embark_store_errors_total").increment(1);
@@ -56,5 +58,16 @@ impl EmbArk for EmbArkService {
         let InvalidateRequest { model, keys } = request.into_inner();
         let n = self.front.invalidate(&model, &keys).await?;
         Ok(Response::new(InvalidateResponse { invalidated: n as u32 }))
+    }
+
+    async fn similar(&self, request: Request<SimilarRequest>) -> Result<Response<SimilarResponse>, Status> {
+        let SimilarRequest { model, query, k, min_score } = request.into_inner();
+        let query = match query {
+            Some(Query::Key(key)) if !key.is_empty() => SimilarQuery::Key(key),
+            Some(Query::Vector(v)) => SimilarQuery::Vector(v.to_vec()),
+            _ => return Err(Status::invalid_argument("give a query: a non-empty `key` or a `vector`")),
+        };
+        let answer = self.front.similar(&model, query, k as usize, min_score).await?;
+        Ok(Response::new(SimilarResponse { keys: answer.keys, scores: answer.scores, exact: answer.exact }))
     }
 }

@@ -155,6 +155,12 @@ impl EmbArk for Echo {
     ) -> Result<tonic::Response<InvalidateResponse>, tonic::Status> {
         Ok(tonic::Response::new(InvalidateResponse::default()))
     }
+    async fn similar(
+        &self,
+        _: tonic::Request<embark_proto::embark::v1::SimilarRequest>,
+    ) -> Result<tonic::Response<embark_proto::embark::v1::SimilarResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("the echo floor serves Lookup only"))
+    }
 }
 
 /// Serves the echo on TCP and UDS; returns their addresses.

@@ -1,0 +1,227 @@
+//! `embark dedup`: the near-duplicate pairs of a model's keys, as CSV.
+//!
+//! Pass 1 pages through the store into a [`SimilarityIndex`] (exact below
+//! `--exact-below`, HNSW above). Pass 2 pages through again and asks, for
+//! each key, its `--neighbours` nearest keys scoring at least
+//! `--threshold`; every pair found from either side goes, as
+//! `(smaller key, larger key, score)`, to a candidates file. At the end the
+//! candidates are sorted, made unique and written as `key_a,key_b,score`,
+//! best first. Pass 2 checkpoints after each page (the scan cursor and the
+//! candidates file's length), so an interrupted run rebuilds the index and
+//! carries on where pass 2 stopped.
+
+use std::{
+    fs::OpenOptions,
+    io::{BufWriter, Seek, SeekFrom, Write},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::Args;
+use embark_index::{IndexConfig, SimilarityIndex};
+use embark_store::ScanCursor;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::{Checkpoint, EXIT_INTERRUPTED, StoreLocation, log_progress, model_dim, progress_bar};
+
+#[derive(Debug, Args)]
+pub struct DedupArgs {
+    #[arg(long)]
+    model: String,
+    /// Pairs scoring at least this cosine are written (see
+    /// docs/similarity.md for sensible values per model).
+    #[arg(long)]
+    threshold: f32,
+    /// The CSV file to write.
+    #[arg(long, default_value = "duplicates.csv")]
+    out: PathBuf,
+    #[command(flatten)]
+    location: StoreLocation,
+    /// Neighbours looked at per key: a key with more near-duplicates than
+    /// this reports its closest ones.
+    #[arg(long, default_value_t = 32)]
+    neighbours: usize,
+    /// Threads searching at once (default: one per core).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Exact search below this many vectors, HNSW from it on.
+    #[arg(long, default_value_t = 20_000)]
+    exact_below: usize,
+    /// Rows read from the store per page (and per checkpoint).
+    #[arg(long, default_value_t = 4096)]
+    page: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DedupCheckpoint {
+    model: String,
+    threshold: f32,
+    /// Keys whose neighbours are in the candidates file.
+    done: u64,
+    candidates_bytes: u64,
+    cursor: Option<String>,
+}
+
+pub async fn run(args: DedupArgs) -> anyhow::Result<i32> {
+    let dim = model_dim(&args.model)?;
+    if !(-1.0..=1.0).contains(&args.threshold) {
+        anyhow::bail!("--threshold {} is not a cosine in [-1, 1]", args.threshold);
+    }
+    if let Some(n) = args.concurrency {
+        // Bounds the index build (rayon) and the searches alike.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
+    }
+    let store = args.location.open().await?;
+    let stop = embark_ops::shutdown::on_signal();
+    let candidates_path = args.out.with_extension("candidates.partial");
+    let checkpoint = Checkpoint::new(args.out.with_extension("checkpoint.json"));
+    let mut state = match checkpoint.load::<DedupCheckpoint>()? {
+        Some(c) if c.model != args.model || c.threshold != args.threshold => anyhow::bail!(
+            "{} belongs to an unfinished dedup of {:?} at threshold {}; delete it or use another --out",
+            checkpoint.path().display(),
+            c.model,
+            c.threshold
+        ),
+        Some(c) => c,
+        None => DedupCheckpoint {
+            model: args.model.clone(),
+            threshold: args.threshold,
+            done: 0,
+            candidates_bytes: 0,
+            cursor: None,
+        },
+    };
+    let started = Instant::now();
+
+    // Pass 1: the index.
+    let index = SimilarityIndex::new(
+        dim,
+        IndexConfig { exact_below: args.exact_below.max(1), max_vectors: usize::MAX, ..IndexConfig::default() },
+    );
+    let bar = progress_bar(None, "dedup: indexing");
+    let mut cursor = None;
+    let mut last_log = Instant::now();
+    loop {
+        if stop.is_cancelled() {
+            return Ok(EXIT_INTERRUPTED);
+        }
+        let page = store.scan(&args.model, cursor.take(), args.page.max(1)).await.context("reading the store")?;
+        let n = page.rows.len() as u64;
+        let report = tokio::task::block_in_place(|| index.insert(&page.rows));
+        if report.rejected > 0 {
+            tracing::warn!(rejected = report.rejected, "vectors of another dimension or zero were left out");
+        }
+        bar.inc(n);
+        if last_log.elapsed() >= Duration::from_secs(1) {
+            log_progress(&bar, "dedup: indexing");
+            last_log = Instant::now();
+        }
+        match page.next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    bar.finish_and_clear();
+    let total = index.len() as u64;
+    tracing::info!(vectors = total, approximate = index.is_approximate(), "dedup: index built");
+
+    // Pass 2: neighbours of every key, from where the checkpoint says.
+    let mut file = OpenOptions::new().create(true).write(true).truncate(false).open(&candidates_path)?;
+    file.set_len(state.candidates_bytes)?;
+    file.seek(SeekFrom::End(0))?;
+    let mut candidates = BufWriter::new(file);
+    let bar = progress_bar(Some(total), "dedup: searching");
+    bar.set_position(state.done);
+    loop {
+        if stop.is_cancelled() {
+            bar.finish_and_clear();
+            println!("dedup interrupted after {} of {total} keys; run the same command again to carry on", state.done);
+            return Ok(EXIT_INTERRUPTED);
+        }
+        let cursor = match &state.cursor {
+            Some(hex) => Some(ScanCursor::from_hex(hex).context("the checkpoint's cursor is not hex")?),
+            None if state.done > 0 => break,
+            None => None,
+        };
+        let page = store.scan(&args.model, cursor, args.page.max(1)).await.context("reading the store")?;
+        let (k, threshold) = (args.neighbours.max(1), args.threshold);
+        let found: Vec<(String, String, f32)> = tokio::task::block_in_place(|| {
+            page.rows
+                .par_iter()
+                .flat_map_iter(|(key, v)| {
+                    let hits = index.search(v, k, threshold, Some(key)).unwrap_or_default();
+                    hits.into_iter().map(move |h| {
+                        let other = h.key.to_string();
+                        if key.as_str() < other.as_str() {
+                            (key.clone(), other, h.score)
+                        } else {
+                            (other, key.clone(), h.score)
+                        }
+                    })
+                })
+                .collect()
+        });
+        let mut w = csv::Writer::from_writer(Vec::new());
+        for (a, b, s) in &found {
+            w.write_record([a.as_str(), b.as_str(), &format!("{s:.6}")])?;
+        }
+        let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("csv: {e}"))?;
+        candidates.write_all(&bytes)?;
+        candidates.flush()?;
+        candidates.get_ref().sync_data()?;
+        state.candidates_bytes += bytes.len() as u64;
+        state.done += page.rows.len() as u64;
+        state.cursor = page.next.as_ref().map(ScanCursor::to_hex);
+        let finished = page.next.is_none();
+        if finished {
+            // Marks pass 2 done even when the last page was empty.
+            state.done = state.done.max(1);
+        }
+        checkpoint.save(&state)?;
+        bar.set_position(state.done.min(total));
+        if last_log.elapsed() >= Duration::from_secs(1) {
+            log_progress(&bar, "dedup: searching");
+            last_log = Instant::now();
+        }
+        if finished {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    drop(candidates);
+
+    // Unique pairs, best first.
+    let mut pairs: Vec<(String, String, f32)> = Vec::new();
+    let mut reader = csv::ReaderBuilder::new().has_headers(false).from_path(&candidates_path)?;
+    for record in reader.records() {
+        let r = record?;
+        let score: f32 = r.get(2).context("a candidate without a score")?.parse()?;
+        pairs.push((r[0].to_owned(), r[1].to_owned(), score));
+    }
+    pairs.sort_by(|x, y| (&x.0, &x.1).cmp(&(&y.0, &y.1)));
+    pairs.dedup_by(|x, y| x.0 == y.0 && x.1 == y.1);
+    pairs.sort_by(|x, y| y.2.total_cmp(&x.2).then_with(|| (&x.0, &x.1).cmp(&(&y.0, &y.1))));
+    let tmp = args.out.with_extension("csv.partial");
+    let mut w = csv::Writer::from_path(&tmp)?;
+    w.write_record(["key_a", "key_b", "score"])?;
+    for (a, b, s) in &pairs {
+        w.write_record([a.as_str(), b.as_str(), &format!("{s:.6}")])?;
+    }
+    w.flush()?;
+    drop(w);
+    std::fs::rename(&tmp, &args.out)?;
+    std::fs::remove_file(&candidates_path).ok();
+    checkpoint.remove()?;
+    println!(
+        "{} near-duplicate pairs (cosine >= {}) among {total} vectors of {} in {:.1} s ({} search): {}",
+        pairs.len(),
+        args.threshold,
+        args.model,
+        started.elapsed().as_secs_f64(),
+        if index.is_approximate() { "HNSW" } else { "exact" },
+        args.out.display()
+    );
+    Ok(0)
+}

@@ -1,0 +1,262 @@
+//! `embark export`: a model's keys and vectors in the formats trainers load
+//! directly.
+//!
+//! - `vectors.npy`: float32, shape `(rows, dim)`, C order (`np.load`);
+//! - `keys.jsonl`: row i's key as a JSON string on line i (keys may hold
+//!   newlines or commas; `[json.loads(l) for l in open(...)]`);
+//! - `embeddings.parquet`: columns `key` (string) and `vector`
+//!   (list<float>), zstd-compressed (`pandas.read_parquet`, pyarrow,
+//!   polars, Spark).
+//!
+//! The store is paged through in its own order. Rows go to `.partial`
+//! files behind a checkpoint (rows written, the store's scan cursor, the
+//! keys file's length) saved after each page, so an interrupted export
+//! truncates the partial files to the checkpoint and carries on. The
+//! `.npy` header is written with room to spare and filled in at the end;
+//! Parquet is written last, from the finished `.npy` and keys.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::Args;
+use embark_store::ScanCursor;
+use parquet::{
+    basic::{Compression, ZstdLevel},
+    data_type::{ByteArray, ByteArrayType, FloatType},
+    file::{properties::WriterProperties, writer::SerializedFileWriter},
+    schema::parser::parse_message_type,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{Checkpoint, EXIT_INTERRUPTED, StoreLocation, log_progress, model_dim, progress_bar};
+
+/// Bytes reserved for the `.npy` header: magic, version, length and the
+/// dict, padded with spaces to a multiple of 64 as NumPy requires.
+pub const NPY_HEADER_BYTES: usize = 128;
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[arg(long)]
+    model: String,
+    /// Directory to write into (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    location: StoreLocation,
+    /// Rows read from the store per page (and per checkpoint).
+    #[arg(long, default_value_t = 4096)]
+    page: usize,
+    /// Rows per Parquet row group.
+    #[arg(long, default_value_t = 16_384)]
+    row_group: usize,
+    /// Skip the Parquet file.
+    #[arg(long)]
+    no_parquet: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ExportCheckpoint {
+    model: String,
+    dim: usize,
+    rows: u64,
+    keys_bytes: u64,
+    /// Hex of the store's scan cursor; `None` at the start.
+    cursor: Option<String>,
+    /// The scan is over; what remains is renaming and Parquet.
+    scanned: bool,
+}
+
+/// The `.npy` v1.0 header for a float32 C-order matrix, `NPY_HEADER_BYTES` long.
+pub fn npy_header(rows: u64, dim: usize) -> Vec<u8> {
+    let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}");
+    let pad = NPY_HEADER_BYTES - 10 - dict.len() - 1;
+    dict.push_str(&" ".repeat(pad));
+    dict.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&((dict.len()) as u16).to_le_bytes());
+    out.extend_from_slice(dict.as_bytes());
+    debug_assert_eq!(out.len(), NPY_HEADER_BYTES);
+    out
+}
+
+pub async fn run(args: ExportArgs) -> anyhow::Result<i32> {
+    let dim = model_dim(&args.model)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let store = args.location.open().await?;
+    let stop = embark_ops::shutdown::on_signal();
+    let out = |name: &str| args.out.join(name);
+    let (npy_partial, keys_partial) = (out("vectors.npy.partial"), out("keys.jsonl.partial"));
+    let checkpoint = Checkpoint::new(out(".export-checkpoint.json"));
+    let mut state = match checkpoint.load::<ExportCheckpoint>()? {
+        Some(c) if c.model != args.model || c.dim != dim => anyhow::bail!(
+            "{} holds an unfinished export of model {:?}; use another --out or delete it",
+            args.out.display(),
+            c.model
+        ),
+        Some(c) => {
+            tracing::info!(rows = c.rows, "resuming the export");
+            c
+        }
+        None => {
+            ExportCheckpoint { model: args.model.clone(), dim, rows: 0, keys_bytes: 0, cursor: None, scanned: false }
+        }
+    };
+
+    let started = Instant::now();
+    if !state.scanned {
+        // Back to exactly what the checkpoint covers.
+        let mut npy = OpenOptions::new().create(true).write(true).truncate(false).open(&npy_partial)?;
+        npy.set_len(NPY_HEADER_BYTES as u64 + state.rows * dim as u64 * 4)?;
+        npy.seek(SeekFrom::End(0))?;
+        let mut keys = OpenOptions::new().create(true).write(true).truncate(false).open(&keys_partial)?;
+        keys.set_len(state.keys_bytes)?;
+        keys.seek(SeekFrom::End(0))?;
+        let (mut npy, mut keys) = (BufWriter::new(npy), BufWriter::new(keys));
+        let bar = progress_bar(None, "export");
+        bar.set_position(state.rows);
+        let mut last_log = Instant::now();
+        loop {
+            if stop.is_cancelled() {
+                bar.finish_and_clear();
+                println!(
+                    "export of {} interrupted after {} rows; run the same command again to carry on",
+                    args.model, state.rows
+                );
+                return Ok(EXIT_INTERRUPTED);
+            }
+            let cursor = match &state.cursor {
+                Some(hex) => Some(ScanCursor::from_hex(hex).context("the checkpoint's cursor is not hex")?),
+                None => None,
+            };
+            let page = store.scan(&args.model, cursor, args.page.max(1)).await.context("reading the store")?;
+            for (key, vector) in &page.rows {
+                if vector.len() != dim {
+                    tracing::warn!(key, dim = vector.len(), "skipping a vector of another dimension");
+                    continue;
+                }
+                for x in vector {
+                    npy.write_all(&x.to_le_bytes())?;
+                }
+                let line = serde_json::to_string(key)? + "\n";
+                keys.write_all(line.as_bytes())?;
+                state.keys_bytes += line.len() as u64;
+                state.rows += 1;
+            }
+            // Data first, durably; then the checkpoint that points past it.
+            npy.flush()?;
+            npy.get_ref().sync_data()?;
+            keys.flush()?;
+            keys.get_ref().sync_data()?;
+            state.cursor = page.next.as_ref().map(ScanCursor::to_hex);
+            state.scanned = page.next.is_none();
+            checkpoint.save(&state)?;
+            bar.set_position(state.rows);
+            if last_log.elapsed() >= Duration::from_secs(1) {
+                log_progress(&bar, "export");
+                last_log = Instant::now();
+            }
+            if state.scanned {
+                break;
+            }
+        }
+        bar.finish_and_clear();
+    }
+    // The shape is known now (idempotent, so also right after a crash here).
+    if npy_partial.exists() {
+        let mut npy = OpenOptions::new().write(true).open(&npy_partial)?;
+        npy.write_all(&npy_header(state.rows, dim))?;
+        npy.sync_all()?;
+    }
+    std::fs::rename(&npy_partial, out("vectors.npy"))
+        .or_else(|e| if out("vectors.npy").exists() { Ok(()) } else { Err(e) })?;
+    std::fs::rename(&keys_partial, out("keys.jsonl"))
+        .or_else(|e| if out("keys.jsonl").exists() { Ok(()) } else { Err(e) })?;
+    if !args.no_parquet {
+        let (dir, rows, group) = (args.out.clone(), state.rows, args.row_group.max(1));
+        tokio::task::spawn_blocking(move || write_parquet(&dir, dim, rows, group)).await??;
+    }
+    checkpoint.remove()?;
+    println!(
+        "exported {} vectors of {} (dim {dim}) to {} in {:.1} s: vectors.npy, keys.jsonl{}",
+        state.rows,
+        args.model,
+        args.out.display(),
+        started.elapsed().as_secs_f64(),
+        if args.no_parquet { "" } else { ", embeddings.parquet" }
+    );
+    Ok(0)
+}
+
+/// `embeddings.parquet` from the finished `vectors.npy` and `keys.jsonl`,
+/// one row group at a time (memory: one group).
+fn write_parquet(dir: &Path, dim: usize, rows: u64, group: usize) -> anyhow::Result<()> {
+    let schema = Arc::new(parse_message_type(
+        "message embeddings {
+            required binary key (STRING);
+            required group vector (LIST) {
+                repeated group list {
+                    required float element;
+                }
+            }
+        }",
+    )?);
+    let props =
+        Arc::new(WriterProperties::builder().set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?)).build());
+    let tmp = dir.join("embeddings.parquet.partial");
+    let mut writer = SerializedFileWriter::new(File::create(&tmp)?, schema, props)?;
+    let mut npy = BufReader::new(File::open(dir.join("vectors.npy"))?);
+    npy.seek(SeekFrom::Start(NPY_HEADER_BYTES as u64))?;
+    let mut keys = BufReader::new(File::open(dir.join("keys.jsonl"))?).lines();
+    let mut left = rows as usize;
+    let mut raw = vec![0u8; group * dim * 4];
+    while left > 0 {
+        let n = left.min(group);
+        let mut names = Vec::with_capacity(n);
+        for _ in 0..n {
+            let line = keys.next().context("keys.jsonl is shorter than vectors.npy")??;
+            names.push(ByteArray::from(serde_json::from_str::<String>(&line)?.into_bytes()));
+        }
+        npy.read_exact(&mut raw[..n * dim * 4])?;
+        let values: Vec<f32> =
+            raw[..n * dim * 4].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        // A list column: every value defined (level 1); repetition 0 opens
+        // a row's list, 1 continues it.
+        let defs = vec![1i16; values.len()];
+        let reps: Vec<i16> = (0..values.len()).map(|i| i16::from(i % dim != 0)).collect();
+        let mut rg = writer.next_row_group()?;
+        let mut col = rg.next_column()?.context("key column")?;
+        col.typed::<ByteArrayType>().write_batch(&names, None, None)?;
+        col.close()?;
+        let mut col = rg.next_column()?.context("vector column")?;
+        col.typed::<FloatType>().write_batch(&values, Some(&defs), Some(&reps))?;
+        col.close()?;
+        rg.close()?;
+        left -= n;
+    }
+    writer.close()?;
+    std::fs::rename(&tmp, dir.join("embeddings.parquet"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_npy_header_is_what_numpy_expects() {
+        let h = npy_header(123_456, 1280);
+        assert_eq!(h.len(), NPY_HEADER_BYTES);
+        assert_eq!(&h[..8], b"\x93NUMPY\x01\x00");
+        assert_eq!(u16::from_le_bytes([h[8], h[9]]) as usize, NPY_HEADER_BYTES - 10);
+        let dict = std::str::from_utf8(&h[10..]).expect("ascii");
+        assert!(dict.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (123456, 1280), }"));
+        assert!(dict.ends_with('\n'));
+        assert_eq!(npy_header(u64::MAX / 4096, 4096).len(), NPY_HEADER_BYTES, "room for any shape");
+    }
+}

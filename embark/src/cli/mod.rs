@@ -1,0 +1,134 @@
+//! The batch tools on the `embark` binary: `backfill`, `export`, `dedup`.
+//!
+//! They share how they find the store ([`StoreLocation`]), how they show
+//! progress ([`progress_bar`]) and how they survive an interruption
+//! ([`Checkpoint`]): each tool stops taking new work on Ctrl-C or SIGTERM,
+//! finishes what is in flight, records where it stopped and exits 130; the
+//! same command run again carries on from there.
+
+pub mod backfill;
+pub mod dedup;
+pub mod export;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use clap::Args;
+use embark_store::{EmbeddingStore, embedded::EmbeddedStore};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Serialize, de::DeserializeOwned};
+
+/// Exit status of a tool that was interrupted and can be resumed.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// Which store a tool reads and writes: the same flags as `embark serve`.
+#[derive(Debug, Args)]
+pub struct StoreLocation {
+    #[command(flatten)]
+    pub store: embark_store::args::StoreArgs,
+    /// Where the embedded store (embark.redb) lives. The file belongs to
+    /// one process: stop `embark up` on it first.
+    #[arg(long, env = "EMBARK_DATA_DIR", default_value = "embark-data")]
+    pub data_dir: PathBuf,
+}
+
+impl StoreLocation {
+    pub async fn open(&self) -> anyhow::Result<Arc<dyn EmbeddingStore>> {
+        match self.store.cql()? {
+            Some(cfg) => Ok(Arc::new(embark_store::cql::CqlStore::connect(&cfg).await?)),
+            None => {
+                std::fs::create_dir_all(&self.data_dir)
+                    .with_context(|| format!("creating the data directory {}", self.data_dir.display()))?;
+                let path = self.data_dir.join("embark.redb");
+                let store = EmbeddedStore::open(&path).with_context(|| {
+                    format!("opening {} (an `embark up` on this --data-dir holds it: stop it first)", path.display())
+                })?;
+                Ok(Arc::new(store))
+            }
+        }
+    }
+}
+
+/// The dimension of a known model, or an error listing the known ones.
+pub fn model_dim(model: &str) -> anyhow::Result<usize> {
+    retina::catalog::spec(model)
+        .map(|s| s.dim)
+        .with_context(|| format!("unknown model {model:?}; known: {:?}", retina::catalog::names()))
+}
+
+/// A progress bar on stderr with rate and ETA (a spinner with the rate when
+/// the total is unknown). When stderr is not a terminal it draws nothing
+/// and [`log_progress`] reports through the log instead.
+pub fn progress_bar(total: Option<u64>, what: &str) -> ProgressBar {
+    let bar = match total {
+        Some(n) => ProgressBar::new(n).with_style(
+            ProgressStyle::with_template(&format!("{what} {{bar:40}} {{pos}}/{{len}} {{per_sec}} ETA {{eta}} {{msg}}"))
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template(&format!("{what} {{spinner}} {{pos}} {{per_sec}} {{elapsed}} {{msg}}"))
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ),
+    };
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Logs the bar's position when nobody sees the bar (pipes, CI, tests).
+pub fn log_progress(bar: &ProgressBar, what: &str) {
+    if bar.is_hidden() {
+        tracing::info!(what, done = bar.position(), total = bar.length(), "progress");
+    }
+}
+
+/// A small JSON file that says where a tool stopped, replaced atomically
+/// (write aside, fsync, rename) so a crash leaves the old or the new one.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    path: PathBuf,
+}
+
+impl Checkpoint {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn load<T: DeserializeOwned>(&self) -> anyhow::Result<Option<T>> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => Ok(Some(
+                serde_json::from_slice(&bytes)
+                    .with_context(|| format!("{} is not a checkpoint of this tool", self.path.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.path.display())),
+        }
+    }
+
+    pub fn save<T: Serialize>(&self, value: &T) -> anyhow::Result<()> {
+        let tmp = self.path.with_extension("tmp");
+        {
+            let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+            serde_json::to_writer(&mut f, value)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path).with_context(|| format!("replacing {}", self.path.display()))
+    }
+
+    pub fn remove(&self) -> anyhow::Result<()> {
+        match std::fs::remove_file(&self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+}
