@@ -41,7 +41,7 @@ pub struct IndexConfig {
 
 impl Default for IndexConfig {
     fn default() -> Self {
-        Self { exact_below: 20_000, max_vectors: 1_000_000, max_connections: 16, ef_construction: 200, ef_search: 96 }
+        Self { exact_below: 20_000, max_vectors: 1_000_000, max_connections: 16, ef_construction: 128, ef_search: 96 }
     }
 }
 
@@ -114,6 +114,8 @@ struct Inner {
     ids: HashMap<Arc<str>, usize>,
     /// Id -> replaced or removed.
     dead: Vec<bool>,
+    /// How many of `dead` are true.
+    tombstones: usize,
     /// Unit vectors by id, while the index is exact (and during the build).
     flat: Vec<f32>,
     graph: Option<Arc<Graph>>,
@@ -142,6 +144,7 @@ impl SimilarityIndex {
             keys: Vec::new(),
             ids: HashMap::new(),
             dead: Vec::new(),
+            tombstones: 0,
             flat: Vec::new(),
             graph: None,
             building: false,
@@ -221,6 +224,7 @@ impl SimilarityIndex {
                 let key: Arc<str> = Arc::from(key);
                 if let Some(old) = inner.ids.insert(key.clone(), id) {
                     inner.dead[old] = true;
+                    inner.tombstones += 1;
                     report.replaced += 1;
                 } else {
                     report.added += 1;
@@ -287,6 +291,7 @@ impl SimilarityIndex {
         for k in keys {
             if let Some(id) = inner.ids.remove(k.as_str()) {
                 inner.dead[id] = true;
+                inner.tombstones += 1;
                 n += 1;
             }
         }
@@ -302,6 +307,19 @@ impl SimilarityIndex {
         min_score: f32,
         exclude: Option<&str>,
     ) -> Result<Vec<Hit>, IndexError> {
+        self.search_with_ef(query, k, min_score, exclude, self.config.ef_search)
+    }
+
+    /// [`SimilarityIndex::search`] with another HNSW candidate list size
+    /// (the benchmark sweeps it; exact search ignores it).
+    pub fn search_with_ef(
+        &self,
+        query: &[f32],
+        k: usize,
+        min_score: f32,
+        exclude: Option<&str>,
+        ef: usize,
+    ) -> Result<Vec<Hit>, IndexError> {
         let q = self.check(query)?;
         if k == 0 {
             return Ok(Vec::new());
@@ -311,10 +329,15 @@ impl SimilarityIndex {
         let alive = |id: usize| Some(id) != skip && !inner.dead.get(id).copied().unwrap_or(true);
         let mut hits: Vec<(usize, f32)> = match &inner.graph {
             Some(graph) => {
-                let filter = |id: &usize| alive(*id);
+                // Not `search_filter`: with a filter, hnsw_rs 0.3 gives up
+                // its early exit and walks most of the graph. Instead ask
+                // for more than k and drop dead ids and the excluded key
+                // afterwards (tombstones are few; Invalidate is rare).
+                let want = k + 1 + inner.tombstones.min(4 * k);
                 graph
-                    .search_filter(&q, k, self.config.ef_search.max(k), Some(&filter))
+                    .search(&q, want, ef.max(want))
                     .into_iter()
+                    .filter(|n| alive(n.d_id))
                     .map(|n| (n.d_id, 1.0 - n.distance))
                     .collect()
             }

@@ -1,0 +1,227 @@
+//! Benchmark (not a test): `Similar`'s index against exact search.
+//!
+//! Builds the HNSW index of `embark_index` over N vectors (default 100k,
+//! 384-d like minilm-l6-v2), drawn around 2,000 cluster centres so that
+//! neighbourhoods exist as they do in real embeddings (uniform random
+//! vectors in high dimension have none). Held-out queries are searched
+//! through the index at several `ef` and exactly (the flat scan, the same
+//! code as Similar below --similar-exact-below; and, in the same run,
+//! NumPy's `X @ q` per query when the client venv is installed). Reports
+//! recall@10 against the exact answer, queries/s (one thread and all
+//! cores), the build time and the index's memory (measured RSS growth and
+//! the index's own estimate). Writes JSON.
+//!
+//!   scripts/bench-similar.sh [--vectors 100000] [--dim 384] [--queries 1000]
+
+use std::{
+    io::Write,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use clap::Parser;
+use embark_index::{IndexConfig, SimilarityIndex, normalized};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long, default_value_t = 100_000)]
+    vectors: usize,
+    #[arg(long, default_value_t = 384)]
+    dim: usize,
+    #[arg(long, default_value_t = 1_000)]
+    queries: usize,
+    #[arg(long, default_value_t = 2_000)]
+    clusters: usize,
+    /// Spread of a cluster relative to the spread of the centres.
+    #[arg(long, default_value_t = 1.0)]
+    spread: f32,
+    #[arg(long, default_value_t = 10)]
+    k: usize,
+    #[arg(long, value_delimiter = ',', default_value = "32,64,96,128,256")]
+    ef: Vec<usize>,
+    /// Python with NumPy for the NumPy peer (skipped when absent).
+    #[arg(long, env = "EMBARK_BENCH_PYTHON")]
+    python: Option<PathBuf>,
+    #[arg(long, default_value = "bench-results/similar.json")]
+    out: PathBuf,
+}
+
+fn data(args: &Args) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let mut rng = StdRng::seed_from_u64(42);
+    let normal = Normal::new(0.0f32, 1.0).unwrap_or_else(|_| unreachable!("valid"));
+    let centres: Vec<Vec<f32>> =
+        (0..args.clusters).map(|_| (0..args.dim).map(|_| normal.sample(&mut rng)).collect()).collect();
+    let draw = |rng: &mut StdRng| {
+        let c = &centres[rng.random_range(0..centres.len())];
+        c.iter().map(|x| x + args.spread * normal.sample(rng)).collect::<Vec<f32>>()
+    };
+    let base = (0..args.vectors).map(|_| draw(&mut rng)).collect();
+    let queries = (0..args.queries).map(|_| draw(&mut rng)).collect();
+    (base, queries)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let pid = std::process::id();
+    println!(
+        "similar-bench: {} vectors x {} dims ({} clusters, spread {}), {} queries, k={}, {} threads",
+        args.vectors,
+        args.dim,
+        args.clusters,
+        args.spread,
+        args.queries,
+        args.k,
+        rayon::current_num_threads()
+    );
+    let (base, queries) = data(&args);
+    let rows: Vec<(String, Vec<f32>)> = base.iter().enumerate().map(|(i, v)| (format!("key-{i}"), v.clone())).collect();
+    drop(base);
+
+    // HNSW first, so its RSS growth is measured on a fresh heap; built the
+    // way Similar builds it at start (pages of inserts).
+    let rss1 = embark_tests::rss_bytes(pid)?;
+    let config = IndexConfig { exact_below: 1, max_vectors: usize::MAX, ..IndexConfig::default() };
+    let hnsw_index = SimilarityIndex::new(args.dim, config.clone());
+    let (_, build) = embark_index::timed(|| {
+        for page in rows.chunks(2048) {
+            hnsw_index.insert(page);
+        }
+    });
+    let hnsw_rss = embark_tests::rss_bytes(pid)?.saturating_sub(rss1);
+    let raw = args.vectors * args.dim * 4;
+    println!(
+        "hnsw (M={}, ef_construction={}): built in {:.1} s ({:.0} vectors/s), RSS +{:.0} MiB = {:.2}x the raw vectors ({:.0} MiB); estimate {:.0} MiB",
+        config.max_connections,
+        config.ef_construction,
+        build.as_secs_f64(),
+        args.vectors as f64 / build.as_secs_f64(),
+        hnsw_rss as f64 / (1 << 20) as f64,
+        hnsw_rss as f64 / raw as f64,
+        raw as f64 / (1 << 20) as f64,
+        hnsw_index.memory_bytes() as f64 / (1 << 20) as f64
+    );
+    // Exact index (the flat scan): the ground truth and the peer.
+    let rss0 = embark_tests::rss_bytes(pid)?;
+    let exact = SimilarityIndex::new(
+        args.dim,
+        IndexConfig { exact_below: usize::MAX, max_vectors: usize::MAX, ..IndexConfig::default() },
+    );
+    let (_, exact_build) = embark_index::timed(|| exact.insert(&rows));
+    let exact_rss = embark_tests::rss_bytes(pid)?.saturating_sub(rss0);
+    let started = Instant::now();
+    let truth: Vec<Vec<String>> = queries
+        .par_iter()
+        .map(|q| exact.search(q, args.k, -1.0, None).map(|h| h.into_iter().map(|h| h.key.to_string()).collect()))
+        .collect::<Result<_, _>>()?;
+    let exact_qps_all = args.queries as f64 / started.elapsed().as_secs_f64();
+    let single = args.queries.min(200);
+    let started = Instant::now();
+    for q in &queries[..single] {
+        std::hint::black_box(exact.search(q, args.k, -1.0, None)?);
+    }
+    let exact_qps_1 = single as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "exact scan: built in {:.2} s, {:.0} MiB RSS, {exact_qps_1:.1} q/s on one thread, {exact_qps_all:.1} q/s on all",
+        exact_build.as_secs_f64(),
+        exact_rss as f64 / (1 << 20) as f64
+    );
+    drop(exact);
+
+    drop(rows);
+
+    let mut sweep = Vec::new();
+    for &ef in &args.ef {
+        let search = |q: &Vec<f32>| hnsw_index_search(&hnsw_index, q, args.k, ef);
+        let started = Instant::now();
+        let found: Vec<Vec<String>> = queries.par_iter().map(search).collect::<Result<_, _>>()?;
+        let qps_all = args.queries as f64 / started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        for q in &queries[..single] {
+            std::hint::black_box(search(q)?);
+        }
+        let qps_1 = single as f64 / started.elapsed().as_secs_f64();
+        let hits: usize = found.iter().zip(&truth).map(|(f, t)| f.iter().filter(|k| t.contains(k)).count()).sum();
+        let recall = hits as f64 / truth.iter().map(Vec::len).sum::<usize>() as f64;
+        println!(
+            "  ef={ef:<4} recall@{} {recall:.4}  {qps_1:.0} q/s one thread ({:.0}x exact)  {qps_all:.0} q/s all ({:.0}x exact)",
+            args.k,
+            qps_1 / exact_qps_1,
+            qps_all / exact_qps_all
+        );
+        sweep.push(serde_json::json!({
+            "ef": ef, "recall_at_k": recall, "qps_one_thread": qps_1, "qps_all_threads": qps_all,
+            "speedup_vs_exact_one_thread": qps_1 / exact_qps_1, "speedup_vs_exact_all_threads": qps_all / exact_qps_all,
+        }));
+    }
+
+    let numpy = args.python.as_ref().filter(|p| p.exists()).map(|p| numpy_peer(p, &args)).transpose()?;
+    if let Some(qps) = numpy {
+        println!("numpy X @ q per query (same data): {qps:.1} q/s; exact scan here is {:.2}x that", exact_qps_1 / qps);
+    }
+
+    let report = serde_json::json!({
+        "vectors": args.vectors, "dim": args.dim, "clusters": args.clusters, "spread": args.spread,
+        "queries": args.queries, "k": args.k, "threads": rayon::current_num_threads(),
+        "hnsw": {
+            "max_connections": config.max_connections, "ef_construction": config.ef_construction,
+            "build_seconds": build.as_secs_f64(), "rss_bytes": hnsw_rss, "estimated_bytes": hnsw_index.memory_bytes(),
+            "raw_vector_bytes": raw, "sweep": sweep,
+        },
+        "exact": { "qps_one_thread": exact_qps_1, "qps_all_threads": exact_qps_all, "rss_bytes": exact_rss },
+        "numpy_per_query_qps": numpy,
+    });
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn hnsw_index_search(index: &SimilarityIndex, q: &[f32], k: usize, ef: usize) -> anyhow::Result<Vec<String>> {
+    Ok(index.search_with_ef(q, k, -1.0, None, ef)?.into_iter().map(|h| h.key.to_string()).collect())
+}
+
+/// NumPy's per-query exact search (`X @ q`, then `argpartition`) on the
+/// same data, generated here and handed over as raw float32.
+fn numpy_peer(python: &PathBuf, args: &Args) -> anyhow::Result<f64> {
+    let (base, queries) = data(args);
+    let dir = tempfile::tempdir()?;
+    let write = |name: &str, rows: &[Vec<f32>]| -> anyhow::Result<()> {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.path().join(name))?);
+        for r in rows {
+            let u = normalized(r).unwrap_or_else(|| r.clone());
+            f.write_all(bytemuck::cast_slice(&u))?;
+        }
+        Ok(f.flush()?)
+    };
+    write("base.f32", &base)?;
+    write("queries.f32", &queries[..args.queries.min(200)])?;
+    let script = r#"
+import sys, time, numpy as np
+d, k = int(sys.argv[2]), int(sys.argv[3])
+X = np.fromfile(sys.argv[1] + '/base.f32', dtype=np.float32).reshape(-1, d)
+Q = np.fromfile(sys.argv[1] + '/queries.f32', dtype=np.float32).reshape(-1, d)
+t = time.perf_counter()
+for q in Q:
+    s = X @ q
+    top = np.argpartition(-s, k)[:k]
+    top = top[np.argsort(-s[top])]
+print(len(Q) / (time.perf_counter() - t))
+"#;
+    let out = Command::new(python)
+        .args(["-c", script, dir.path().to_str().unwrap_or("."), &args.dim.to_string(), &args.k.to_string()])
+        .env("OMP_NUM_THREADS", "1")
+        .env("OPENBLAS_NUM_THREADS", "1")
+        .stderr(Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "the NumPy peer failed");
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
