@@ -88,10 +88,13 @@ fn interrupted_backfill(args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let stderr = child.0.stderr.take().context("stderr")?;
     let started = Instant::now();
     let mut seen = String::new();
-    for line in BufReader::new(stderr).lines() {
-        let line = line?;
+    let mut lines = BufReader::new(stderr);
+    loop {
+        let mut line = String::new();
+        if lines.read_line(&mut line)? == 0 {
+            anyhow::bail!("backfill ended before reporting progress:\n{seen}");
+        }
         seen.push_str(&line);
-        seen.push('\n');
         // `progress ... done=N`: interrupt after the first progress report.
         if line.contains("progress") && line.contains("done=") {
             let ok = Command::new("kill").arg("-INT").arg(child.0.id().to_string()).status()?.success();
@@ -100,6 +103,12 @@ fn interrupted_backfill(args: &[&str]) -> anyhow::Result<serde_json::Value> {
         }
         anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "no progress report:\n{seen}");
     }
+    // Keep draining stderr: the tool must be able to log its way out.
+    let rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut lines, &mut rest);
+        rest
+    });
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(s) = child.0.try_wait()? {
@@ -110,6 +119,7 @@ fn interrupted_backfill(args: &[&str]) -> anyhow::Result<serde_json::Value> {
     };
     let mut stdout = String::new();
     std::io::Read::read_to_string(&mut child.0.stdout.take().context("stdout")?, &mut stdout)?;
+    seen.push_str(&rest.join().unwrap_or_default());
     assert_eq!(status.code(), Some(130), "an interrupted backfill exits 130:\n{stdout}\n{seen}");
     summary(&stdout)
 }
