@@ -2,7 +2,8 @@
 //! kassandra, reached through the real `scylla` driver): Lookups end to
 //! end, and a store that stops answering: Lookups stay within their
 //! deadline, unanswered rows are OOV_UNAVAILABLE and not queued, cached
-//! rows keep flowing, the breaker opens and closes again (seen in /metrics).
+//! rows keep flowing, the breaker opens and closes again (seen in /metrics);
+//! and `Similar` indexes the CQL store and picks up vectors written later.
 
 use std::{
     process::Command,
@@ -20,12 +21,17 @@ use embark_tests::{Server, binary, eventually};
 const MODEL: &str = "minilm-l6-v2";
 const REPLICATION: &str = "{'class': 'SimpleStrategy', 'replication_factor': 1}";
 
+/// One test at a time: the first measures deadlines, which a neighbour
+/// test sharing the 2 cores would skew.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn sources(raw: &[i32]) -> Vec<Source> {
     raw.iter().map(|s| Source::try_from(*s).expect("known source")).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_from_cql_and_survives_a_store_that_stops_answering() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     let cql = CqlTestServer::start()?;
     let url = format!("cql://{}/embark_e2e", cql.addr);
 
@@ -103,5 +109,78 @@ async fn serve_answers_from_cql_and_survives_a_store_that_stops_answering() -> a
     })
     .await?;
     assert_eq!(embark.metric("embark_store_breaker_open").await?, 0.0);
+    Ok(())
+}
+
+/// `embark serve` loads `Similar`'s index from the CQL store at start and
+/// picks up vectors other processes (KFC, a backfill) write afterwards by
+/// its periodic rescan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_indexes_the_cql_store_and_picks_up_vectors_written_later() -> anyhow::Result<()> {
+    use embark_proto::embark::v1::{SimilarRequest, similar_request::Query};
+    let _serial = SERIAL.lock().await;
+
+    let cql = CqlTestServer::start()?;
+    let url = format!("cql://{}/embark_similar", cql.addr);
+    let cfg = CqlConfig { replication: REPLICATION.into(), ..CqlConfig::from_url(&url)? };
+    CqlStore::migrate(&cfg).await?;
+    let writer = CqlStore::connect(&cfg).await?;
+    // Unit vectors along the axes, and one near axis 0.
+    let axis = |i: usize| (0..384).map(|j| if j == i { 1.0 } else { 0.0 }).collect::<Vec<f32>>();
+    writer.put_vectors(MODEL, (0..50).map(|i| (format!("axis {i}"), axis(i))).collect()).await?;
+
+    let data = tempfile::tempdir()?;
+    let embark = Server::start(
+        &binary("embark"),
+        &[
+            "serve",
+            "--data-dir",
+            data.path().to_str().expect("utf-8"),
+            "--store",
+            &url,
+            "--models",
+            MODEL,
+            "--similar-refresh-secs",
+            "1",
+        ],
+    )
+    .await?;
+    let client = embark.embark_client().await?;
+    let query = |v: Vec<f32>| SimilarRequest {
+        model: MODEL.into(),
+        query: Some(Query::Vector(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>().into())),
+        k: 2,
+        min_score: 0.5,
+    };
+    let first = eventually(Duration::from_secs(30), "the index to load from CQL", || {
+        let mut client = client.clone();
+        let request = query(axis(0));
+        async move {
+            match client.similar(request).await {
+                Ok(r) => Ok(Some(r.into_inner())),
+                Err(s) if s.code() == tonic::Code::Unavailable => Ok(None),
+                Err(s) => Err(s.into()),
+            }
+        }
+    })
+    .await?;
+    assert_eq!(first.keys, ["axis 0"], "only axis 0 scores above 0.5");
+    assert!(first.exact);
+
+    // Written by another process after start: found after a rescan.
+    let mut near = axis(0);
+    near[1] = 0.2;
+    writer.put_vectors(MODEL, vec![("near axis 0".into(), near)]).await?;
+    let after = eventually(Duration::from_secs(30), "the rescan to index the new vector", || {
+        let mut client = client.clone();
+        let request = query(axis(0));
+        async move {
+            let r = client.similar(request).await?.into_inner();
+            Ok((r.keys.len() == 2).then_some(r))
+        }
+    })
+    .await?;
+    assert_eq!(after.keys, ["axis 0", "near axis 0"]);
+    assert!((after.scores[1] - 1.0 / 1.04f32.sqrt()).abs() < 1e-4, "{:?}", after.scores);
     Ok(())
 }
