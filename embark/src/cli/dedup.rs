@@ -20,9 +20,10 @@ use std::{
 use anyhow::Context;
 use clap::Args;
 use embark_index::{IndexConfig, SimilarityIndex};
-use embark_store::ScanCursor;
+use embark_store::{EmbeddingStore, ScanCursor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use super::{Checkpoint, EXIT_INTERRUPTED, StoreLocation, log_progress, model_dim, progress_bar};
 
@@ -65,6 +66,12 @@ struct DedupCheckpoint {
 }
 
 pub async fn run(args: DedupArgs) -> anyhow::Result<i32> {
+    let store = args.location.open().await?;
+    dedup(&*store, &args, embark_ops::shutdown::on_signal()).await
+}
+
+/// The dedup of `store`'s vectors, until done or until `stop`.
+async fn dedup(store: &dyn EmbeddingStore, args: &DedupArgs, stop: CancellationToken) -> anyhow::Result<i32> {
     let dim = model_dim(&args.model)?;
     if !(-1.0..=1.0).contains(&args.threshold) {
         anyhow::bail!("--threshold {} is not a cosine in [-1, 1]", args.threshold);
@@ -73,8 +80,6 @@ pub async fn run(args: DedupArgs) -> anyhow::Result<i32> {
         // Bounds the index build (rayon) and the searches alike.
         let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
     }
-    let store = args.location.open().await?;
-    let stop = embark_ops::shutdown::on_signal();
     let candidates_path = args.out.with_extension("candidates.partial");
     let checkpoint = Checkpoint::new(args.out.with_extension("checkpoint.json"));
     let mut state = match checkpoint.load::<DedupCheckpoint>()? {
@@ -224,4 +229,73 @@ pub async fn run(args: DedupArgs) -> anyhow::Result<i32> {
         args.out.display()
     );
     Ok(0)
+}
+
+#[cfg(test)]
+mod resume_tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use clap::Parser;
+    use embark_store::embedded::EmbeddedStore;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    use super::*;
+    use crate::cli::testing::{StopAfterScans, append_junk};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        dedup: DedupArgs,
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interrupted_dedup_resumes_and_finds_each_planted_pair_once() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let store = EmbeddedStore::open(&tmp.path().join("embark.redb"))?;
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut rows = Vec::new();
+        let mut planted = Vec::new();
+        for i in 0..600 {
+            let v: Vec<f32> = (0..384).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            if i % 60 == 0 {
+                let twin = v.iter().map(|x| x + rng.random_range(-0.05f32..0.05)).collect();
+                rows.push((format!("b{i:03}"), twin));
+                planted.push((format!("a{i:03}"), format!("b{i:03}")));
+            }
+            rows.push((format!("a{i:03}"), v));
+        }
+        store.put_vectors("minilm-l6-v2", rows).await?;
+        let out = tmp.path().join("pairs.csv");
+        let args = Cli::try_parse_from([
+            "embark",
+            "--model",
+            "minilm-l6-v2",
+            "--threshold",
+            "0.9",
+            "--out",
+            out.to_str().unwrap_or("."),
+            "--page",
+            "50",
+        ])?
+        .dedup;
+
+        // 610 vectors: pass 1 reads 13 pages; stop while pass 2 reads its third.
+        let stop = CancellationToken::new();
+        let interrupted = StopAfterScans { inner: store.clone(), left: AtomicUsize::new(16), stop: stop.clone() };
+        assert_eq!(dedup(&interrupted, &args, stop).await?, EXIT_INTERRUPTED);
+        let saved: DedupCheckpoint =
+            Checkpoint::new(out.with_extension("checkpoint.json")).load()?.expect("checkpoint");
+        assert_eq!(saved.done, 150);
+        append_junk(&out.with_extension("candidates.partial"));
+
+        assert_eq!(dedup(&store, &args, CancellationToken::new()).await?, 0);
+        let mut found: Vec<(String, String)> = csv::Reader::from_path(&out)?
+            .records()
+            .map(|r| r.map(|r| (r[0].to_owned(), r[1].to_owned())))
+            .collect::<Result<_, _>>()?;
+        found.sort();
+        assert_eq!(found, planted, "each planted pair once, nothing else");
+        assert!(!out.with_extension("checkpoint.json").exists() && !out.with_extension("candidates.partial").exists());
+        Ok(())
+    }
 }

@@ -25,7 +25,7 @@ use std::{
 
 use anyhow::Context;
 use clap::Args;
-use embark_store::ScanCursor;
+use embark_store::{EmbeddingStore, ScanCursor};
 use parquet::{
     basic::{Compression, ZstdLevel},
     data_type::{ByteArray, ByteArrayType, FloatType},
@@ -33,6 +33,7 @@ use parquet::{
     schema::parser::parse_message_type,
 };
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use super::{Checkpoint, EXIT_INTERRUPTED, StoreLocation, log_progress, model_dim, progress_bar};
 
@@ -86,10 +87,14 @@ pub fn npy_header(rows: u64, dim: usize) -> Vec<u8> {
 }
 
 pub async fn run(args: ExportArgs) -> anyhow::Result<i32> {
+    let store = args.location.open().await?;
+    export(&*store, &args, embark_ops::shutdown::on_signal()).await
+}
+
+/// The export, from `store`, until done or until `stop`.
+async fn export(store: &dyn EmbeddingStore, args: &ExportArgs, stop: CancellationToken) -> anyhow::Result<i32> {
     let dim = model_dim(&args.model)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let store = args.location.open().await?;
-    let stop = embark_ops::shutdown::on_signal();
     let out = |name: &str| args.out.join(name);
     let (npy_partial, keys_partial) = (out("vectors.npy.partial"), out("keys.jsonl.partial"));
     let checkpoint = Checkpoint::new(out(".export-checkpoint.json"));
@@ -258,5 +263,74 @@ mod tests {
         assert!(dict.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (123456, 1280), }"));
         assert!(dict.ends_with('\n'));
         assert_eq!(npy_header(u64::MAX / 4096, 4096).len(), NPY_HEADER_BYTES, "room for any shape");
+    }
+}
+
+#[cfg(test)]
+mod resume_tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use clap::Parser;
+    use embark_store::embedded::EmbeddedStore;
+
+    use super::*;
+    use crate::cli::testing::{StopAfterScans, append_junk};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        export: ExportArgs,
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interrupted_export_resumes_past_a_torn_write_and_round_trips() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let store = EmbeddedStore::open(&tmp.path().join("embark.redb"))?;
+        let rows: Vec<(String, Vec<f32>)> = (0..1000)
+            .map(|i| (format!("key \"{i:04}\"\nline two"), (0..384).map(|j| (i * 384 + j) as f32).collect()))
+            .collect();
+        store.put_vectors("minilm-l6-v2", rows.clone()).await?;
+        let out = tmp.path().join("export");
+        let args = Cli::try_parse_from([
+            "embark",
+            "--model",
+            "minilm-l6-v2",
+            "--out",
+            out.to_str().unwrap_or("."),
+            "--page",
+            "100",
+            "--row-group",
+            "128",
+        ])?
+        .export;
+
+        // Interrupted while reading the third page: three pages are kept.
+        let stop = CancellationToken::new();
+        let interrupted = StopAfterScans { inner: store.clone(), left: AtomicUsize::new(3), stop: stop.clone() };
+        assert_eq!(export(&interrupted, &args, stop).await?, EXIT_INTERRUPTED);
+        let saved: ExportCheckpoint = Checkpoint::new(out.join(".export-checkpoint.json")).load()?.expect("checkpoint");
+        assert_eq!(saved.rows, 300);
+        assert!(!out.join("vectors.npy").exists());
+        append_junk(&out.join("vectors.npy.partial"));
+        append_junk(&out.join("keys.jsonl.partial"));
+
+        assert_eq!(export(&store, &args, CancellationToken::new()).await?, 0);
+        let bytes = std::fs::read(out.join("vectors.npy"))?;
+        assert_eq!(&bytes[..NPY_HEADER_BYTES], npy_header(1000, 384).as_slice());
+        assert_eq!(bytes.len(), NPY_HEADER_BYTES + 1000 * 384 * 4, "the torn bytes were cut off");
+        let floats: Vec<f32> =
+            bytes[NPY_HEADER_BYTES..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let keys: Vec<String> = std::fs::read_to_string(out.join("keys.jsonl"))?
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        assert_eq!(keys.len(), 1000);
+        for (i, (key, vector)) in rows.iter().enumerate() {
+            assert_eq!(&keys[i], key, "keys with quotes and newlines survive, in store order");
+            assert_eq!(&floats[i * 384..(i + 1) * 384], vector.as_slice(), "row {i}");
+        }
+        assert!(out.join("embeddings.parquet").exists());
+        assert!(!out.join(".export-checkpoint.json").exists() && !out.join("vectors.npy.partial").exists());
+        Ok(())
     }
 }

@@ -132,3 +132,53 @@ impl Checkpoint {
         }
     }
 }
+
+/// Interruptions at an exact point, for the tools' resume tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use embark_store::{FailureRecord, ScanCursor, ScanPage, StoreError, StoredRow};
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    /// A store that cancels `stop` while serving its `n`-th scan, as a
+    /// Ctrl-C arriving during that page would.
+    pub struct StopAfterScans {
+        pub inner: EmbeddedStore,
+        pub left: AtomicUsize,
+        pub stop: CancellationToken,
+    }
+
+    #[async_trait]
+    impl EmbeddingStore for StopAfterScans {
+        async fn get_many(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError> {
+            self.inner.get_many(model, keys).await
+        }
+        async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
+            self.inner.put_vectors(model, rows).await
+        }
+        async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
+            self.inner.put_failures(model, rows).await
+        }
+        async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
+            self.inner.delete(model, keys).await
+        }
+        async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError> {
+            if self.left.fetch_sub(1, Ordering::SeqCst) == 1 {
+                self.stop.cancel();
+            }
+            self.inner.scan(model, cursor, page).await
+        }
+    }
+
+    /// Appends bytes to a file, as a write torn by a crash after the last
+    /// checkpoint would leave.
+    pub fn append_junk(path: &Path) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(path).expect("open partial file");
+        f.write_all(b"torn,write\n\x01\x02\x03").expect("append");
+    }
+}
