@@ -165,8 +165,9 @@ struct FrontArgs {
 #[derive(Debug, Args)]
 struct SimilarArgs {
     /// Vectors each model's index holds at most (0: no index, `Similar`
-    /// off). Memory is about this x (dim x 4 + 600) bytes per model.
-    #[arg(long, env = "EMBARK_SIMILAR_MAX_VECTORS", default_value_t = 1_000_000)]
+    /// off). Memory is about this x (dim x 4 + 3.3 KiB) bytes per model:
+    /// 1.2 GiB at 384-d, 2 GiB at 1280-d for the default.
+    #[arg(long, env = "EMBARK_SIMILAR_MAX_VECTORS", default_value_t = 250_000)]
     similar_max_vectors: usize,
     /// Below this many vectors a model is searched exactly; from it on
     /// through an HNSW graph.
