@@ -11,6 +11,9 @@ cd "$root"
 export EMBARK_CACHE="${EMBARK_CACHE:-$HOME/.cache/embark}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$EMBARK_CACHE/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# No incremental caches: a CI build from scratch gains nothing from them,
+# and they grow the build cache by gigabytes per run.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 step() { printf '\n== %s\n' "$*"; }
 
