@@ -93,11 +93,6 @@ pub struct SimilarAnswer {
     pub exact: bool,
 }
 
-/// Little-endian f32 bytes as floats (a trailing partial value is ignored).
-pub fn le_f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-}
-
 /// A resolved row: the vector (or the OOV row) and where it came from.
 type Resolved = (Bytes, Source);
 
@@ -296,14 +291,14 @@ impl Front {
         }
         let (vector, exclude) = match query {
             SimilarQuery::Vector(bytes) => {
-                if bytes.len() != dim * 4 {
-                    return Err(FrontError::InvalidArgument(format!(
+                let vector = embark_proto::f32_from_le(&bytes).filter(|v| v.len() == dim).ok_or_else(|| {
+                    FrontError::InvalidArgument(format!(
                         "vector is {} bytes; model {model:?} takes {dim} little-endian float32 ({} bytes)",
                         bytes.len(),
                         dim * 4
-                    )));
-                }
-                (le_f32s(&bytes), None)
+                    ))
+                })?;
+                (vector, None)
             }
             SimilarQuery::Key(key) => {
                 let answer = self.lookup(model, std::slice::from_ref(&key)).await?;
@@ -317,7 +312,8 @@ impl Front {
                     }
                     None => unreachable!("one row per key"),
                 }
-                (le_f32s(&answer.vectors), Some(embark_store::storage_key(&key).into_owned()))
+                let vector = embark_proto::f32_from_le(&answer.vectors).unwrap_or_default();
+                (vector, Some(embark_store::storage_key(&key).into_owned()))
             }
         };
         let (indexes, model_name) = (indexes.clone(), model.to_owned());

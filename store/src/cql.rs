@@ -240,7 +240,7 @@ impl CqlStore {
                 if bytes.len() != dim * 4 {
                     return Err(corrupt(format!("key {key:?}: dim {dim} but {} vector bytes", bytes.len())));
                 }
-                let vector = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                let vector = embark_proto::f32_from_le(&bytes).unwrap_or_default();
                 Ok(Some(StoredRow::Vector { vector, created_at_ms: at }))
             }
             row::STATUS_FAILED => Ok(Some(StoredRow::Failed(FailureRecord {
@@ -329,7 +329,7 @@ impl EmbeddingStore for CqlStore {
                     reason: format!("key {key:?}: dim {dim:?} but {} vector bytes", bytes.len()),
                 });
             }
-            out.rows.push((key, bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()));
+            out.rows.push((key, embark_proto::f32_from_le(&bytes).unwrap_or_default()));
         }
         out.next = match paging {
             PagingStateResponse::HasMorePages { state } => state.as_bytes_slice().map(|b| ScanCursor(b.to_vec())),

@@ -133,8 +133,7 @@ fn read_npy(path: &Path) -> anyhow::Result<(usize, usize, Vec<f32>)> {
     let shape = header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).context("shape")?;
     let dims: Vec<usize> =
         shape.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse()).collect::<Result<_, _>>()?;
-    let data: Vec<f32> =
-        bytes[10 + len..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let data = embark_proto::f32_from_le(&bytes[10 + len..]).context("not whole float32s")?;
     Ok((dims[0], dims[1], data))
 }
 

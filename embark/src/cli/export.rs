@@ -140,14 +140,15 @@ async fn export(store: &dyn EmbeddingStore, args: &ExportArgs, stop: Cancellatio
                 None => None,
             };
             let page = store.scan(&args.model, cursor, args.page.max(1)).await.context("reading the store")?;
+            let mut row = Vec::with_capacity(dim * 4);
             for (key, vector) in &page.rows {
                 if vector.len() != dim {
                     tracing::warn!(key, dim = vector.len(), "skipping a vector of another dimension");
                     continue;
                 }
-                for x in vector {
-                    npy.write_all(&x.to_le_bytes())?;
-                }
+                row.clear();
+                embark_proto::extend_le_f32(&mut row, vector);
+                npy.write_all(&row)?;
                 let line = serde_json::to_string(key)? + "\n";
                 keys.write_all(line.as_bytes())?;
                 state.keys_bytes += line.len() as u64;
@@ -228,8 +229,7 @@ fn write_parquet(dir: &Path, dim: usize, rows: u64, group: usize) -> anyhow::Res
             names.push(ByteArray::from(serde_json::from_str::<String>(&line)?.into_bytes()));
         }
         npy.read_exact(&mut raw[..n * dim * 4])?;
-        let values: Vec<f32> =
-            raw[..n * dim * 4].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let values = embark_proto::f32_from_le(&raw[..n * dim * 4]).unwrap_or_default();
         // A list column: every value defined (level 1); repetition 0 opens
         // a row's list, 1 continues it.
         let defs = vec![1i16; values.len()];
@@ -318,8 +318,7 @@ mod resume_tests {
         let bytes = std::fs::read(out.join("vectors.npy"))?;
         assert_eq!(&bytes[..NPY_HEADER_BYTES], npy_header(1000, 384).as_slice());
         assert_eq!(bytes.len(), NPY_HEADER_BYTES + 1000 * 384 * 4, "the torn bytes were cut off");
-        let floats: Vec<f32> =
-            bytes[NPY_HEADER_BYTES..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let floats = embark_proto::f32_from_le(&bytes[NPY_HEADER_BYTES..]).expect("whole floats");
         let keys: Vec<String> = std::fs::read_to_string(out.join("keys.jsonl"))?
             .lines()
             .map(serde_json::from_str)
