@@ -25,7 +25,7 @@ use kfc::{EmbedOutcome, Embedder};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{EXIT_INTERRUPTED, StoreLocation, log_progress, model_dim, progress_bar};
+use super::{EXIT_INTERRUPTED, Progress, StoreLocation, model_dim};
 
 #[derive(Debug, Args)]
 pub struct BackfillArgs {
@@ -145,11 +145,10 @@ pub async fn run(args: BackfillArgs) -> anyhow::Result<i32> {
     };
 
     let started = Instant::now();
-    let bar = progress_bar(Some(keys.len() as u64), "backfill");
+    let mut bar = Progress::new(Some(keys.len() as u64), "backfill");
     let mut summary =
         BackfillSummary { model: args.model.clone(), keys: keys.len(), duplicate_lines, ..Default::default() };
     let mut reached = 0;
-    let mut last_log = Instant::now();
     let batches = keys.chunks(args.batch.max(1)).map(<[String]>::to_vec).collect::<Vec<_>>();
     let mut outcomes = futures::stream::iter(batches)
         // Checked as each new batch is taken: batches in flight finish.
@@ -176,12 +175,8 @@ pub async fn run(args: BackfillArgs) -> anyhow::Result<i32> {
             *summary.transient.entry(c).or_default() += 1;
         }
         bar.inc(n as u64);
-        if last_log.elapsed() >= Duration::from_secs(1) {
-            log_progress(&bar, "backfill");
-            last_log = Instant::now();
-        }
     }
-    bar.finish_and_clear();
+    bar.finish();
     embedder_stop.cancel();
     summary.not_reached = keys.len() - reached;
     summary.interrupted = summary.not_reached > 0;

@@ -14,7 +14,7 @@ use std::{
     fs::OpenOptions,
     io::{BufWriter, Seek, SeekFrom, Write},
     path::PathBuf,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::Context;
@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{Checkpoint, EXIT_INTERRUPTED, StoreLocation, log_progress, model_dim, progress_bar};
+use super::{Checkpoint, EXIT_INTERRUPTED, Progress, StoreLocation, model_dim, saved_cursor};
 
 #[derive(Debug, Args)]
 pub struct DedupArgs {
@@ -105,9 +105,8 @@ async fn dedup(store: &dyn EmbeddingStore, args: &DedupArgs, stop: CancellationT
         dim,
         IndexConfig { exact_below: args.exact_below.max(1), max_vectors: usize::MAX, ..IndexConfig::default() },
     );
-    let bar = progress_bar(None, "dedup: indexing");
+    let mut bar = Progress::new(None, "dedup: indexing");
     let mut cursor = None;
-    let mut last_log = Instant::now();
     loop {
         if stop.is_cancelled() {
             return Ok(EXIT_INTERRUPTED);
@@ -119,16 +118,12 @@ async fn dedup(store: &dyn EmbeddingStore, args: &DedupArgs, stop: CancellationT
             tracing::warn!(rejected = report.rejected, "vectors of another dimension or zero were left out");
         }
         bar.inc(n);
-        if last_log.elapsed() >= Duration::from_secs(1) {
-            log_progress(&bar, "dedup: indexing");
-            last_log = Instant::now();
-        }
         match page.next {
             Some(c) => cursor = Some(c),
             None => break,
         }
     }
-    bar.finish_and_clear();
+    bar.finish();
     let total = index.len() as u64;
     tracing::info!(vectors = total, approximate = index.is_approximate(), "dedup: index built");
 
@@ -137,19 +132,18 @@ async fn dedup(store: &dyn EmbeddingStore, args: &DedupArgs, stop: CancellationT
     file.set_len(state.candidates_bytes)?;
     file.seek(SeekFrom::End(0))?;
     let mut candidates = BufWriter::new(file);
-    let bar = progress_bar(Some(total), "dedup: searching");
+    let mut bar = Progress::new(Some(total), "dedup: searching");
     bar.set_position(state.done);
     loop {
         if stop.is_cancelled() {
-            bar.finish_and_clear();
+            bar.finish();
             println!("dedup interrupted after {} of {total} keys; run the same command again to carry on", state.done);
             return Ok(EXIT_INTERRUPTED);
         }
-        let cursor = match &state.cursor {
-            Some(hex) => Some(ScanCursor::from_hex(hex).context("the checkpoint's cursor is not hex")?),
-            None if state.done > 0 => break,
-            None => None,
-        };
+        if state.cursor.is_none() && state.done > 0 {
+            break; // pass 2 finished before the interruption
+        }
+        let cursor = saved_cursor(state.cursor.as_deref())?;
         let page = store.scan(&args.model, cursor, args.page.max(1)).await.context("reading the store")?;
         let (k, threshold) = (args.neighbours.max(1), args.threshold);
         let found: Vec<(String, String, f32)> = tokio::task::block_in_place(|| {
@@ -186,15 +180,11 @@ async fn dedup(store: &dyn EmbeddingStore, args: &DedupArgs, stop: CancellationT
         }
         checkpoint.save(&state)?;
         bar.set_position(state.done.min(total));
-        if last_log.elapsed() >= Duration::from_secs(1) {
-            log_progress(&bar, "dedup: searching");
-            last_log = Instant::now();
-        }
         if finished {
             break;
         }
     }
-    bar.finish_and_clear();
+    bar.finish();
     drop(candidates);
 
     // Unique pairs, best first.

@@ -20,7 +20,7 @@ use std::{
     io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::Context;
@@ -35,7 +35,7 @@ use parquet::{
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{Checkpoint, EXIT_INTERRUPTED, StoreLocation, log_progress, model_dim, progress_bar};
+use super::{Checkpoint, EXIT_INTERRUPTED, Progress, StoreLocation, model_dim, saved_cursor};
 
 /// Bytes reserved for the `.npy` header: magic, version, length and the
 /// dict, padded with spaces to a multiple of 64 as NumPy requires.
@@ -123,22 +123,18 @@ async fn export(store: &dyn EmbeddingStore, args: &ExportArgs, stop: Cancellatio
         keys.set_len(state.keys_bytes)?;
         keys.seek(SeekFrom::End(0))?;
         let (mut npy, mut keys) = (BufWriter::new(npy), BufWriter::new(keys));
-        let bar = progress_bar(None, "export");
+        let mut bar = Progress::new(None, "export");
         bar.set_position(state.rows);
-        let mut last_log = Instant::now();
         loop {
             if stop.is_cancelled() {
-                bar.finish_and_clear();
+                bar.finish();
                 println!(
                     "export of {} interrupted after {} rows; run the same command again to carry on",
                     args.model, state.rows
                 );
                 return Ok(EXIT_INTERRUPTED);
             }
-            let cursor = match &state.cursor {
-                Some(hex) => Some(ScanCursor::from_hex(hex).context("the checkpoint's cursor is not hex")?),
-                None => None,
-            };
+            let cursor = saved_cursor(state.cursor.as_deref())?;
             let page = store.scan(&args.model, cursor, args.page.max(1)).await.context("reading the store")?;
             let mut row = Vec::with_capacity(dim * 4);
             for (key, vector) in &page.rows {
@@ -163,15 +159,11 @@ async fn export(store: &dyn EmbeddingStore, args: &ExportArgs, stop: Cancellatio
             state.scanned = page.next.is_none();
             checkpoint.save(&state)?;
             bar.set_position(state.rows);
-            if last_log.elapsed() >= Duration::from_secs(1) {
-                log_progress(&bar, "export");
-                last_log = Instant::now();
-            }
             if state.scanned {
                 break;
             }
         }
-        bar.finish_and_clear();
+        bar.finish();
     }
     // The shape is known now (idempotent, so also right after a crash here).
     if npy_partial.exists() {

@@ -1,7 +1,7 @@
 //! The batch tools on the `embark` binary: `backfill`, `export`, `dedup`.
 //!
 //! They share how they find the store ([`StoreLocation`]), how they show
-//! progress ([`progress_bar`]) and how they survive an interruption
+//! progress ([`Progress`]) and how they survive an interruption
 //! ([`Checkpoint`]): each tool stops taking new work on Ctrl-C or SIGTERM,
 //! finishes what is in flight, records where it stopped and exits 130; the
 //! same command run again carries on from there.
@@ -13,12 +13,12 @@ pub mod export;
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use clap::Args;
-use embark_store::{EmbeddingStore, embedded::EmbeddedStore};
+use embark_store::{EmbeddingStore, ScanCursor, embedded::EmbeddedStore};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -61,31 +61,61 @@ pub fn model_dim(model: &str) -> anyhow::Result<usize> {
 }
 
 /// A progress bar on stderr with rate and ETA (a spinner with the rate when
-/// the total is unknown). When stderr is not a terminal it draws nothing
-/// and [`log_progress`] reports through the log instead.
-pub fn progress_bar(total: Option<u64>, what: &str) -> ProgressBar {
-    let bar = match total {
-        Some(n) => ProgressBar::new(n).with_style(
-            ProgressStyle::with_template(&format!("{what} {{bar:40}} {{pos}}/{{len}} {{per_sec}} ETA {{eta}} {{msg}}"))
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        ),
-        None => ProgressBar::new_spinner().with_style(
-            ProgressStyle::with_template(&format!("{what} {{spinner}} {{pos}} {{per_sec}} {{elapsed}} {{msg}}"))
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        ),
-    };
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    }
-    bar.enable_steady_tick(Duration::from_millis(200));
-    bar
+/// the total is unknown). When stderr is not a terminal (pipes, CI, tests)
+/// it draws nothing and reports its position through the log instead, at
+/// most once a second.
+pub struct Progress {
+    bar: ProgressBar,
+    what: &'static str,
+    logged: Instant,
 }
 
-/// Logs the bar's position when nobody sees the bar (pipes, CI, tests).
-pub fn log_progress(bar: &ProgressBar, what: &str) {
-    if bar.is_hidden() {
-        tracing::info!(what, done = bar.position(), total = bar.length(), "progress");
+impl Progress {
+    pub fn new(total: Option<u64>, what: &'static str) -> Self {
+        let bar = match total {
+            Some(n) => ProgressBar::new(n).with_style(
+                ProgressStyle::with_template(&format!(
+                    "{what} {{bar:40}} {{pos}}/{{len}} {{per_sec}} ETA {{eta}} {{msg}}"
+                ))
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ),
+            None => ProgressBar::new_spinner().with_style(
+                ProgressStyle::with_template(&format!("{what} {{spinner}} {{pos}} {{per_sec}} {{elapsed}} {{msg}}"))
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            ),
+        };
+        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            bar.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Self { bar, what, logged: Instant::now() }
     }
+
+    pub fn inc(&mut self, n: u64) {
+        self.bar.inc(n);
+        self.log();
+    }
+
+    pub fn set_position(&mut self, n: u64) {
+        self.bar.set_position(n);
+        self.log();
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    fn log(&mut self) {
+        if self.bar.is_hidden() && self.logged.elapsed() >= Duration::from_secs(1) {
+            tracing::info!(what = self.what, done = self.bar.position(), total = self.bar.length(), "progress");
+            self.logged = Instant::now();
+        }
+    }
+}
+
+/// The scan cursor a checkpoint saved (hex), `None` at the start.
+pub fn saved_cursor(hex: Option<&str>) -> anyhow::Result<Option<ScanCursor>> {
+    hex.map(|h| ScanCursor::from_hex(h).context("the checkpoint's cursor is not hex")).transpose()
 }
 
 /// A small JSON file that says where a tool stopped, replaced atomically
