@@ -66,8 +66,10 @@ pub struct Front {
     /// A failure record younger than this is answered OOV_FAILED and not
     /// queued again.
     failure_ttl: Duration,
-    /// The similarity indexes and the largest `k` a Similar may ask for.
-    similar: Option<(Arc<SimilarIndexes>, usize)>,
+    /// The similarity indexes (none until [`Front::with_similar`]: every
+    /// model then answers "off") and the largest `k` a Similar may ask for.
+    similar: Arc<SimilarIndexes>,
+    max_similar_k: usize,
 }
 
 impl std::fmt::Debug for Front {
@@ -106,12 +108,13 @@ impl Front {
         limits: Limits,
         failure_ttl: Duration,
     ) -> Self {
-        Self { models, tier, store, publisher, dedup, limits, failure_ttl, similar: None }
+        let similar = SimilarIndexes::new(&[], &embark_index::IndexConfig { max_vectors: 0, ..Default::default() });
+        Self { models, tier, store, publisher, dedup, limits, failure_ttl, similar, max_similar_k: 1 }
     }
 
     /// Serves `Similar` from these indexes, with `k` up to `max_k`.
     pub fn with_similar(mut self, indexes: Arc<SimilarIndexes>, max_k: usize) -> Self {
-        self.similar = Some((indexes, max_k));
+        (self.similar, self.max_similar_k) = (indexes, max_k);
         self
     }
 
@@ -280,10 +283,8 @@ impl Front {
     ) -> Result<SimilarAnswer, FrontError> {
         let served = self.model(model)?;
         let dim = served.spec.dim;
-        let (indexes, max_k) = self.similar.as_ref().ok_or_else(|| {
-            FrontError::FailedPrecondition("similarity search is off on this EmbArk (--similar-max-vectors 0)".into())
-        })?;
-        if k == 0 || k > *max_k {
+        let max_k = self.max_similar_k;
+        if k == 0 || k > max_k {
             return Err(FrontError::InvalidArgument(format!("k is {k}; ask for 1 to {max_k} (--similar-max-k)")));
         }
         if !(-1.0..=1.0).contains(&min_score) {
@@ -316,7 +317,7 @@ impl Front {
                 (vector, Some(embark_store::storage_key(&key).into_owned()))
             }
         };
-        let (indexes, model_name) = (indexes.clone(), model.to_owned());
+        let (indexes, model_name) = (self.similar.clone(), model.to_owned());
         let found =
             tokio::task::spawn_blocking(move || indexes.search(&model_name, &vector, k, min_score, exclude.as_deref()))
                 .await

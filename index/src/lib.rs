@@ -17,7 +17,6 @@ use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashMap},
     sync::Arc,
-    time::{Duration, Instant},
 };
 
 use hnsw_rs::{anndists::dist::Distance, hnsw::Hnsw};
@@ -384,13 +383,6 @@ impl Ord for Scored {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.0.total_cmp(&other.0).then(other.1.cmp(&self.1))
     }
-}
-
-/// Times a closure: the build figures the metrics and the benchmark report.
-pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
-    let start = Instant::now();
-    let out = f();
-    (out, start.elapsed())
 }
 
 #[cfg(test)]

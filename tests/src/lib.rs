@@ -286,3 +286,23 @@ pub fn efficientnet_reference(file: &str) -> Vec<f32> {
         .map(|c| c["vector"].as_array().expect("vector").iter().map(|x| x.as_f64().expect("f64") as f32).collect())
         .unwrap_or_else(|| panic!("no reference for {file}"))
 }
+
+/// The answer to `request` once the model's similarity index has loaded
+/// (it answers UNAVAILABLE until then), waiting at most `limit`.
+pub async fn similar_once_loaded(
+    client: &EmbArkClient<Channel>,
+    request: embark_proto::embark::v1::SimilarRequest,
+    limit: Duration,
+) -> anyhow::Result<embark_proto::embark::v1::SimilarResponse> {
+    eventually(limit, "the similarity index to load", || {
+        let (mut client, request) = (client.clone(), request.clone());
+        async move {
+            match client.similar(request).await {
+                Ok(r) => Ok(Some(r.into_inner())),
+                Err(s) if s.code() == tonic::Code::Unavailable => Ok(None),
+                Err(s) => Err(s.into()),
+            }
+        }
+    })
+    .await
+}

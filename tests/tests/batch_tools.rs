@@ -282,18 +282,8 @@ async fn backfill_resumes_export_round_trips_and_similar_serves_the_store() -> a
     let mut client = embark.embark_client().await?;
     let similar =
         |query: Query, k: u32, min_score: f32| SimilarRequest { model: MODEL.into(), query: Some(query), k, min_score };
-    let answer = eventually(Duration::from_secs(60), "the similarity index to load", || {
-        let mut client = client.clone();
-        let request = similar(Query::Key("red bicycle for sale".into()), 10, 0.0);
-        async move {
-            match client.similar(request).await {
-                Ok(r) => Ok(Some(r.into_inner())),
-                Err(s) if s.code() == tonic::Code::Unavailable => Ok(None),
-                Err(s) => Err(s.into()),
-            }
-        }
-    })
-    .await?;
+    let request = similar(Query::Key("red bicycle for sale".into()), 10, 0.0);
+    let answer = embark_tests::similar_once_loaded(&client, request, Duration::from_secs(60)).await?;
     assert!(!answer.exact, "1000 vectors with --similar-exact-below 500 go through HNSW");
     assert_eq!(answer.keys.len(), 10);
     assert!(!answer.keys.contains(&"red bicycle for sale".to_string()), "the query key is left out");

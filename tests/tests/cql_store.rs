@@ -152,18 +152,7 @@ async fn serve_indexes_the_cql_store_and_picks_up_vectors_written_later() -> any
         k: 2,
         min_score: 0.5,
     };
-    let first = eventually(Duration::from_secs(30), "the index to load from CQL", || {
-        let mut client = client.clone();
-        let request = query(axis(0));
-        async move {
-            match client.similar(request).await {
-                Ok(r) => Ok(Some(r.into_inner())),
-                Err(s) if s.code() == tonic::Code::Unavailable => Ok(None),
-                Err(s) => Err(s.into()),
-            }
-        }
-    })
-    .await?;
+    let first = embark_tests::similar_once_loaded(&client, query(axis(0)), Duration::from_secs(30)).await?;
     assert_eq!(first.keys, ["axis 0"], "only axis 0 scores above 0.5");
     assert!(first.exact);
 
