@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Vectors travel as `bytes::Bytes`, so a response matrix built in a
         // `Vec<u8>` is handed to the transport without another copy.
         .bytes(".")
+        // prost, with a guard on the number of fields before decoding.
+        .codec_path("crate::codec::BoundedCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -3,8 +3,10 @@
 //!
 //! Entries are keyed by a 128-bit hash of (model, key), so a lookup builds
 //! no key string and an entry costs 16 bytes of key however long the URL.
-//! A collision needs ~2^64 distinct keys; we accept that (invariant in
-//! ARCHITECTURE.md). Rows are shared little-endian `Bytes`: a hit costs one
+//! The hash is SipHash-1-3 under a random key drawn at start: keys are
+//! URLs an attacker can choose, and with a secret key they cannot aim a
+//! collision (which would answer one key with another's vector); by chance
+//! a collision needs ~2^64 distinct keys (invariant in ARCHITECTURE.md). Rows are shared little-endian `Bytes`: a hit costs one
 //! copy, into the response.
 
 use std::{sync::Arc, time::Duration};
@@ -16,14 +18,19 @@ use moka::sync::Cache;
 /// Identifies (model, key) in the tier and the miss dedup window.
 pub type KeyHash = u128;
 
+/// This process's SipHash key: tier keys never leave the process, so
+/// they need not be stable across restarts, only unpredictable.
+static TIER_HASH_KEY: std::sync::LazyLock<[u8; 16]> = std::sync::LazyLock::new(rand::random);
+
 pub fn key_hash(model: &str, key: &str) -> KeyHash {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(model.as_bytes());
-    // A separator that cannot occur in a model name keeps ("ab","c") and
-    // ("a","bc") apart.
-    h.update(&[0xff]);
-    h.update(key.as_bytes());
-    h.digest128()
+    use std::hash::Hasher;
+    let mut h = siphasher::sip128::SipHasher13::new_with_key(&TIER_HASH_KEY);
+    h.write(model.as_bytes());
+    // A separator that cannot occur in a model name (nor in UTF-8) keeps
+    // ("ab","c") and ("a","bc") apart.
+    h.write(&[0xff]);
+    h.write(key.as_bytes());
+    siphasher::sip128::Hasher128::finish128(&h).as_u128()
 }
 
 #[derive(Debug, Clone)]

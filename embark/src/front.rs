@@ -31,6 +31,9 @@ impl Default for Limits {
     }
 }
 
+/// How long an Invalidate waits for the store's delete by default.
+pub const DEFAULT_DELETE_DEADLINE: Duration = Duration::from_secs(5);
+
 /// A request the front refuses; maps to a gRPC status.
 #[derive(Debug, thiserror::Error)]
 pub enum FrontError {
@@ -70,6 +73,27 @@ pub struct Front {
     /// model then answers "off") and the largest `k` a Similar may ask for.
     similar: Arc<SimilarIndexes>,
     max_similar_k: usize,
+    /// Searches in progress at once: a search is CPU work, and a flood of
+    /// them must neither queue without bound nor take the blocking pool
+    /// the embedded store reads on. Past it, `RESOURCE_EXHAUSTED`.
+    similar_slots: Arc<tokio::sync::Semaphore>,
+    /// Bumped before and after each Invalidate's delete. A Lookup caches
+    /// what it read from the store only if no Invalidate ran meanwhile:
+    /// a row read just before the delete must not go back into the tier
+    /// just after the Invalidate cleared it.
+    invalidations: std::sync::atomic::AtomicU64,
+    /// How long an Invalidate waits for the store's delete.
+    delete_deadline: Duration,
+    /// Tells the other replicas about an Invalidate (none on one machine).
+    broadcast: Option<Arc<dyn InvalidationBroadcast>>,
+}
+
+/// Tells every other EmbArk replica that keys were invalidated, so that
+/// they drop them from their tiers and indexes too.
+#[async_trait::async_trait]
+pub trait InvalidationBroadcast: Send + Sync + 'static {
+    /// Returns once the message is durable (or says why it is not).
+    async fn broadcast(&self, model: &str, keys: &[String]) -> Result<(), String>;
 }
 
 impl std::fmt::Debug for Front {
@@ -109,7 +133,23 @@ impl Front {
         failure_ttl: Duration,
     ) -> Self {
         let similar = SimilarIndexes::new(&[], &embark_index::IndexConfig { max_vectors: 0, ..Default::default() });
-        Self { models, tier, store, publisher, dedup, limits, failure_ttl, similar, max_similar_k: 1 }
+        let slots = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let similar_slots = Arc::new(tokio::sync::Semaphore::new(slots));
+        Self {
+            models,
+            tier,
+            store,
+            publisher,
+            dedup,
+            limits,
+            failure_ttl,
+            similar,
+            max_similar_k: 1,
+            similar_slots,
+            invalidations: std::sync::atomic::AtomicU64::new(0),
+            delete_deadline: DEFAULT_DELETE_DEADLINE,
+            broadcast: None,
+        }
     }
 
     /// Serves `Similar` from these indexes, with `k` up to `max_k`.
@@ -118,12 +158,41 @@ impl Front {
         self
     }
 
+    /// Tells other replicas about each Invalidate through `broadcast`.
+    pub fn with_broadcast(mut self, broadcast: Arc<dyn InvalidationBroadcast>) -> Self {
+        self.broadcast = Some(broadcast);
+        self
+    }
+
+    /// Drops keys another replica invalidated from this replica's tier,
+    /// dedup window and similarity index (the store row is gone already).
+    pub fn forget_local(&self, model: &str, keys: &[String]) {
+        use std::sync::atomic::Ordering::AcqRel;
+        // A Lookup of this replica reading the store right now must not
+        // cache what it read.
+        self.invalidations.fetch_add(1, AcqRel);
+        for k in keys {
+            let h = key_hash(model, k);
+            self.tier.invalidate(&h);
+            self.dedup.forget(&h);
+        }
+        let stored: Vec<String> = keys.iter().map(|k| embark_store::storage_key(k).into_owned()).collect();
+        self.similar.remove(model, &stored);
+        metrics::counter!("embark_remote_invalidated_keys_total").increment(keys.len() as u64);
+    }
+
     pub fn models(&self) -> &ModelRegistry {
         &self.models
     }
 
     pub fn tier(&self) -> &VectorCache {
         &self.tier
+    }
+
+    /// Whether the store breaker is open: non-tier keys answer
+    /// `OOV_UNAVAILABLE` now. Readiness reports it.
+    pub fn store_breaker_open(&self) -> bool {
+        self.store.is_open()
     }
 
     fn model(&self, name: &str) -> Result<&ServedModel, FrontError> {
@@ -197,15 +266,14 @@ impl Front {
 
         if !to_store.is_empty() {
             let wanted: Vec<String> = to_store.iter().map(|&i| distinct[i].0.to_owned()).collect();
-            let rows = match self.store.get_many(model, &wanted).await {
-                Ok(rows) => rows.into_iter().map(Some).collect(),
-                // Not answered in time: OOV, not queued (the key may well
-                // be stored), counted.
-                Err(_) => vec![None; wanted.len()],
-            };
+            let epoch = self.invalidations.load(std::sync::atomic::Ordering::Acquire);
+            let rows = self.store.get_many(model, &wanted).await;
+            let may_cache = self.invalidations.load(std::sync::atomic::Ordering::Acquire) == epoch;
             let ttl_ms = self.failure_ttl.as_millis() as i64;
             for (&i, row) in to_store.iter().zip(rows) {
-                let Some(row) = row else {
+                // Not answered in time: OOV, not queued (the key may well
+                // be stored), counted by the guard.
+                let Ok(row) = row else {
                     resolved[i] = Some((served.oov_le.clone(), Source::OovUnavailable));
                     continue;
                 };
@@ -213,17 +281,21 @@ impl Front {
                 resolved[i] = Some(match row {
                     Some(StoredRow::Vector { vector, .. }) if vector.len() == dim => {
                         let v = le_bytes(&vector);
-                        self.tier.insert(h, CachedRow::Vector(v.clone()));
+                        if may_cache {
+                            self.tier.insert(h, CachedRow::Vector(v.clone()));
+                        }
                         (v, Source::Store)
                     }
                     Some(StoredRow::Failed(f)) if now - f.at_unix_ms < ttl_ms => {
-                        self.tier.insert(h, CachedRow::Failed { until_unix_ms: f.at_unix_ms + ttl_ms });
+                        if may_cache {
+                            self.tier.insert(h, CachedRow::Failed { until_unix_ms: f.at_unix_ms + ttl_ms });
+                        }
                         (served.oov_le.clone(), Source::OovFailed)
                     }
-                    // Unknown, an expired failure, or a vector of another
-                    // dim (stale model output): queue it.
+                    // Unknown, an expired failure, a corrupt row or a
+                    // vector of another dim (stale model output): queue it.
                     _ => {
-                        self.queue_miss(model, key, h, now);
+                        self.queue_miss(model, dim, key, h, now);
                         (served.oov_le.clone(), Source::OovPending)
                     }
                 });
@@ -253,7 +325,7 @@ impl Front {
         Ok(LookupAnswer { dim, vectors, sources })
     }
 
-    fn queue_miss(&self, model: &str, key: &str, h: KeyHash, now: i64) {
+    fn queue_miss(&self, model: &str, dim: usize, key: &str, h: KeyHash, now: i64) {
         if !self.dedup.first_in_window(h) {
             metrics::counter!("embark_misses_deduplicated_total").increment(1);
             return;
@@ -264,6 +336,7 @@ impl Front {
             first_seen_unix_ms: now,
             attempts: 0,
             not_before_unix_ms: 0,
+            dim: dim as u32,
         };
         if self.publisher.publish(event) {
             metrics::counter!("embark_misses_published_total").increment(1);
@@ -317,11 +390,17 @@ impl Front {
                 (vector, Some(embark_store::storage_key(&key).into_owned()))
             }
         };
+        let slot = self.similar_slots.clone().try_acquire_owned().map_err(|_| {
+            metrics::counter!("embark_similar_shed_total").increment(1);
+            FrontError::ResourceExhausted("every similarity search slot is busy (one per core); retry shortly".into())
+        })?;
         let (indexes, model_name) = (self.similar.clone(), model.to_owned());
-        let found =
-            tokio::task::spawn_blocking(move || indexes.search(&model_name, &vector, k, min_score, exclude.as_deref()))
-                .await
-                .map_err(|e| FrontError::Unavailable(format!("search task failed: {e}")))?;
+        let found = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            indexes.search(&model_name, &vector, k, min_score, exclude.as_deref())
+        })
+        .await
+        .map_err(|e| FrontError::Unavailable(format!("search task failed: {e}")))?;
         let (hits, exact) = found.map_err(|e| match e {
             SimilarError::Off(_) => FrontError::FailedPrecondition(e.to_string()),
             SimilarError::Loading { .. } => FrontError::Unavailable(e.to_string()),
@@ -338,20 +417,140 @@ impl Front {
     /// Forgets the keys' vectors (tier and store) and queues them again.
     /// Returns how many distinct keys were invalidated.
     pub async fn invalidate(&self, model: &str, keys: &[String]) -> Result<usize, FrontError> {
-        self.model(model)?;
+        let dim = self.model(model)?.spec.dim;
         self.check_keys(keys)?;
         let mut distinct: Vec<String> = keys.to_vec();
         distinct.sort_unstable();
         distinct.dedup();
-        self.store.inner().delete(model, &distinct).await?;
+        use std::sync::atomic::Ordering::AcqRel;
+        self.invalidations.fetch_add(1, AcqRel);
+        let deleted = tokio::time::timeout(self.delete_deadline, self.store.inner().delete(model, &distinct)).await;
+        self.invalidations.fetch_add(1, AcqRel);
+        match deleted {
+            Ok(done) => done?,
+            Err(_) => {
+                return Err(FrontError::Unavailable(format!(
+                    "the store did not confirm the delete within {:?}; retry the Invalidate",
+                    self.delete_deadline
+                )));
+            }
+        }
         let now = now_unix_ms();
         for k in &distinct {
             let h = key_hash(model, k);
             self.tier.invalidate(&h);
             self.dedup.forget(&h);
-            self.queue_miss(model, k, h, now);
+            self.queue_miss(model, dim, k, h, now);
         }
         metrics::counter!("embark_invalidated_keys_total").increment(distinct.len() as u64);
+        if let Some(b) = &self.broadcast
+            && let Err(e) = b.broadcast(model, &distinct).await
+        {
+            metrics::counter!("embark_invalidations_unbroadcast_total").increment(1);
+            return Err(FrontError::Unavailable(format!(
+                "deleted from the store and this replica, but other replicas were not told ({e}); retry the Invalidate"
+            )));
+        }
         Ok(distinct.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+    use embark_store::{EmbeddingStore, FailureRecord, RowRead, ScanCursor, ScanPage, embedded::EmbeddedStore};
+
+    use super::*;
+    use crate::store_guard::GuardConfig;
+
+    const MODEL: &str = "minilm-l6-v2";
+
+    /// The embedded store, whose next read, once armed, waits at a gate
+    /// after reading and before answering.
+    struct GatedStore {
+        inner: EmbeddedStore,
+        armed: AtomicBool,
+        entered: tokio::sync::Notify,
+        gate: tokio::sync::Semaphore,
+    }
+
+    #[async_trait]
+    impl EmbeddingStore for GatedStore {
+        async fn get_many(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError> {
+            let rows = self.inner.get_many(model, keys).await;
+            if self.armed.swap(false, Ordering::SeqCst) {
+                self.entered.notify_one();
+                let _open = self.gate.acquire().await;
+            }
+            rows
+        }
+        async fn get_each(&self, model: &str, keys: &[String], sink: &mut (dyn FnMut(usize, RowRead) + Send)) {
+            match self.get_many(model, keys).await {
+                Ok(rows) => rows.into_iter().enumerate().for_each(|(i, r)| sink(i, Ok(r))),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
+            self.inner.put_vectors(model, rows).await
+        }
+        async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
+            self.inner.put_failures(model, rows).await
+        }
+        async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
+            self.inner.delete(model, keys).await
+        }
+        async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError> {
+            self.inner.scan(model, cursor, page).await
+        }
+    }
+
+    struct NoPublisher;
+    impl MissPublisher for NoPublisher {
+        fn publish(&self, _: MissEvent) -> bool {
+            true
+        }
+    }
+
+    /// Defect 11.8: a Lookup that read a row just before an Invalidate
+    /// deleted it put the old vector back into the tier just after the
+    /// Invalidate cleared it, and served it until evicted.
+    #[tokio::test]
+    async fn invalidate_is_incoherent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inner = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
+        inner.put_vectors(MODEL, vec![("k".into(), vec![0.5; 384])]).await.expect("put");
+        let store = Arc::new(GatedStore {
+            inner,
+            armed: AtomicBool::new(true),
+            entered: tokio::sync::Notify::new(),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let spec = retina::catalog::spec(MODEL).expect("a known model");
+        let guard = GuardConfig { deadline: Duration::from_secs(10), ..GuardConfig::default() };
+        let front = Arc::new(Front::new(
+            ModelRegistry::new(&[spec], &[]).expect("registry"),
+            VectorCache::new(64 << 20, None),
+            GuardedStore::new(store.clone(), guard),
+            Arc::new(NoPublisher),
+            MissDedup::new(Duration::from_secs(60), 1000),
+            Limits::default(),
+            Duration::from_secs(3600),
+        ));
+        let lookup = tokio::spawn({
+            let front = front.clone();
+            async move { front.lookup(MODEL, &["k".to_string()]).await }
+        });
+        store.entered.notified().await;
+        // The Lookup holds the old row; the Invalidate runs to completion.
+        assert_eq!(front.invalidate(MODEL, &["k".to_string()]).await.expect("invalidate"), 1);
+        store.gate.add_permits(1);
+        let answer = lookup.await.expect("task").expect("lookup");
+        assert_eq!(answer.sources, vec![Source::Store], "the Lookup that raced the Invalidate");
+        assert!(front.tier().get(&key_hash(MODEL, "k")).is_none(), "the old vector is back in the tier");
+        // The next Lookup reads the store, which no longer has it.
+        let after = front.lookup(MODEL, &["k".to_string()]).await.expect("lookup");
+        assert_eq!(after.sources, vec![Source::OovPending]);
     }
 }

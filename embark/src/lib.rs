@@ -17,6 +17,8 @@
 //! - [`embedder`]: the in-process Retina as KFC's `Embedder`.
 //! - [`store_guard`]: a deadline and a circuit breaker between Lookups and
 //!   the store; unanswered rows come back `OOV_UNAVAILABLE`.
+//! - [`invalidation`]: Invalidate across `embark serve` replicas, through
+//!   an event on Kafka that every replica applies to its tier and index.
 //! - [`similar`]: per-model similarity indexes (`embark_index`) behind
 //!   `Similar`, loaded from the store and kept current by
 //!   [`similar::IndexingStore`] (one machine) or a periodic rescan (serve).
@@ -30,6 +32,7 @@
 pub mod cache;
 pub mod embedder;
 pub mod front;
+pub mod invalidation;
 pub mod miss;
 pub mod miss_kafka;
 pub mod models;

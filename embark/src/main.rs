@@ -24,6 +24,7 @@ use embark::{
     similar::{IndexingStore, SimilarIndexes},
     store_guard::{GuardConfig, GuardedStore},
 };
+use embark_ops::grpc::ServerLimits;
 use embark_proto::embark::v1::emb_ark_server::EmbArkServer;
 use embark_store::{EmbeddingStore, embedded::EmbeddedStore};
 use retina::Engine;
@@ -39,6 +40,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start; boxing the flag structs would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Everything in one process: front, fill loop and Retina, on the
@@ -116,6 +119,14 @@ struct FrontArgs {
     /// A key missed many times within this window is queued once.
     #[arg(long, env = "EMBARK_DEDUP_WINDOW_SECS", default_value_t = 60)]
     dedup_window_secs: u64,
+    /// Keys the dedup window remembers at most (~100 bytes each); past it
+    /// the oldest are forgotten and may be queued twice.
+    #[arg(long, env = "EMBARK_DEDUP_MAX_KEYS", default_value_t = 1_000_000)]
+    dedup_max_keys: u64,
+    /// Misses the durable queue holds at most (no Kafka); past it new
+    /// misses are dropped (counted) and queued again by a later Lookup.
+    #[arg(long, env = "EMBARK_MAX_QUEUED_MISSES", default_value_t = 1_000_000)]
+    max_queued_misses: u64,
     /// An input that could not be embedded is answered OOV_FAILED, and not
     /// queued again, for this long.
     #[arg(long, env = "EMBARK_FAILURE_TTL_SECS", default_value_t = 3600)]
@@ -141,6 +152,11 @@ struct FrontArgs {
     /// (0: never create it).
     #[arg(long, env = "EMBARK_MISS_TOPIC_PARTITIONS", default_value_t = 12)]
     miss_topic_partitions: i32,
+    /// The Kafka topic on which replicas tell each other about Invalidate
+    /// (`embark serve --kafka-brokers`): every replica drops the keys from
+    /// its tier and similarity index.
+    #[arg(long, env = "EMBARK_INVALIDATION_TOPIC", default_value = embark::invalidation::DEFAULT_INVALIDATION_TOPIC)]
+    invalidation_topic: String,
     /// Replication factor of the miss topic when EmbArk creates it.
     #[arg(long, env = "EMBARK_TOPIC_REPLICATION", default_value_t = 1)]
     topic_replication: i32,
@@ -151,9 +167,16 @@ struct FrontArgs {
     /// Extra librdkafka properties, `key=value` (repeat or comma-separate).
     #[arg(long, env = "EMBARK_KAFKA_PROPERTY", value_delimiter = ',')]
     kafka_property: Vec<String>,
-    /// Requests handled at once per client connection.
-    #[arg(long, env = "EMBARK_CONCURRENCY_PER_CONNECTION", default_value_t = 256)]
-    concurrency_per_connection: usize,
+    /// Open client connections at most; further ones wait to be accepted.
+    #[arg(long, env = "EMBARK_MAX_CONNECTIONS", default_value_t = ServerLimits::default().max_connections)]
+    max_connections: usize,
+    /// HTTP/2 streams (requests) in flight per client connection.
+    #[arg(long, env = "EMBARK_CONCURRENCY_PER_CONNECTION", default_value_t = ServerLimits::default().max_streams_per_connection)]
+    concurrency_per_connection: u32,
+    /// Requests in progress across all connections; beyond it requests are
+    /// refused at once with RESOURCE_EXHAUSTED (load shedding).
+    #[arg(long, env = "EMBARK_MAX_IN_FLIGHT", default_value_t = ServerLimits::default().max_in_flight)]
+    max_in_flight: usize,
     #[command(flatten)]
     similar: SimilarArgs,
     /// Log as JSON lines.
@@ -287,7 +310,8 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
             std::fs::create_dir_all(&args.data_dir)
                 .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
             let store_path = args.data_dir.join("embark.redb");
-            Some(EmbeddedStore::open(&store_path).with_context(|| {
+            let cache = usize::try_from(args.embedded_cache_bytes).unwrap_or(usize::MAX);
+            Some(EmbeddedStore::open_with_cache(&store_path, cache).with_context(|| {
                 format!("opening {} (is another embark using this --data-dir?)", store_path.display())
             })?)
         } else {
@@ -340,7 +364,7 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
     }
     let store: Arc<dyn EmbeddingStore> = Arc::new(IndexingStore::new(store, indexes.clone()));
 
-    let dedup = MissDedup::new(Duration::from_secs(args.dedup_window_secs), 10_000_000);
+    let dedup = MissDedup::new(Duration::from_secs(args.dedup_window_secs), args.dedup_max_keys);
     let mut misses = match (&args.kafka_brokers, &embedded) {
         (Some(brokers), _) => {
             if args.miss_topic_partitions > 0 {
@@ -352,6 +376,16 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
                 {
                     tracing::warn!(error = %e, topic = %args.miss_topic, "cannot make sure the miss topic exists");
                 }
+            }
+            if let Err(e) = kfc::kafka::ensure_topics(
+                brokers,
+                &[(args.invalidation_topic.as_str(), 1)],
+                args.topic_replication,
+                Duration::from_secs(5),
+            )
+            .await
+            {
+                tracing::warn!(error = %e, topic = %args.invalidation_topic, "cannot make sure the invalidation topic exists");
             }
             let properties = kfc::kafka::parse_properties(&args.kafka_property).map_err(anyhow::Error::msg)?;
             Misses::Kafka(Arc::new(KafkaMissPublisher::new(
@@ -366,33 +400,57 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
             )?))
         }
         (None, Some(e)) => {
-            let queue = LocalMissQueue::new(e.pending_misses(), args.miss_buffer);
+            let queue = LocalMissQueue::new(e.pending_misses(), args.miss_buffer, args.max_queued_misses);
             let flusher = queue.spawn_flusher();
             Misses::Local(queue, flusher)
         }
         (None, None) => unreachable!("the embedded store is opened when misses stay local"),
     };
     let failure_ttl = Duration::from_secs(args.failure_ttl_secs);
+    let properties = kfc::kafka::parse_properties(&args.kafka_property).map_err(anyhow::Error::msg)?;
+    let replica = embark::invalidation::replica_id();
+    let broadcast = match &args.kafka_brokers {
+        Some(brokers) => Some(Arc::new(embark::invalidation::KafkaInvalidations::new(
+            brokers,
+            &args.invalidation_topic,
+            &replica,
+            &properties,
+        )?)),
+        None => None,
+    };
     let tier = VectorCache::new(args.cache_bytes, args.cache_ttl_secs.map(Duration::from_secs));
-    let front = Arc::new(
-        Front::new(
-            registry,
-            tier.clone(),
-            GuardedStore::new(
-                store.clone(),
-                GuardConfig {
-                    deadline: Duration::from_millis(args.store_deadline_ms),
-                    failure_threshold: args.store_breaker_failures.max(1),
-                    cool_down: Duration::from_millis(args.store_breaker_cool_down_ms),
-                },
-            ),
-            misses.publisher(),
-            dedup,
-            Limits { max_batch_keys: args.max_batch_keys, max_key_bytes: args.max_key_bytes },
-            failure_ttl,
-        )
-        .with_similar(indexes, args.similar.similar_max_k.max(1)),
-    );
+    let front = Front::new(
+        registry,
+        tier.clone(),
+        GuardedStore::new(
+            store.clone(),
+            GuardConfig {
+                deadline: Duration::from_millis(args.store_deadline_ms),
+                failure_threshold: args.store_breaker_failures.max(1),
+                cool_down: Duration::from_millis(args.store_breaker_cool_down_ms),
+            },
+        ),
+        misses.publisher(),
+        dedup,
+        Limits { max_batch_keys: args.max_batch_keys, max_key_bytes: args.max_key_bytes },
+        failure_ttl,
+    )
+    .with_similar(indexes, args.similar.similar_max_k.max(1));
+    let front = Arc::new(match &broadcast {
+        Some(b) => front.with_broadcast(b.clone()),
+        None => front,
+    });
+    if let Some(brokers) = &args.kafka_brokers {
+        let following = embark::invalidation::spawn_listener(
+            brokers,
+            &args.invalidation_topic,
+            &replica,
+            &properties,
+            front.clone(),
+            ops_stop.clone(),
+        )?;
+        ready.add_check("following other replicas' invalidations", move || following.get());
+    }
 
     // The fill loop stops on its own token, after the front has stopped
     // and the last misses were flushed.
@@ -433,8 +491,20 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
         }
     });
 
+    // Readiness follows what this process can do: with the store breaker
+    // open, every key not in the tier answers OOV_UNAVAILABLE, so traffic
+    // is better sent to another replica. (A Kafka outage does not count:
+    // Lookups are answered in full, and misses are published again later.)
+    // gRPC health follows readiness.
+    let breaker = front.clone();
+    ready.add_check("store breaker closed", move || !breaker.store_breaker_open());
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<EmbArkServer<EmbArkService>>().await;
+    ready.follow_in_health(
+        health_reporter,
+        vec![<EmbArkServer<EmbArkService> as tonic::server::NamedService>::NAME],
+        Duration::from_millis(500),
+        ops_stop.clone(),
+    );
     let (reflection_v1, reflection_v1alpha) = embark_ops::grpc::reflection(embark_proto::EMBARK_DESCRIPTOR_SET)?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
@@ -462,24 +532,35 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
         uds = ?args.uds,
         "embark serving"
     );
-    let router = embark_ops::grpc::server_builder(args.concurrency_per_connection, Duration::from_secs(30))
+    let limits = ServerLimits {
+        max_connections: args.max_connections,
+        max_streams_per_connection: args.concurrency_per_connection,
+        max_in_flight: args.max_in_flight,
+    };
+    // No request is larger than the request limits allow, and none carries
+    // more fields than a full batch: bounded memory per request.
+    let decode_limit =
+        args.max_batch_keys.saturating_mul(args.max_key_bytes.saturating_add(4)).saturating_add(64 << 10);
+    embark_proto::codec::set_max_fields_per_message(args.max_batch_keys.saturating_add(16));
+    let router = embark_ops::grpc::server_builder(&limits, Duration::from_secs(30))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
             EmbArkServer::new(EmbArkService::new(front))
-                .max_decoding_message_size(64 << 20)
+                .max_decoding_message_size(decode_limit)
                 .max_encoding_message_size(256 << 20),
         );
-    let tcp = router
-        .clone()
-        .serve_with_incoming_shutdown(embark_ops::grpc::incoming(listener), shutdown.clone().cancelled_owned());
+    let tcp = router.clone().serve_with_incoming_shutdown(
+        embark_ops::grpc::incoming(listener, limits.max_connections),
+        shutdown.clone().cancelled_owned(),
+    );
     let unix = async {
         match uds {
             Some(l) => {
                 router
                     .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::UnixListenerStream::new(l),
+                        embark_ops::grpc::incoming(l, limits.max_connections),
                         shutdown.clone().cancelled_owned(),
                     )
                     .await

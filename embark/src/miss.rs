@@ -35,6 +35,13 @@ pub struct LocalMissQueue {
     /// Wakes the fill loop when misses were written.
     written: Notify,
     stop: CancellationToken,
+    /// The durable queue holds at most this many misses; beyond it new
+    /// misses are dropped (counted) and queued again by a later Lookup,
+    /// so a flood of unknown keys cannot fill the disk.
+    max_queued: u64,
+    /// The queue's length after the last write or settle (read on the
+    /// Lookup path without touching the file).
+    queued: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for LocalMissQueue {
@@ -47,8 +54,9 @@ impl std::fmt::Debug for LocalMissQueue {
 const FLUSH_BATCH: usize = 1024;
 
 impl LocalMissQueue {
-    /// A queue over `pending` with room for `buffer` misses not yet written.
-    pub fn new(pending: PendingMisses, buffer: usize) -> Arc<Self> {
+    /// A queue over `pending` with room for `buffer` misses not yet
+    /// written, holding at most `max_queued` on disk.
+    pub fn new(pending: PendingMisses, buffer: usize, max_queued: u64) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let q = Arc::new(Self {
             pending,
@@ -56,6 +64,8 @@ impl LocalMissQueue {
             buffer_rx: Mutex::new(Some(rx)),
             written: Notify::new(),
             stop: CancellationToken::new(),
+            max_queued: max_queued.max(1),
+            queued: std::sync::atomic::AtomicU64::new(0),
         });
         q.update_depth();
         q
@@ -145,12 +155,18 @@ impl LocalMissQueue {
     }
 
     fn update_depth(&self) {
-        metrics::gauge!("embark_miss_queue_depth").set(self.depth() as f64);
+        let depth = self.depth();
+        self.queued.store(depth, std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!("embark_miss_queue_depth").set(depth as f64);
     }
 }
 
 impl MissPublisher for LocalMissQueue {
     fn publish(&self, event: MissEvent) -> bool {
+        if self.queued.load(std::sync::atomic::Ordering::Relaxed) >= self.max_queued {
+            metrics::counter!("embark_misses_dropped_total", "reason" => "queue_full").increment(1);
+            return false;
+        }
         match self.buffer.try_send(event) {
             Ok(()) => true,
             Err(_) => {
@@ -195,5 +211,40 @@ impl MissSource for LocalMissQueue {
             .map_err(|e| SourceError(e.to_string()))?;
         self.update_depth();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use embark_store::embedded::EmbeddedStore;
+
+    use super::*;
+
+    fn miss(key: &str) -> MissEvent {
+        MissEvent { model: "m".into(), key: key.into(), ..MissEvent::default() }
+    }
+
+    /// Defect 11.10: the embedded miss queue grew without bound on disk
+    /// under a flood of unknown keys.
+    #[tokio::test]
+    async fn the_embedded_miss_queue_is_unbounded_on_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
+        let queue = LocalMissQueue::new(store.pending_misses(), 64, 3);
+        let flusher = queue.spawn_flusher();
+        for k in ["a", "b", "c"] {
+            assert!(queue.publish(miss(k)));
+        }
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while queue.depth() < 3 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the flusher writes them");
+        assert!(!queue.publish(miss("d")), "the queue is full: refused, the Lookup's caller queues it later");
+        queue.close();
+        flusher.await.expect("flusher");
+        assert_eq!(queue.depth(), 3);
     }
 }

@@ -112,7 +112,29 @@ impl SimilarIndexes {
             let (this, store, stop, model) = (self.clone(), store.clone(), stop.clone(), model.clone());
             tokio::spawn(async move {
                 let started = Instant::now();
-                match this.load(&store, &model, false, &stop).await {
+                // A failed load (the store unreachable at start) is tried
+                // again with backoff until it succeeds or the process stops;
+                // a retry skips what the failed attempt already indexed.
+                let backoff = kfc::backoff::Backoff { base: Duration::from_millis(500), max: Duration::from_secs(30) };
+                let mut attempt = 0;
+                let loaded = loop {
+                    match this.load(&store, &model, attempt > 0, &stop).await {
+                        Ok(n) => break Ok(n),
+                        Err(e) if !stop.is_cancelled() => {
+                            attempt += 1;
+                            let delay = backoff.delay(attempt);
+                            tracing::warn!(model, error = %e, ?delay, "loading the similarity index failed; retrying");
+                            metrics::counter!("embark_similar_load_failures_total", "model" => model.clone())
+                                .increment(1);
+                            tokio::select! {
+                                _ = stop.cancelled() => break Err(e),
+                                _ = tokio::time::sleep(delay) => {}
+                            }
+                        }
+                        Err(e) => break Err(e),
+                    }
+                };
+                match loaded {
                     Ok(n) => {
                         let secs = started.elapsed().as_secs_f64();
                         let m = &this.by_model[&model];
@@ -231,6 +253,15 @@ impl EmbeddingStore for IndexingStore {
         self.inner.get_many(model, keys).await
     }
 
+    async fn get_each(
+        &self,
+        model: &str,
+        keys: &[String],
+        sink: &mut (dyn FnMut(usize, embark_store::RowRead) + Send),
+    ) {
+        self.inner.get_each(model, keys, sink).await
+    }
+
     async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
         // Indexed under the key the store keeps (long keys as their hash),
         // so what a restart loads and what was indexed live agree.
@@ -241,6 +272,26 @@ impl EmbeddingStore for IndexingStore {
         tokio::task::spawn_blocking(move || indexes.insert(&model, &rows))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))
+    }
+
+    async fn put_filled(&self, model: &str, rows: Vec<embark_store::FilledRow>) -> Result<Vec<bool>, StoreError> {
+        let written = self.inner.put_filled(model, rows.clone()).await?;
+        let (mut add, mut drop) = (Vec::new(), Vec::new());
+        for (r, ok) in rows.into_iter().zip(&written) {
+            match (ok, r.value) {
+                (true, embark_store::Filled::Vector(v)) => add.push((storage_key(&r.key).into_owned(), v)),
+                (true, embark_store::Filled::Failure(_)) => drop.push(storage_key(&r.key).into_owned()),
+                (false, _) => {}
+            }
+        }
+        let (indexes, model) = (self.indexes.clone(), model.to_owned());
+        tokio::task::spawn_blocking(move || {
+            indexes.insert(&model, &add);
+            indexes.remove(&model, &drop);
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?;
+        Ok(written)
     }
 
     async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {

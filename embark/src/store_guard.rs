@@ -1,13 +1,21 @@
 //! Protects Lookups from a slow or failing store: a deadline on every
 //! store read and a circuit breaker.
 //!
-//! - A read that does not finish within the deadline (or fails) leaves
-//!   its keys unanswered: the front returns them as `OOV_UNAVAILABLE`,
+//! - Each key is read on its own ([`EmbeddingStore::get_each`]); what has
+//!   arrived when the deadline passes is kept, and only the keys still
+//!   out come back unanswered: the front returns them as `OOV_UNAVAILABLE`,
 //!   without queuing them, and the Lookup stays within its budget.
+//! - Only real failures count toward the breaker: a store error, or a
+//!   deadline that passed with nothing answered. A large batch that was
+//!   partly answered in time shows a working store.
 //! - After `failure_threshold` consecutive failed reads the breaker opens:
 //!   reads are skipped at once for `cool_down` instead of piling up on a
 //!   store that is down. Then one probe read goes through (half-open): its
-//!   success closes the breaker, its failure opens it again.
+//!   success closes the breaker, its failure opens it again. A probe whose
+//!   Lookup is dropped (a client deadline, a disconnect) hands the probe
+//!   on, through the [`Admission`] guard's `Drop`; and a probe that never
+//!   finishes is superseded after twice the deadline. Either way the
+//!   breaker cannot stay half-open.
 //! - Tier hits never touch the store, so they flow throughout.
 
 use std::{
@@ -38,17 +46,21 @@ enum State {
     Closed,
     /// Skipping reads until this instant.
     Open(Instant),
-    /// One probe in flight.
-    HalfOpen,
+    /// One probe in flight since this instant.
+    HalfOpen(Instant),
 }
 
-/// Why a read gave no rows.
+/// Why a key has no row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unavailable {
     Timeout,
     Error,
     BreakerOpen,
 }
+
+/// One key's read through the guard: its row (`None`: nothing stored), or
+/// why it was not read.
+pub type GuardedRow = Result<Option<StoredRow>, Unavailable>;
 
 pub struct GuardedStore {
     store: Arc<dyn EmbeddingStore>,
@@ -63,6 +75,33 @@ impl std::fmt::Debug for GuardedStore {
     }
 }
 
+/// A read the breaker let through. The half-open probe's guard, dropped
+/// before its outcome was recorded, reopens the way for the next probe.
+struct Admission<'a> {
+    guard: &'a GuardedStore,
+    probe: bool,
+    recorded: bool,
+}
+
+impl Admission<'_> {
+    fn record(mut self, ok: bool) {
+        self.recorded = true;
+        self.guard.record(ok);
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if self.probe && !self.recorded {
+            let mut state = self.guard.lock();
+            if matches!(*state, State::HalfOpen(_)) {
+                // The probe's Lookup went away: the next read probes.
+                *state = State::Open(Instant::now());
+            }
+        }
+    }
+}
+
 impl GuardedStore {
     pub fn new(store: Arc<dyn EmbeddingStore>, config: GuardConfig) -> Self {
         metrics::gauge!("embark_store_breaker_open").set(0.0);
@@ -74,22 +113,37 @@ impl GuardedStore {
         &self.store
     }
 
+    /// Whether the breaker is open (or half-open): reads are being skipped.
+    /// Readiness reports it.
+    pub fn is_open(&self) -> bool {
+        !matches!(*self.lock(), State::Closed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether a read may go to the store now; moves Open -> HalfOpen when
-    /// the cool-down is over (that caller is the probe).
-    fn admit(&self) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        match *state {
-            State::Closed => true,
-            State::Open(until) if Instant::now() >= until => {
-                *state = State::HalfOpen;
-                true
-            }
-            State::Open(_) | State::HalfOpen => false,
+    /// the cool-down is over (that caller is the probe), and hands the
+    /// probe to a new caller when the last one is older than twice the
+    /// deadline (it can no longer be waiting for its answer).
+    fn admit(&self) -> Option<Admission<'_>> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let probe = match *state {
+            State::Closed => false,
+            State::Open(until) if now >= until => true,
+            State::HalfOpen(since) if now.duration_since(since) >= self.config.deadline * 2 => true,
+            State::Open(_) | State::HalfOpen(_) => return None,
+        };
+        if probe {
+            *state = State::HalfOpen(now);
         }
+        Some(Admission { guard: self, probe, recorded: false })
     }
 
     fn record(&self, ok: bool) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.lock();
         if ok {
             self.consecutive_failures.store(0, Ordering::Relaxed);
             if *state != State::Closed {
@@ -100,8 +154,8 @@ impl GuardedStore {
             return;
         }
         let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if *state == State::HalfOpen || n >= self.config.failure_threshold {
-            if !matches!(*state, State::Open(_)) {
+        if matches!(*state, State::HalfOpen(_)) || n >= self.config.failure_threshold {
+            if *state == State::Closed {
                 tracing::warn!(failures = n, cool_down = ?self.config.cool_down, "store failing: breaker open");
                 metrics::counter!("embark_store_breaker_opens_total").increment(1);
                 metrics::gauge!("embark_store_breaker_open").set(1.0);
@@ -110,27 +164,175 @@ impl GuardedStore {
         }
     }
 
-    /// Reads within the deadline, or says why not.
-    pub async fn get_many(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, Unavailable> {
-        if !self.admit() {
-            return Err(Unavailable::BreakerOpen);
+    /// Reads each key within the deadline: one entry per key, in order,
+    /// with its row or why it has none.
+    pub async fn get_many(&self, model: &str, keys: &[String]) -> Vec<GuardedRow> {
+        let Some(admission) = self.admit() else {
+            metrics::counter!("embark_store_skipped_reads_total").increment(1);
+            return vec![Err(Unavailable::BreakerOpen); keys.len()];
+        };
+        let mut rows: Vec<GuardedRow> = vec![Err(Unavailable::Timeout); keys.len()];
+        let (mut answered, mut failed) = (0usize, None);
+        let mut sink = |i: usize, read: embark_store::RowRead| {
+            rows[i] = match read {
+                Ok(row) => {
+                    answered += 1;
+                    Ok(row)
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    Err(Unavailable::Error)
+                }
+            }
+        };
+        let read = self.store.get_each(model, keys, &mut sink);
+        let in_time = tokio::time::timeout(self.config.deadline, read).await.is_ok();
+        if let Some(e) = failed {
+            tracing::warn!(error = %e, "store read failed");
+            metrics::counter!("embark_store_errors_total").increment(1);
+            admission.record(false);
+        } else if in_time || answered > 0 {
+            if !in_time {
+                metrics::counter!("embark_store_partial_reads_total").increment(1);
+            }
+            admission.record(true);
+        } else {
+            metrics::counter!("embark_store_timeouts_total").increment(1);
+            admission.record(false);
         }
-        match tokio::time::timeout(self.config.deadline, self.store.get_many(model, keys)).await {
-            Ok(Ok(rows)) => {
-                self.record(true);
-                Ok(rows)
+        rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use async_trait::async_trait;
+    use embark_store::{FailureRecord, RowRead, ScanCursor, ScanPage, StoreError};
+
+    use super::*;
+
+    /// A store whose keys answer after their own delay (`slow:<ms>` keys)
+    /// and which fails every read while `down` is set.
+    #[derive(Default)]
+    struct TestStore {
+        down: AtomicBool,
+    }
+
+    fn delay_of(key: &str) -> Duration {
+        Duration::from_millis(key.strip_prefix("slow:").and_then(|ms| ms.parse().ok()).unwrap_or(0))
+    }
+
+    #[async_trait]
+    impl EmbeddingStore for TestStore {
+        async fn get_many(&self, _: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::Config("down".into()));
             }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "store read failed");
-                metrics::counter!("embark_store_errors_total").increment(1);
-                self.record(false);
-                Err(Unavailable::Error)
-            }
-            Err(_) => {
-                metrics::counter!("embark_store_timeouts_total").increment(1);
-                self.record(false);
-                Err(Unavailable::Timeout)
+            tokio::time::sleep(keys.iter().map(|k| delay_of(k)).max().unwrap_or_default()).await;
+            Ok(keys.iter().map(|_| Some(StoredRow::Vector { vector: vec![1.0], created_at_ms: 0 })).collect())
+        }
+        async fn get_each(&self, model: &str, keys: &[String], sink: &mut (dyn FnMut(usize, RowRead) + Send)) {
+            let mut reads: futures::stream::FuturesUnordered<_> = keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| async move { (i, self.get_many(model, std::slice::from_ref(k)).await) })
+                .collect();
+            use futures::StreamExt;
+            while let Some((i, read)) = reads.next().await {
+                sink(i, read.map(|mut rows| rows.pop().flatten()).map_err(Arc::new));
             }
         }
+        async fn put_vectors(&self, _: &str, _: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn put_failures(&self, _: &str, _: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn delete(&self, _: &str, _: &[String]) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn scan(&self, _: &str, _: Option<ScanCursor>, _: usize) -> Result<ScanPage, StoreError> {
+            Ok(ScanPage::default())
+        }
+    }
+
+    fn guard(store: &Arc<TestStore>) -> GuardedStore {
+        let config = GuardConfig {
+            deadline: Duration::from_millis(40),
+            failure_threshold: 2,
+            cool_down: Duration::from_millis(50),
+        };
+        GuardedStore::new(store.clone(), config)
+    }
+
+    fn keys(k: &[&str]) -> Vec<String> {
+        k.iter().map(|s| s.to_string()).collect()
+    }
+
+    async fn open_breaker(g: &GuardedStore, store: &TestStore) {
+        store.down.store(true, Ordering::SeqCst);
+        for _ in 0..2 {
+            g.get_many("m", &keys(&["a"])).await;
+        }
+        assert!(g.is_open());
+        assert_eq!(g.get_many("m", &keys(&["a"])).await, vec![Err(Unavailable::BreakerOpen)]);
+        store.down.store(false, Ordering::SeqCst);
+    }
+
+    /// Defect 11.1: a probe whose Lookup was dropped recorded nothing and
+    /// every later read was refused until a restart.
+    #[tokio::test]
+    async fn breaker_stays_half_open_forever_when_its_probe_is_dropped() {
+        let store = Arc::new(TestStore::default());
+        let g = guard(&store);
+        open_breaker(&g, &store).await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // The probe: a slow key, and a client that gives up after 5 ms.
+        let dropped = tokio::time::timeout(Duration::from_millis(5), g.get_many("m", &keys(&["slow:1000"]))).await;
+        assert!(dropped.is_err(), "the probe's Lookup went away");
+        // The store has recovered: the next read probes and closes it.
+        assert!(matches!(g.get_many("m", &keys(&["a"])).await[0], Ok(Some(_))));
+        assert!(!g.is_open());
+    }
+
+    /// A probe that hangs without being dropped is superseded after twice
+    /// the deadline.
+    #[tokio::test]
+    async fn a_hung_probe_is_superseded() {
+        let store = Arc::new(TestStore::default());
+        let g = Arc::new(guard(&store));
+        open_breaker(&g, &store).await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let state = { *g.lock() };
+        assert!(matches!(state, State::Open(_)));
+        // Take the probe by hand and keep it, as a wedged task would.
+        let held = g.admit().expect("the probe");
+        assert!(held.probe);
+        assert!(g.admit().is_none(), "one probe at a time");
+        tokio::time::sleep(Duration::from_millis(90)).await;
+        assert!(matches!(g.get_many("m", &keys(&["a"])).await[0], Ok(Some(_))));
+        drop(held);
+        assert!(!g.is_open());
+    }
+
+    /// Defect 11.7: the deadline covered the whole batch, so rows already
+    /// answered were thrown away and a large batch counted as a failure.
+    #[tokio::test]
+    async fn store_deadline_covers_the_whole_batch_and_throws_away_rows_that_arrived() {
+        let store = Arc::new(TestStore::default());
+        let g = guard(&store);
+        for _ in 0..3 {
+            let rows = g.get_many("m", &keys(&["a", "slow:1000", "b"])).await;
+            assert!(matches!(rows[0], Ok(Some(_))) && matches!(rows[2], Ok(Some(_))), "{rows:?}");
+            assert_eq!(rows[1], Err(Unavailable::Timeout));
+        }
+        assert!(!g.is_open(), "answered reads are not failures");
+        // A deadline with nothing answered is one.
+        for _ in 0..2 {
+            assert_eq!(g.get_many("m", &keys(&["slow:1000"])).await, vec![Err(Unavailable::Timeout)]);
+        }
+        assert!(g.is_open());
     }
 }

@@ -13,7 +13,7 @@ use embark_proto::{
     embark::v1::{DeadLetter, MissEvent},
     retina::v1::FailureCode,
 };
-use embark_store::{EmbeddingStore, FailureRecord, StoreError, StoredRow, now_unix_ms};
+use embark_store::{EmbeddingStore, FailureRecord, Filled, FilledRow, StoreError, StoredRow, now_unix_ms};
 use tokio_util::sync::CancellationToken;
 
 use crate::{EmbedOutcome, Embedder, MissSource, SourceError, backoff::Backoff};
@@ -154,9 +154,21 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
         retry: &mut Vec<MissEvent>,
         dead: &mut Vec<DeadLetter>,
     ) -> Result<(), FillError> {
-        // One embedding per distinct key, however often it was queued.
-        let mut seen = HashMap::with_capacity(events.len());
-        let events: Vec<MissEvent> = events.into_iter().filter(|e| seen.insert(e.key.clone(), ()).is_none()).collect();
+        // One embedding per distinct key, however often it was queued; the
+        // latest sighting stands for them all (a miss an Invalidate queued
+        // must not lose to an older sighting, see `put_filled`).
+        let mut by_key: HashMap<String, MissEvent> = HashMap::with_capacity(events.len());
+        let mut order = Vec::with_capacity(events.len());
+        for e in events {
+            match by_key.get_mut(&e.key) {
+                Some(kept) => kept.first_seen_unix_ms = kept.first_seen_unix_ms.max(e.first_seen_unix_ms),
+                None => {
+                    order.push(e.key.clone());
+                    by_key.insert(e.key.clone(), e);
+                }
+            }
+        }
+        let events: Vec<MissEvent> = order.iter().filter_map(|k| by_key.remove(k)).collect();
         let keys: Vec<String> = events.iter().map(|e| e.key.clone()).collect();
 
         let now = now_unix_ms();
@@ -166,7 +178,10 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
             .into_iter()
             .zip(rows)
             .filter_map(|(e, row)| match row {
-                Some(StoredRow::Vector { .. }) => None,
+                // A vector of another dim than the front serves is stale
+                // model output, which the front queues again: embed it, or
+                // the key stays OOV_PENDING for good.
+                Some(StoredRow::Vector { vector, .. }) if e.dim == 0 || vector.len() == e.dim as usize => None,
                 Some(StoredRow::Failed(f)) if now - f.at_unix_ms < ttl_ms => None,
                 _ => Some(e),
             })
@@ -212,11 +227,33 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
         let mut vectors = Vec::new();
         let mut failures = Vec::new();
         for (event, outcome) in chunk.iter().zip(outcomes) {
+            let outcome = match outcome {
+                EmbedOutcome::Vector(v) if event.dim != 0 && v.len() != event.dim as usize => {
+                    // Never store a row the front would refuse and queue
+                    // again: the embedder serves another version of the
+                    // model. Retried (a rollout may be under way), then
+                    // recorded as a failure.
+                    EmbedOutcome::Failed {
+                        code: FailureCode::Internal as i32,
+                        reason: format!(
+                            "the embedder returned a {}-d vector; model {model:?} is served at {} dims",
+                            v.len(),
+                            event.dim
+                        ),
+                        transient: true,
+                    }
+                }
+                o => o,
+            };
             match outcome {
                 EmbedOutcome::Vector(v) => {
                     let waited = (now - event.first_seen_unix_ms).max(0) as f64 / 1000.0;
                     metrics::histogram!("kfc_fill_latency_seconds", "model" => model.to_owned()).record(waited);
-                    vectors.push((event.key.clone(), v));
+                    vectors.push(FilledRow {
+                        key: event.key.clone(),
+                        seen_at_ms: event.first_seen_unix_ms,
+                        value: Filled::Vector(v),
+                    });
                 }
                 EmbedOutcome::Failed { code, reason, transient } => {
                     let name =
@@ -236,21 +273,30 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
                             at_unix_ms: now,
                             ..DeadLetter::default()
                         });
-                        failures.push((event.key.clone(), FailureRecord { code, reason, at_unix_ms: now }));
+                        failures.push(FilledRow {
+                            key: event.key.clone(),
+                            seen_at_ms: event.first_seen_unix_ms,
+                            value: Filled::Failure(FailureRecord { code, reason, at_unix_ms: now }),
+                        });
                     }
                 }
             }
         }
-        stats.embedded += vectors.len();
-        stats.failed += failures.len();
-        // Counted only once written, so the counter never runs ahead of the store.
-        let (n_vectors, n_failures) = (vectors.len() as u64, failures.len() as u64);
-        if !vectors.is_empty() {
-            self.store.put_vectors(model, vectors).await?;
+        let (n_vectors, n_failures) = (vectors.len(), failures.len());
+        vectors.extend(failures);
+        // Counted only once written, so the counter never runs ahead of the
+        // store; a row an Invalidate deleted meanwhile is not written.
+        let written = if vectors.is_empty() { Vec::new() } else { self.store.put_filled(model, vectors).await? };
+        let kept_vectors = written.iter().take(n_vectors).filter(|w| **w).count();
+        let kept_failures = written.iter().skip(n_vectors).filter(|w| **w).count();
+        let stale = (n_vectors + n_failures - kept_vectors - kept_failures) as u64;
+        if stale > 0 {
+            tracing::debug!(model, stale, "fills older than an Invalidate were not written");
+            metrics::counter!("kfc_stale_fills_total", "model" => model.to_owned()).increment(stale);
         }
-        if !failures.is_empty() {
-            self.store.put_failures(model, failures).await?;
-        }
+        stats.embedded += kept_vectors;
+        stats.failed += kept_failures;
+        let (n_vectors, n_failures) = (kept_vectors as u64, kept_failures as u64);
         metrics::counter!("kfc_filled_total", "model" => model.to_owned(), "outcome" => "vector").increment(n_vectors);
         metrics::counter!("kfc_filled_total", "model" => model.to_owned(), "outcome" => "failure")
             .increment(n_failures);

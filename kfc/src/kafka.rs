@@ -55,6 +55,76 @@ use crate::{MissSource, SourceError, backoff::Backoff};
 pub const DEFAULT_MISS_TOPIC: &str = "embark.misses";
 pub const DEFAULT_DLQ_TOPIC: &str = "embark.misses.dlq";
 
+/// The longest a miss waits in the delay queue. A `not_before` further out
+/// (a clock far ahead, a hostile message) is due after this instead: the
+/// fill loop's own backoff never asks for more, and the delay queue panics
+/// on durations of years.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(600);
+
+/// The most of a poison message's bytes a dead letter carries: enough to
+/// see what it was, small enough that the letter always fits a message
+/// (`message.max.bytes` is 1 MB by default).
+pub const MAX_DEAD_LETTER_RAW: usize = 64 << 10;
+
+/// The longest reason a dead letter carries, in bytes.
+pub const MAX_DEAD_LETTER_REASON: usize = 4096;
+
+/// Times a produce that failed permanently (see [`is_permanent`]) is tried
+/// before its record is dropped (counted), so that one bad record can
+/// never freeze a partition's offsets.
+pub const MAX_PERMANENT_PRODUCE_ATTEMPTS: u32 = 3;
+
+/// How long a miss due at `not_before_unix_ms` waits from `now`: `None`
+/// when due, at most [`MAX_RETRY_DELAY`]. Saturating: any `i64` is safe.
+pub fn retry_wait(not_before_unix_ms: i64, now_unix_ms: i64) -> Option<Duration> {
+    let wait = not_before_unix_ms.saturating_sub(now_unix_ms);
+    (wait > 0).then(|| Duration::from_millis(wait as u64).min(MAX_RETRY_DELAY))
+}
+
+/// Cuts a dead letter's raw bytes and reason so it fits in a message, and
+/// says so in the reason.
+pub fn fit_dead_letter(d: &mut DeadLetter) {
+    let mut cut = Vec::new();
+    if d.raw.len() > MAX_DEAD_LETTER_RAW {
+        cut.push(format!("raw cut to {MAX_DEAD_LETTER_RAW} of {} bytes", d.raw.len()));
+        d.raw = d.raw.slice(..MAX_DEAD_LETTER_RAW);
+    }
+    if d.reason.len() > MAX_DEAD_LETTER_REASON {
+        let mut end = MAX_DEAD_LETTER_REASON;
+        while !d.reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        cut.push(format!("reason cut to {end} of {} bytes", d.reason.len()));
+        d.reason.truncate(end);
+    }
+    if !cut.is_empty() {
+        d.reason = format!("{} ({})", d.reason, cut.join(", "));
+    }
+}
+
+/// Whether a produce error will recur however often it is retried: the
+/// record is too large, the topic does not exist or may not be written.
+/// Broker outages, timeouts and full queues are transient.
+pub fn is_permanent(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidRecord
+                | C::InvalidMessage
+                | C::UnknownTopic
+                | C::UnknownTopicOrPartition
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::InvalidTopic
+                | C::InvalidRequiredAcks
+                | C::UnsupportedForMessageFormat
+        )
+    )
+}
+
 /// The message key of a miss: model, a newline, key. The same key always
 /// lands on the same partition, so its misses are ordered.
 pub fn message_key(model: &str, key: &str) -> Vec<u8> {
@@ -210,20 +280,17 @@ impl OffsetTracker {
             .collect()
     }
 
-    /// Records that `offset` was read and is not settled yet.
-    pub fn begin(&self, partition: i32, offset: i64) -> MissToken {
+    /// Records that `offset` was read and is not settled yet. `None` when
+    /// the partition is not assigned to this member (a message fetched
+    /// before a revocation and delivered after it): the message is not
+    /// ours to process, and tracking it would let this member commit a
+    /// position in a partition another member now owns.
+    pub fn begin(&self, partition: i32, offset: i64) -> Option<MissToken> {
         let mut t = self.lock();
-        if !t.partitions.contains_key(&partition) {
-            // Assigned without a callback we saw (should not happen with
-            // the eager protocol): start tracking here.
-            t.generations += 1;
-            let generation = t.generations;
-            t.partitions.insert(partition, PartitionState::new(generation));
-        }
-        let s = t.partitions.get_mut(&partition).expect("inserted above");
+        let s = t.partitions.get_mut(&partition)?;
         s.unsettled.insert(offset);
         s.next = Some(s.next.map_or(offset + 1, |n| n.max(offset + 1)));
-        MissToken { partition, offset, generation: s.generation }
+        Some(MissToken { partition, offset, generation: s.generation })
     }
 
     /// Whether `token` belongs to the current assignment of its partition.
@@ -330,6 +397,9 @@ pub struct KafkaMissSource {
     redeliver: mpsc::UnboundedSender<(Ready, Duration)>,
     stop: CancellationToken,
     backoff: Backoff,
+    /// Cancelled when the read loop ends, for whatever reason (a panic
+    /// included): readiness and the binary's supervisor watch it.
+    reader_done: CancellationToken,
 }
 
 impl std::fmt::Debug for KafkaMissSource {
@@ -377,10 +447,22 @@ impl KafkaMissSource {
             redeliver: redeliver_tx,
             stop: stop.clone(),
             backoff: Backoff { base: Duration::from_millis(200), max: Duration::from_secs(10) },
+            reader_done: CancellationToken::new(),
         });
         tokio::spawn(source.clone().read_loop(ready_tx, redeliver_rx));
         tokio::spawn(source.clone().commit_loop());
         Ok(source)
+    }
+
+    /// Whether the read loop is running (it stops at shutdown, or if it
+    /// ever failed).
+    pub fn is_reading(&self) -> bool {
+        !self.reader_done.is_cancelled()
+    }
+
+    /// Resolves when the read loop has ended.
+    pub async fn reader_stopped(&self) {
+        self.reader_done.cancelled().await
     }
 
     /// Misses read and not yet settled.
@@ -416,6 +498,8 @@ impl KafkaMissSource {
         ready: mpsc::Sender<Ready>,
         mut redeliver: mpsc::UnboundedReceiver<(Ready, Duration)>,
     ) {
+        // Dropped on every exit, a panic's unwinding included.
+        let _done = self.reader_done.clone().drop_guard();
         let mut delayed: DelayQueue<Ready> = DelayQueue::new();
         loop {
             let room = delayed.len() < self.config.max_delayed;
@@ -428,7 +512,7 @@ impl KafkaMissSource {
                     self.tracker.is_current(&r.0).then_some(r)
                 }
                 Some((r, after)) = redeliver.recv() => {
-                    delayed.insert(r, after);
+                    delayed.insert(r, after.min(MAX_RETRY_DELAY));
                     None
                 }
                 m = self.consumer.recv(), if room => match m {
@@ -462,7 +546,10 @@ impl KafkaMissSource {
         payload: Option<&[u8]>,
         delayed: &mut DelayQueue<Ready>,
     ) -> Option<Ready> {
-        let token = self.tracker.begin(partition, offset);
+        let Some(token) = self.tracker.begin(partition, offset) else {
+            tracing::debug!(partition, offset, "skipping a message of a partition no longer assigned here");
+            return None;
+        };
         metrics::counter!("kfc_misses_read_total").increment(1);
         let event = match payload.map(MissEvent::decode) {
             Some(Ok(e)) if !e.model.is_empty() && !e.key.is_empty() => e,
@@ -473,7 +560,7 @@ impl KafkaMissSource {
                     Some(Ok(_)) => "a MissEvent without model or key".to_owned(),
                 };
                 tracing::warn!(partition, offset, %reason, "poison message on the miss topic");
-                let letter = DeadLetter {
+                let mut letter = DeadLetter {
                     event: None,
                     code: 0,
                     reason,
@@ -482,6 +569,8 @@ impl KafkaMissSource {
                     partition,
                     offset,
                 };
+                // Never more than fits a message, and saying so.
+                fit_dead_letter(&mut letter);
                 // Settled only once the DLQ has it (or at shutdown, unsettled).
                 if self.publish_until_done(&[], &[letter]).await.is_ok() {
                     self.tracker.settle(&token);
@@ -489,12 +578,12 @@ impl KafkaMissSource {
                 return None;
             }
         };
-        let wait = event.not_before_unix_ms - now_unix_ms();
-        if wait > 0 {
-            delayed.insert((token, event), Duration::from_millis(wait as u64));
-            None
-        } else {
-            Some((token, event))
+        match retry_wait(event.not_before_unix_ms, now_unix_ms()) {
+            Some(wait) => {
+                delayed.insert((token, event), wait);
+                None
+            }
+            None => Some((token, event)),
         }
     }
 
@@ -524,51 +613,92 @@ impl KafkaMissSource {
     }
 
     /// Produces `retry` to the miss topic and `dead` to the DLQ, and waits
-    /// until Kafka has all of them, retrying with backoff. Errs only at
-    /// shutdown, with nothing settled.
+    /// until Kafka has all of them. Transient errors (a broker down) are
+    /// retried with backoff for as long as it takes, so nothing is lost;
+    /// a record that fails permanently (too large, no such topic, denied)
+    /// is dropped after [`MAX_PERMANENT_PRODUCE_ATTEMPTS`], logged and
+    /// counted, so it cannot freeze the offsets behind it. Only records
+    /// that failed are sent again. Errs only at shutdown, with nothing
+    /// settled.
     async fn publish_until_done(&self, retry: &[MissEvent], dead: &[DeadLetter]) -> Result<(), SourceError> {
+        let mut pending: Vec<Outgoing> = retry
+            .iter()
+            .map(|e| Outgoing {
+                topic: &self.config.miss_topic,
+                key: message_key(&e.model, &e.key),
+                payload: e.encode_to_vec(),
+                kind: "retry",
+                permanent_failures: 0,
+            })
+            .chain(dead.iter().map(|d| {
+                let mut d = d.clone();
+                fit_dead_letter(&mut d);
+                Outgoing {
+                    topic: &self.config.dlq_topic,
+                    key: d.event.as_ref().map(|e| message_key(&e.model, &e.key)).unwrap_or_default(),
+                    payload: d.encode_to_vec(),
+                    kind: "dead_letter",
+                    permanent_failures: 0,
+                }
+            }))
+            .collect();
         let mut attempt = 0;
-        loop {
-            match self.publish_once(retry, dead).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    attempt += 1;
-                    let delay = self.backoff.delay(attempt);
-                    tracing::warn!(error = %e, ?delay, "producing retries or dead letters failed");
-                    metrics::counter!("kfc_produce_errors_total").increment(1);
-                    tokio::select! {
-                        _ = self.stop.cancelled() => return Err(SourceError(format!("shutting down: {e}"))),
-                        _ = tokio::time::sleep(delay) => {}
+        while !pending.is_empty() {
+            let queue = Timeout::After(Duration::from_secs(5));
+            let sends = pending
+                .iter()
+                .map(|o| self.producer.send(FutureRecord::to(o.topic).key(&o.key).payload(&o.payload), queue));
+            let results = futures::future::join_all(sends).await;
+            let mut failed = Vec::new();
+            let mut last_error = None;
+            for (mut o, result) in pending.into_iter().zip(results) {
+                let Err((e, _)) = result else {
+                    let name = if o.kind == "retry" { "kfc_retries_published_total" } else { "kfc_dead_letters_total" };
+                    metrics::counter!(name).increment(1);
+                    continue;
+                };
+                metrics::counter!("kfc_produce_errors_total", "kind" => o.kind).increment(1);
+                if is_permanent(&e) {
+                    o.permanent_failures += 1;
+                    if o.permanent_failures >= MAX_PERMANENT_PRODUCE_ATTEMPTS {
+                        tracing::error!(
+                            error = %e, topic = o.topic, kind = o.kind, bytes = o.payload.len(),
+                            "dropping a record Kafka refuses for good; its offset is settled"
+                        );
+                        let name = if o.kind == "retry" {
+                            "kfc_retries_dropped_total"
+                        } else {
+                            "kfc_dead_letters_dropped_total"
+                        };
+                        metrics::counter!(name).increment(1);
+                        continue;
                     }
+                }
+                last_error = Some(e);
+                failed.push(o);
+            }
+            pending = failed;
+            if let Some(e) = last_error {
+                attempt += 1;
+                let delay = self.backoff.delay(attempt);
+                tracing::warn!(error = %e, ?delay, records = pending.len(), "producing retries or dead letters failed");
+                tokio::select! {
+                    _ = self.stop.cancelled() => return Err(SourceError(format!("shutting down: {e}"))),
+                    _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
-    }
-
-    async fn publish_once(&self, retry: &[MissEvent], dead: &[DeadLetter]) -> Result<(), KafkaError> {
-        let queue = Timeout::After(Duration::from_secs(5));
-        let retries = retry.iter().map(|e| {
-            let key = message_key(&e.model, &e.key);
-            let payload = e.encode_to_vec();
-            async move {
-                self.producer.send(FutureRecord::to(&self.config.miss_topic).key(&key).payload(&payload), queue).await
-            }
-        });
-        let letters = dead.iter().map(|d| {
-            let key = d.event.as_ref().map(|e| message_key(&e.model, &e.key)).unwrap_or_default();
-            let payload = d.encode_to_vec();
-            async move {
-                self.producer.send(FutureRecord::to(&self.config.dlq_topic).key(&key).payload(&payload), queue).await
-            }
-        });
-        let (a, b) = futures::join!(futures::future::join_all(retries), futures::future::join_all(letters));
-        for r in a.into_iter().chain(b) {
-            r.map_err(|(e, _)| e)?;
-        }
-        metrics::counter!("kfc_retries_published_total").increment(retry.len() as u64);
-        metrics::counter!("kfc_dead_letters_total").increment(dead.len() as u64);
         Ok(())
     }
+}
+
+/// A record [`KafkaMissSource::publish_until_done`] has yet to see acknowledged.
+struct Outgoing<'a> {
+    topic: &'a str,
+    key: Vec<u8>,
+    payload: Vec<u8>,
+    kind: &'static str,
+    permanent_failures: u32,
 }
 
 #[async_trait]
@@ -624,9 +754,9 @@ mod tests {
     fn commits_only_settled_prefixes() {
         let t = OffsetTracker::default();
         t.assign(&[0, 1]);
-        let a = t.begin(0, 10);
-        let b = t.begin(0, 11);
-        let c = t.begin(0, 12);
+        let a = t.begin(0, 10).expect("assigned");
+        let b = t.begin(0, 11).expect("assigned");
+        let c = t.begin(0, 12).expect("assigned");
         assert_eq!(t.take_commits(), vec![(0, 10)]);
         t.settle(&b);
         t.settle(&c);
@@ -641,15 +771,69 @@ mod tests {
     fn stale_tokens_are_ignored_after_revocation() {
         let t = OffsetTracker::default();
         t.assign(&[3]);
-        let old = t.begin(3, 5);
+        let old = t.begin(3, 5).expect("assigned");
         assert_eq!(t.revoke(&[3]), vec![(3, 5)]);
         t.assign(&[3]);
-        let new = t.begin(3, 5);
+        let new = t.begin(3, 5).expect("assigned");
         assert!(!t.is_current(&old));
         t.settle(&old);
         assert_eq!(t.take_commits(), vec![(3, 5)], "the old settle does not count");
         t.settle(&new);
         assert_eq!(t.take_commits(), vec![(3, 6)]);
+    }
+
+    /// Defect 11.15: `begin()` on a partition this member does not own
+    /// started tracking it, so the member committed a position in a
+    /// partition another member owns.
+    #[test]
+    fn begin_on_an_untracked_partition_can_commit_another_members_offset() {
+        let t = OffsetTracker::default();
+        t.assign(&[0]);
+        assert!(t.begin(7, 100).is_none(), "partition 7 is not ours");
+        assert_eq!(t.take_commits(), vec![], "nothing of partition 7 is ever committed");
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    /// Defect 11.2: a `not_before` far in the future (or far in the past)
+    /// panicked `DelayQueue::insert` (or overflowed) and killed the reader.
+    #[tokio::test]
+    async fn one_kafka_message_kills_kfcs_reader() {
+        let now = 1_700_000_000_000;
+        assert_eq!(retry_wait(i64::MAX, now), Some(MAX_RETRY_DELAY));
+        assert_eq!(retry_wait(i64::MIN, now), None);
+        assert_eq!(retry_wait(now + 1500, now), Some(Duration::from_millis(1500)));
+        assert_eq!(retry_wait(now, now), None);
+        let mut q: DelayQueue<()> = DelayQueue::new();
+        for wait in [retry_wait(i64::MAX, now), retry_wait(now + 1, now)].into_iter().flatten() {
+            q.insert((), wait);
+        }
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn dead_letters_are_cut_to_fit_the_producer() {
+        let mut d = DeadLetter {
+            raw: vec![7u8; 3 * MAX_DEAD_LETTER_RAW].into(),
+            reason: "x".repeat(10_000),
+            ..Default::default()
+        };
+        fit_dead_letter(&mut d);
+        assert_eq!(d.raw.len(), MAX_DEAD_LETTER_RAW);
+        assert!(d.reason.len() <= MAX_DEAD_LETTER_REASON + 128, "{}", d.reason.len());
+        assert!(d.reason.contains("cut to"), "the letter says it was cut: {}", d.reason);
+    }
+
+    #[test]
+    fn produce_errors_are_classified() {
+        use rdkafka::error::RDKafkaErrorCode as C;
+        for permanent in
+            [C::MessageSizeTooLarge, C::TopicAuthorizationFailed, C::UnknownTopicOrPartition, C::InvalidRecord]
+        {
+            assert!(is_permanent(&KafkaError::MessageProduction(permanent)), "{permanent:?}");
+        }
+        for transient in [C::BrokerTransportFailure, C::MessageTimedOut, C::QueueFull, C::NotEnoughReplicas] {
+            assert!(!is_permanent(&KafkaError::MessageProduction(transient)), "{transient:?}");
+        }
     }
 
     #[test]

@@ -178,13 +178,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
     ));
     let worker_stop = CancellationToken::new();
-    let workers: Vec<_> = (0..args.workers.max(1))
-        .map(|_| {
-            let fill = fill.clone();
-            let stop = worker_stop.clone();
-            tokio::spawn(async move { fill.run(stop).await })
-        })
-        .collect();
+    let spawn_worker = |workers: &mut tokio::task::JoinSet<()>| {
+        let fill = fill.clone();
+        let stop = worker_stop.clone();
+        workers.spawn(async move { fill.run(stop).await });
+    };
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..args.workers.max(1) {
+        spawn_worker(&mut workers);
+    }
+    let reader = source.clone();
+    ready.add_check("miss topic reader", move || reader.is_reading());
     ready.set(true);
     tracing::info!(
         brokers = %args.kafka_brokers,
@@ -197,17 +201,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "kfc running"
     );
 
-    shutdown.cancelled().await;
+    // Supervision: a worker that ends before shutdown (a panic) is
+    // replaced; its batch was not settled and comes back. The reader is
+    // the consumer-group member itself: if it ever ends, the process stops
+    // with an error so its orchestrator restarts it (crash-only), after
+    // committing what is settled.
+    let mut failure = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = source.reader_stopped() => {
+                failure = Some(anyhow::anyhow!("the miss topic reader stopped unexpectedly"));
+                break;
+            }
+            Some(ended) = workers.join_next() => {
+                tracing::error!(error = ?ended.err(), "a fill worker ended; starting another");
+                metrics::counter!("kfc_worker_restarts_total").increment(1);
+                spawn_worker(&mut workers);
+            }
+        }
+    }
     ready.set(false);
     read_stop.cancel();
     worker_stop.cancel();
-    for w in workers {
-        let _ = w.await;
-    }
+    while workers.join_next().await.is_some() {}
     source.shutdown().await;
     retina_stop.cancel();
     ops_stop.cancel();
     let _ = ops_task.await;
     tracing::info!(unsettled = source.in_flight(), "kfc stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

@@ -48,7 +48,14 @@ impl Embedder for ScriptedEmbedder {
 }
 
 fn miss(key: &str, attempts: u32) -> MissEvent {
-    MissEvent { model: "m".into(), key: key.into(), first_seen_unix_ms: now_unix_ms(), attempts, not_before_unix_ms: 0 }
+    MissEvent {
+        model: "m".into(),
+        key: key.into(),
+        first_seen_unix_ms: now_unix_ms(),
+        attempts,
+        not_before_unix_ms: 0,
+        dim: 0,
+    }
 }
 
 struct Rig {
@@ -128,4 +135,23 @@ async fn an_unavailable_embedder_delays_every_miss_and_records_nothing() {
     assert!(retry.iter().all(|e| e.not_before_unix_ms > now_unix_ms()));
     let rows = r.store.get_many("m", &["a".into(), "b".into()]).await.expect("get");
     assert!(rows.iter().all(Option::is_none));
+}
+
+/// Defect 11.5: the front queues a key whose stored vector has another dim
+/// than the model serves, but the filler skipped any stored vector, so the
+/// key stayed `OOV_PENDING` for good; and a reply of the wrong dim was
+/// stored as it came.
+#[tokio::test]
+async fn a_stored_vector_of_the_wrong_dim_is_requeued_by_the_front_but_skipped_by_the_filler() {
+    let r = rig(vec![Ok(vec![EmbedOutcome::Vector(vec![1.0, 2.0, 3.0]), EmbedOutcome::Vector(vec![5.0])])]);
+    r.store.put_vectors("m", vec![("stale".into(), vec![9.0])]).await.expect("put");
+    let with_dim = |key: &str| MissEvent { dim: 3, ..miss(key, 0) };
+    let stats = r.fill.round(vec![(1, with_dim("stale")), (2, with_dim("short"))]).await.expect("round");
+    assert_eq!(*r.embedder.calls.lock().expect("lock"), vec![vec!["stale".to_string(), "short".to_string()]]);
+    assert_eq!((stats.embedded, stats.skipped, stats.retried), (1, 0, 1));
+    let rows = r.store.get_many("m", &["stale".into(), "short".into()]).await.expect("get");
+    assert!(matches!(&rows[0], Some(StoredRow::Vector { vector, .. }) if vector == &[1.0, 2.0, 3.0]), "re-embedded");
+    assert!(rows[1].is_none(), "a vector of the wrong dim is never stored");
+    let retry = r.source.settled.lock().expect("lock")[0].1.clone();
+    assert_eq!((retry[0].key.as_str(), retry[0].attempts), ("short", 1));
 }

@@ -1,18 +1,53 @@
 //! What every gRPC server of the project adds to its own services: the
 //! standard health service, reflection (so `grpcurl` works without .proto
-//! files), and transport settings tuned for large responses.
+//! files), transport settings tuned for large responses, and the limits
+//! (connections, streams, requests in flight) that keep a server's memory
+//! bounded under any load.
 
-use std::time::Duration;
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use tonic::transport::Server;
+use tonic::transport::{Server, server::Connected};
 
-/// A server builder with the project's transport settings.
+/// How much a gRPC server takes on at once. Past these it refuses rather
+/// than queues, so memory stays bounded whatever the clients do.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Open connections; further ones wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// HTTP/2 streams per connection (`SETTINGS_MAX_CONCURRENT_STREAMS`):
+    /// a client cannot open 10k streams on one connection.
+    pub max_streams_per_connection: u32,
+    /// Requests in progress across all connections; beyond it a request is
+    /// answered `RESOURCE_EXHAUSTED` at once (load shedding), never queued.
+    pub max_in_flight: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self { max_connections: 1024, max_streams_per_connection: 256, max_in_flight: 512 }
+    }
+}
+
+/// The layers [`server_builder`] puts around every service.
+pub type LimitLayers = tower::layer::util::Stack<
+    tower::limit::GlobalConcurrencyLimitLayer,
+    tower::layer::util::Stack<tower::load_shed::LoadShedLayer, tower::layer::util::Identity>,
+>;
+
+/// A server builder with the project's transport settings and limits.
 ///
 /// Responses carry matrices of hundreds of KiB: larger HTTP/2 windows and
 /// frames let one response go out without waiting on window updates;
 /// TCP_NODELAY keeps small replies from waiting on Nagle; keepalives find
-/// dead peers.
-pub fn server_builder(concurrency_per_connection: usize, request_timeout: Duration) -> Server {
+/// dead peers. Streams per connection are bounded, and a global
+/// concurrency limit behind a load shedder (tower) refuses work past
+/// `max_in_flight` with `RESOURCE_EXHAUSTED` instead of queueing it.
+pub fn server_builder(limits: &ServerLimits, request_timeout: Duration) -> Server<LimitLayers> {
     Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(4 << 20))
@@ -20,8 +55,10 @@ pub fn server_builder(concurrency_per_connection: usize, request_timeout: Durati
         .max_frame_size(Some((1 << 20) - 1))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .concurrency_limit_per_connection(concurrency_per_connection)
+        .max_concurrent_streams(Some(limits.max_streams_per_connection.max(1)))
         .timeout(request_timeout)
+        .layer(tower::load_shed::LoadShedLayer::new())
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_in_flight.max(1)))
 }
 
 /// Reflection services (v1 and v1alpha, for older grpcurl) over the
@@ -48,12 +85,168 @@ pub fn reflection(
     Ok((v1, v1alpha))
 }
 
-/// Accepted connections of `listener`, with TCP_NODELAY set on each.
-///
-/// `Server::tcp_nodelay` applies only when tonic binds the port itself. A
-/// server that binds its own listener (to know the bound address first)
-/// must set it per connection, or each small reply waits ~40 ms for the
-/// peer's delayed ACK (Nagle).
-pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// A listener [`incoming`] accepts from: TCP or a Unix socket.
+pub trait Accept: Send + 'static {
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static;
+    fn accept(&self) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept(&self) -> std::io::Result<Self::Io> {
+        let (stream, _) = tokio::net::TcpListener::accept(self).await?;
+        // `Server::tcp_nodelay` applies only when tonic binds the port
+        // itself; without it each small reply waits ~40 ms for the peer's
+        // delayed ACK (Nagle).
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept(&self) -> std::io::Result<Self::Io> {
+        Ok(tokio::net::UnixListener::accept(self).await?.0)
+    }
+}
+
+/// A connection holding one of [`incoming`]'s slots until it closes.
+#[derive(Debug)]
+pub struct LimitedIo<T> {
+    io: T,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<T: Connected> Connected for LimitedIo<T> {
+    type ConnectInfo = T::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for LimitedIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for LimitedIo<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// The first delay after an accept error that is not about one connection
+/// (out of file descriptors, memory); doubled up to [`MAX_ACCEPT_BACKOFF`].
+const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Whether an accept error concerns only the connection being accepted
+/// (the peer gave up): accept the next one at once.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionRefused | ConnectionAborted | ConnectionReset | Interrupted)
+}
+
+/// The connections of `listener`, at most `max_connections` open at once
+/// (each holds a slot until it closes; further clients wait in the
+/// kernel's backlog). An accept error such as EMFILE is logged, counted
+/// (`grpc_accept_errors_total`) and followed by a growing pause instead of
+/// a hot loop; the stream itself never ends or fails.
+pub fn incoming<L: Accept>(
+    listener: L,
+    max_connections: usize,
+) -> impl futures::Stream<Item = std::io::Result<LimitedIo<L::Io>>> + Send + 'static {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    futures::stream::unfold((listener, slots), |(listener, slots)| async move {
+        let slot = slots.clone().acquire_owned().await.ok()?;
+        let mut backoff = MIN_ACCEPT_BACKOFF;
+        loop {
+            match listener.accept().await {
+                Ok(io) => return Some((Ok(LimitedIo { io, _slot: slot }), (listener, slots))),
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, pause = ?backoff, "accepting a connection failed");
+                    metrics::counter!("grpc_accept_errors_total").increment(1);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener whose accepts fail with EMFILE a number of times.
+    struct Exhausted {
+        failures: std::sync::atomic::AtomicUsize,
+        inner: tokio::net::TcpListener,
+    }
+
+    impl Accept for Exhausted {
+        type Io = tokio::net::TcpStream;
+        async fn accept(&self) -> std::io::Result<Self::Io> {
+            if self.failures.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+                return Err(std::io::Error::from_raw_os_error(24)); // EMFILE
+            }
+            self.failures.store(0, std::sync::atomic::Ordering::SeqCst);
+            Ok(self.inner.accept().await?.0)
+        }
+    }
+
+    /// Defect 11.16: tonic's own accept loop retried EMFILE at once, a
+    /// hot loop burning a core while the process was out of descriptors.
+    #[tokio::test]
+    async fn the_accept_loop_spins_on_emfile() {
+        use futures::StreamExt;
+        let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = inner.local_addr().expect("addr");
+        let listener = Exhausted { failures: 5.into(), inner };
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let started = std::time::Instant::now();
+        let mut conns = Box::pin(incoming(listener, 4));
+        let first = conns.next().await.expect("a connection").expect("no error surfaces");
+        // 10 + 20 + 40 + 80 + 160 ms of pauses, not five instant retries.
+        assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
+        drop(first);
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_limit_wait_for_a_slot() {
+        use futures::StreamExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut conns = Box::pin(incoming(listener, 1));
+        let _a = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _b = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let first = conns.next().await.expect("stream").expect("conn");
+        let second = tokio::time::timeout(Duration::from_millis(200), conns.next()).await;
+        assert!(second.is_err(), "the second connection waits while the first is open");
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(5), conns.next()).await;
+        assert!(matches!(second, Ok(Some(Ok(_)))), "then it is accepted");
+    }
 }

@@ -34,16 +34,86 @@ pub fn install_recorder() -> Result<PrometheusHandle, BuildError> {
         .install_recorder()
 }
 
-/// Whether the process is ready for traffic (models loaded, listeners up).
-#[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+/// A named condition readiness depends on (the store breaker closed, the
+/// Kafka reader alive, ...), evaluated on every probe.
+type Check = (&'static str, Arc<dyn Fn() -> bool + Send + Sync>);
+
+/// Whether the process is ready for traffic: started (models loaded,
+/// listeners up; [`Readiness::set`]) and every registered check passing,
+/// so `/readyz` and gRPC health follow what the process can do now.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    started: Arc<AtomicBool>,
+    checks: Arc<std::sync::RwLock<Vec<Check>>>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness").field("started", &self.started).field("failing", &self.failing()).finish()
+    }
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+        self.started.store(ready, Ordering::Release);
     }
+
+    /// Adds a condition: while `ok` returns false the process is not ready,
+    /// and `/readyz` names it.
+    pub fn add_check(&self, name: &'static str, ok: impl Fn() -> bool + Send + Sync + 'static) {
+        self.checks.write().unwrap_or_else(|p| p.into_inner()).push((name, Arc::new(ok)));
+    }
+
+    /// The names of the conditions not met now (`started` first).
+    pub fn failing(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if !self.started.load(Ordering::Acquire) {
+            out.push("starting or stopping");
+        }
+        let checks = self.checks.read().unwrap_or_else(|p| p.into_inner());
+        out.extend(checks.iter().filter(|(_, ok)| !ok()).map(|(name, _)| *name));
+        out
+    }
+
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.failing().is_empty()
+    }
+
+    /// Keeps the gRPC health service's overall status (`""`) and `services`
+    /// in step with readiness, checked every `every`, until `stop`.
+    pub fn follow_in_health(
+        &self,
+        reporter: tonic_health::server::HealthReporter,
+        services: Vec<&'static str>,
+        every: std::time::Duration,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut last = None;
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let failing = this.failing();
+                let ready = failing.is_empty();
+                if last == Some(ready) {
+                    continue;
+                }
+                last = Some(ready);
+                let status = if ready {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tracing::warn!(?failing, "not ready");
+                    tonic_health::ServingStatus::NotServing
+                };
+                for name in std::iter::once("").chain(services.iter().copied()) {
+                    reporter.set_service_status(name, status).await;
+                }
+            }
+        })
     }
 }
 
@@ -82,7 +152,12 @@ pub async fn serve(
         .route(
             "/readyz",
             get(|State(s): State<OpsState>| async move {
-                if s.ready.get() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+                let failing = s.ready.failing();
+                if failing.is_empty() {
+                    (StatusCode::OK, "ready".to_owned())
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}", failing.join(", ")))
+                }
             }),
         )
         .with_state(OpsState { metrics, ready });

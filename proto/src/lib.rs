@@ -3,11 +3,14 @@
 //! - [`embark::v1`]: the cache front rankers call (`Lookup`, `Models`,
 //!   `Invalidate`) and the [`embark::v1::MissEvent`] queued for unknown keys.
 //! - [`retina::v1`]: the embedding worker (`Embed`, `Models`).
+//! - [`codec`]: the services' codec: prost behind a field-count guard.
 //! - [`EMBARK_DESCRIPTOR_SET`], [`RETINA_DESCRIPTOR_SET`]: compiled descriptors
 //!   for each server's gRPC reflection.
 //!
 //! Vectors cross the wire as one contiguous little-endian float32 matrix
 //! (`bytes`), never as repeated floats: a client wraps it without a copy.
+
+pub mod codec;
 
 pub mod embark {
     pub mod v1 {

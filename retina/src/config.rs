@@ -25,6 +25,9 @@ pub struct EngineArgs {
     /// Downloads in flight at once.
     #[arg(long, env = "RETINA_FETCH_CONCURRENCY", default_value_t = 32)]
     pub fetch_concurrency: usize,
+    /// Downloads in flight at once from one host.
+    #[arg(long, env = "RETINA_FETCH_PER_HOST", default_value_t = EngineConfig::default().fetch_per_host)]
+    pub fetch_per_host: usize,
     /// Largest image body downloaded, in bytes (enforced while streaming).
     #[arg(long, env = "RETINA_FETCH_MAX_BYTES", default_value_t = 16 << 20)]
     pub fetch_max_bytes: usize,
@@ -44,6 +47,10 @@ pub struct EngineArgs {
     /// e.g. 127.0.0.0/8 for a local image server). Empty: public addresses only.
     #[arg(long, env = "RETINA_FETCH_ALLOW_NETS", value_delimiter = ',')]
     pub fetch_allow_nets: Vec<IpNet>,
+    /// Ports image URLs may name (comma-separated). A URL whose host is an
+    /// address literal in --fetch-allow-nets may use any port.
+    #[arg(long, env = "RETINA_FETCH_ALLOW_PORTS", value_delimiter = ',', default_values_t = crate::fetch::DEFAULT_ALLOW_PORTS)]
+    pub fetch_allow_ports: Vec<u16>,
     /// Images decoded at once (decoding is CPU work; default: the CPU count).
     #[arg(long, env = "RETINA_DECODE_CONCURRENCY")]
     pub decode_concurrency: Option<usize>,
@@ -69,8 +76,10 @@ impl EngineArgs {
                 max_bytes: self.fetch_max_bytes,
                 max_redirects: self.fetch_max_redirects,
                 allow: self.fetch_allow_nets.clone(),
+                allow_ports: self.fetch_allow_ports.clone(),
             },
             fetch_concurrency: self.fetch_concurrency,
+            fetch_per_host: self.fetch_per_host,
             decode: DecodeLimits {
                 max_width: self.decode_max_side,
                 max_height: self.decode_max_side,

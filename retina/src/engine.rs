@@ -40,6 +40,10 @@ pub struct EngineConfig {
     pub fetch: FetchConfig,
     /// Downloads in flight at once (all image models together).
     pub fetch_concurrency: usize,
+    /// Downloads in flight at once from one host: a slow host (or a
+    /// trickle of URLs on an attacker's host) holds at most this many of
+    /// the `fetch_concurrency` slots.
+    pub fetch_per_host: usize,
     pub decode: DecodeLimits,
     /// Images decoded at once (CPU work on the blocking pool).
     pub decode_concurrency: usize,
@@ -54,6 +58,7 @@ impl Default for EngineConfig {
             max_input_bytes: 64 * 1024,
             fetch: FetchConfig::default(),
             fetch_concurrency: 32,
+            fetch_per_host: 8,
             decode: DecodeLimits::default(),
             decode_concurrency: 2,
         }
@@ -110,8 +115,49 @@ pub struct Engine {
     workers: BTreeMap<&'static str, Worker>,
     fetcher: Fetcher,
     fetch_slots: Arc<Semaphore>,
+    host_slots: HostSlots,
     decode_slots: Arc<Semaphore>,
     config: EngineConfig,
+}
+
+/// Download slots per host, created on first use and dropped when idle,
+/// so the map holds only hosts with downloads in flight.
+#[derive(Debug, Default)]
+struct HostSlots {
+    per_host: usize,
+    hosts: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
+}
+
+/// A held per-host slot; the host's entry goes when its last slot does.
+struct HostSlot<'a> {
+    slots: &'a HostSlots,
+    host: String,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl HostSlots {
+    async fn acquire(&self, host: &str) -> Option<HostSlot<'_>> {
+        let semaphore = {
+            let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+            hosts.entry(host.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(self.per_host.max(1)))).clone()
+        };
+        let permit = semaphore.acquire_owned().await.ok()?;
+        Some(HostSlot { slots: self, host: host.to_owned(), permit: Some(permit) })
+    }
+}
+
+impl Drop for HostSlot<'_> {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut hosts = self.slots.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map holds it, and every slot is free: the host is idle.
+        if let Some(s) = hosts.get(&self.host)
+            && Arc::strong_count(s) == 1
+            && s.available_permits() == self.slots.per_host.max(1)
+        {
+            hosts.remove(&self.host);
+        }
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -161,7 +207,7 @@ fn fetch_failure(e: FetchError) -> InputFailure {
     let code = match &e {
         FetchError::BadUrl(_) => FailureCode::InvalidInput,
         FetchError::Blocked(_) => FailureCode::BlockedAddress,
-        FetchError::NotFound { .. } => FailureCode::NotFound,
+        FetchError::NotFound { .. } | FetchError::UnknownHost(_) => FailureCode::NotFound,
         FetchError::ClientError { .. } => FailureCode::HttpError,
         FetchError::ServerError { .. } | FetchError::Unreachable(_) => FailureCode::Unavailable,
         FetchError::TooLarge { .. } => FailureCode::TooLarge,
@@ -218,6 +264,7 @@ impl Engine {
             workers,
             fetcher,
             fetch_slots: Arc::new(Semaphore::new(config.fetch_concurrency.max(1))),
+            host_slots: HostSlots { per_host: config.fetch_per_host, ..HostSlots::default() },
             decode_slots: Arc::new(Semaphore::new(config.decode_concurrency.max(1))),
             config,
         })
@@ -298,20 +345,24 @@ impl Engine {
         Ok(results)
     }
 
-    /// URL -> pixels: download (bounded concurrency), then decode and
-    /// preprocess on the blocking pool (bounded concurrency), so downloads
-    /// overlap each other and inference, and decoding never stalls the
-    /// runtime.
+    /// URL -> pixels: download (bounded concurrency, overall and per
+    /// host), then decode and preprocess on the blocking pool (bounded
+    /// concurrency), so downloads overlap each other and inference, and
+    /// decoding never stalls the runtime. A downloaded body keeps its
+    /// download slot until a decode slot is free, so bodies waiting to be
+    /// decoded are bounded by `fetch_concurrency` too.
     async fn prepare_image(&self, model: &str, url: &str) -> Result<Vec<f32>, InputFailure> {
         let started = Instant::now();
-        let bytes = {
-            let _slot =
-                self.fetch_slots.acquire().await.map_err(|_| failure(FailureCode::Internal, "stopped", true))?;
-            self.fetcher.fetch(url).await.map_err(fetch_failure)?
-        };
+        let stopped = || failure(FailureCode::Internal, "stopped", true);
+        let host = reqwest::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
+        let host_slot = self.host_slots.acquire(&host).await.ok_or_else(stopped)?;
+        let fetch_slot = self.fetch_slots.acquire().await.map_err(|_| stopped())?;
+        let bytes = self.fetcher.fetch(url).await.map_err(fetch_failure)?;
+        drop(host_slot);
         metrics::histogram!("retina_fetch_seconds", "model" => model.to_owned())
             .record(started.elapsed().as_secs_f64());
-        let _slot = self.decode_slots.acquire().await.map_err(|_| failure(FailureCode::Internal, "stopped", true))?;
+        let _slot = self.decode_slots.acquire().await.map_err(|_| stopped())?;
+        drop(fetch_slot);
         let limits = self.config.decode.clone();
         tokio::task::spawn_blocking(move || preprocess::prepare(&bytes, &limits))
             .await
@@ -400,4 +451,24 @@ fn run_model(spec: &'static ModelSpec, model: Box<dyn BatchModel>, rx: Receiver<
         }
     }
     tracing::info!(model = name, "model thread stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Defect 11.10: a slow host held download slots for everyone; now
+    /// each host has a few slots of its own, and idle hosts are forgotten.
+    #[tokio::test]
+    async fn slow_hosts_hold_fetch_slots_for_the_full_15_s() {
+        let slots = HostSlots { per_host: 2, ..HostSlots::default() };
+        let a1 = slots.acquire("slow.example").await.expect("slot");
+        let a2 = slots.acquire("slow.example").await.expect("slot");
+        let third = tokio::time::timeout(Duration::from_millis(50), slots.acquire("slow.example")).await;
+        assert!(third.is_err(), "a third download from the slow host waits");
+        let other = tokio::time::timeout(Duration::from_millis(50), slots.acquire("fast.example")).await;
+        assert!(other.is_ok_and(|s| s.is_some()), "another host is not held up");
+        drop((a1, a2));
+        assert!(slots.hosts.lock().expect("lock").is_empty(), "idle hosts leave the map");
+    }
 }

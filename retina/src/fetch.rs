@@ -38,7 +38,13 @@ pub struct FetchConfig {
     pub max_redirects: usize,
     /// Networks allowed despite being non-public (e.g. 127.0.0.0/8 in tests).
     pub allow: Vec<IpNet>,
+    /// Ports a URL may name (its scheme's default when it names none). A
+    /// URL whose host is an address literal inside `allow` may use any.
+    pub allow_ports: Vec<u16>,
 }
+
+/// The ports image URLs may use by default: the web's.
+pub const DEFAULT_ALLOW_PORTS: [u16; 4] = [80, 443, 8080, 8443];
 
 impl Default for FetchConfig {
     fn default() -> Self {
@@ -49,6 +55,7 @@ impl Default for FetchConfig {
             max_bytes: 16 << 20,
             max_redirects: 5,
             allow: Vec::new(),
+            allow_ports: DEFAULT_ALLOW_PORTS.to_vec(),
         }
     }
 }
@@ -74,6 +81,10 @@ pub enum FetchError {
     Timeout(String),
     #[error("unreachable: {0}")]
     Unreachable(String),
+    /// The host name does not exist (NXDOMAIN): permanent, unlike a
+    /// resolver that does not answer.
+    #[error("unknown host: {0}")]
+    UnknownHost(String),
 }
 
 impl FetchError {
@@ -98,21 +109,36 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || o[0] == 0
                 || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64.0.0/10 shared (CGNAT)
                 || (o[0] == 192 && o[1] == 0 && o[2] == 0) // 192.0.0.0/24 protocol assignments
+                || (o[0] == 192 && o[1] == 88 && o[2] == 99) // 192.88.99.0/24 6to4 relays
                 || (o[0] == 198 && (o[1] & 0xfe) == 18) // 198.18.0.0/15 benchmarking
+                || o == [168, 63, 129, 16] // Azure's host endpoint (wireserver)
                 || o[0] >= 240) // reserved
         }
         IpAddr::V6(v6) => {
+            let s = v6.segments();
+            // Forms that carry an IPv4 address: judge that address.
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public(IpAddr::V4(v4));
             }
-            let s = v6.segments();
+            let embedded = || std::net::Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+            if s[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified() {
+                return is_public(IpAddr::V4(embedded())); // IPv4-compatible ::a.b.c.d
+            }
+            if s[..4] == [0; 4] && s[4] == 0xffff && s[5] == 0 {
+                return is_public(IpAddr::V4(embedded())); // IPv4-translated ::ffff:0:a.b.c.d
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00 // unique local
                 || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated, still routed inside some sites)
                 || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-                || (s[0] == 0x64 && s[1] == 0xff9b)) // NAT64 (may reach private v4)
+                || (s[0] == 0x2001 && s[1] == 0) // Teredo: tunnels to any IPv4 address
+                || s[0] == 0x2002 // 6to4: tunnels to any IPv4 address
+                || (s[0] == 0x2001 && s[1] == 2 && s[2] == 0) // benchmarking
+                || (s[0] == 0x0100 && s[1..4] == [0; 3]) // discard-only
+                || (s[0] == 0x64 && s[1] == 0xff9b)) // NAT64, well-known and local (may reach private v4)
         }
     }
 }
@@ -120,6 +146,7 @@ pub fn is_public(ip: IpAddr) -> bool {
 #[derive(Debug, Clone)]
 struct AddressPolicy {
     allow: Arc<Vec<IpNet>>,
+    ports: Arc<Vec<u16>>,
 }
 
 impl AddressPolicy {
@@ -139,12 +166,31 @@ struct GuardedResolver {
 #[error("{0}")]
 struct BlockedAddress(String);
 
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NoSuchHost(String);
+
+/// Whether a getaddrinfo failure says the name does not exist (EAI_NONAME,
+/// EAI_NODATA), rather than that resolution failed for now (EAI_AGAIN).
+fn is_no_such_host(e: &std::io::Error) -> bool {
+    let text = e.to_string();
+    text.contains("Name or service not known") || text.contains("No address associated with hostname")
+}
+
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let policy = self.policy.clone();
         Box::pin(async move {
             let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), 0)).await {
+                Ok(addrs) => addrs.collect(),
+                Err(e) if is_no_such_host(&e) => {
+                    return Err(
+                        Box::new(NoSuchHost(name.as_str().to_owned())) as Box<dyn std::error::Error + Send + Sync>
+                    );
+                }
+                Err(e) => return Err(Box::new(e)),
+            };
             let (ok, refused): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| policy.permits(a.ip()));
             if ok.is_empty() {
                 let list: Vec<String> = refused.iter().map(|a| a.ip().to_string()).collect();
@@ -165,7 +211,8 @@ pub struct Fetcher {
 
 impl Fetcher {
     pub fn new(config: FetchConfig) -> Result<Self, FetchError> {
-        let policy = AddressPolicy { allow: Arc::new(config.allow.clone()) };
+        let policy =
+            AddressPolicy { allow: Arc::new(config.allow.clone()), ports: Arc::new(config.allow_ports.clone()) };
         let client = reqwest::Client::builder()
             .redirect(Policy::none())
             .dns_resolver(Arc::new(GuardedResolver { policy: policy.clone() }))
@@ -196,10 +243,20 @@ impl Fetcher {
             Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
             Some(url::Host::Domain(_)) => None, // checked by the resolver
         };
-        match ip {
-            Some(ip) if !self.policy.permits(ip) => Err(FetchError::Blocked(format!("{ip} is not a public address"))),
-            _ => Ok(()),
+        if let Some(ip) = ip
+            && !self.policy.permits(ip)
+        {
+            return Err(FetchError::Blocked(format!("{ip} is not a public address")));
         }
+        let port = url.port_or_known_default().unwrap_or(0);
+        let allowed_literal = ip.is_some_and(|ip| self.policy.allow.iter().any(|n| n.contains(&ip)));
+        if !allowed_literal && !self.policy.ports.contains(&port) {
+            return Err(FetchError::Blocked(format!(
+                "port {port} is not one image URLs may use ({:?}, --fetch-allow-ports)",
+                self.policy.ports
+            )));
+        }
+        Ok(())
     }
 
     async fn fetch_inner(&self, url: &str, deadline: Instant) -> Result<Vec<u8>, FetchError> {
@@ -269,6 +326,9 @@ fn classify(e: reqwest::Error) -> FetchError {
         if let Some(b) = s.downcast_ref::<BlockedAddress>() {
             return FetchError::Blocked(b.0.clone());
         }
+        if let Some(n) = s.downcast_ref::<NoSuchHost>() {
+            return FetchError::UnknownHost(n.0.clone());
+        }
         source = s.source();
     }
     if e.is_timeout() {
@@ -307,12 +367,41 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
             "ff02::1",
+            // Defect 11.12: forms that reach IPv4 or internal sites.
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::ffff:0:127.0.0.1",
+            "::ffff:0:a9fe:a9fe",
+            "2002:7f00:1::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "fec0::1",
+            "168.63.129.16",
+            "192.88.99.1",
+            "64:ff9b:1::a00:1",
         ] {
             assert!(!is_public(blocked.parse().expect("ip")), "{blocked} must be blocked");
         }
         for public in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"] {
             assert!(is_public(public.parse().expect("ip")), "{public} is public");
         }
+    }
+
+    /// Defect 11.12: any port was reachable on a public host (an internal
+    /// admin port behind a public address, a mail server).
+    #[tokio::test]
+    async fn ssrf_gaps() {
+        let f = Fetcher::new(FetchConfig::default()).expect("client");
+        for url in ["http://8.8.8.8:22/x.jpg", "http://8.8.8.8:6379/", "https://[2606:4700::1]:25/"] {
+            let e = f.fetch(url).await.expect_err("refused");
+            assert!(matches!(&e, FetchError::Blocked(m) if m.contains("port")), "{url}: {e}");
+        }
+        assert!(matches!(f.fetch("http://[::127.0.0.1]/x.jpg").await, Err(FetchError::Blocked(_))));
+        // An allowed network's literal may use any port (local test servers).
+        let local =
+            Fetcher::new(FetchConfig { allow: vec!["127.0.0.0/8".parse().expect("net")], ..FetchConfig::default() })
+                .expect("client");
+        let e = local.fetch("http://127.0.0.1:9/x.jpg").await.expect_err("nothing listens");
+        assert!(!matches!(e, FetchError::Blocked(_)), "{e}");
     }
 
     #[tokio::test]
@@ -324,6 +413,9 @@ mod tests {
         assert!(matches!(f.fetch("file:///etc/passwd").await, Err(FetchError::BadUrl(_))));
         assert!(matches!(f.fetch("not a url").await, Err(FetchError::BadUrl(_))));
         // A name that resolves to loopback is refused by the resolver.
-        assert!(matches!(f.fetch("http://localhost:9/x.jpg").await, Err(FetchError::Blocked(_))));
+        assert!(matches!(f.fetch("http://localhost/x.jpg").await, Err(FetchError::Blocked(_))));
+        // Defect 11.10: a name that does not exist was retried as transient.
+        let e = f.fetch("http://no-such-host.invalid/x.jpg").await.expect_err("NXDOMAIN");
+        assert!(matches!(e, FetchError::UnknownHost(_)) && !e.is_transient(), "{e:?}");
     }
 }

@@ -62,7 +62,12 @@ async fn main() -> anyhow::Result<()> {
     let engine = Arc::new(engine);
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<RetinaServer<RetinaService>>().await;
+    ready.follow_in_health(
+        health_reporter,
+        vec![<RetinaServer<RetinaService> as tonic::server::NamedService>::NAME],
+        Duration::from_millis(500),
+        shutdown.clone(),
+    );
     let (reflection_v1, reflection_v1alpha) = embark_ops::grpc::reflection(embark_proto::RETINA_DESCRIPTOR_SET)?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
@@ -70,12 +75,23 @@ async fn main() -> anyhow::Result<()> {
     let service = RetinaService::new(engine, args.max_request_inputs);
     ready.set(true);
     tracing::info!(grpc = %grpc_addr, metrics = %ops_addr, models = ?args.models, "retina serving");
-    embark_ops::grpc::server_builder(256, Duration::from_secs(60))
+    let limits = embark_ops::grpc::ServerLimits::default();
+    // No request is larger than a full batch of the longest inputs, and
+    // none carries more fields than a full batch: bounded memory per request.
+    let decode_limit =
+        args.max_request_inputs.saturating_mul(args.engine.max_input_bytes.saturating_add(4)).saturating_add(64 << 10);
+    embark_proto::codec::set_max_fields_per_message(args.max_request_inputs.saturating_add(16));
+    embark_ops::grpc::server_builder(&limits, Duration::from_secs(60))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(RetinaServer::new(service).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
-        .serve_with_incoming_shutdown(embark_ops::grpc::incoming(listener), shutdown.clone().cancelled_owned())
+        .add_service(
+            RetinaServer::new(service).max_decoding_message_size(decode_limit).max_encoding_message_size(64 << 20),
+        )
+        .serve_with_incoming_shutdown(
+            embark_ops::grpc::incoming(listener, limits.max_connections),
+            shutdown.clone().cancelled_owned(),
+        )
         .await
         .context("gRPC server")?;
     ready.set(false);

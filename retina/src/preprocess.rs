@@ -68,12 +68,32 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Decod
     if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
         return Err(DecodeError::Undecodable("truncated Jpeg: no end-of-image marker after the last scan".into()));
     }
+    // The RGB copy `to_rgb8` makes is part of a decode's memory: take it
+    // out of the budget the decoder gets (the header gives the size).
+    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| DecodeError::Undecodable(format!("{format:?}: {e}")))?;
+    if width == 0 || height == 0 {
+        return Err(DecodeError::Undecodable(format!("{format:?} of {width}x{height} pixels has no pixels")));
+    }
+    let rgb_copy = width as u64 * height as u64 * 3;
+    let too_large = || {
+        DecodeError::TooLarge(format!(
+            "{format:?} of {width}x{height} px over the limits ({}x{} px, {} MiB with its RGB copy)",
+            limits.max_width,
+            limits.max_height,
+            limits.max_alloc >> 20
+        ))
+    };
+    if width > limits.max_width || height > limits.max_height || rgb_copy > limits.max_alloc {
+        return Err(too_large());
+    }
     let mut l = image::Limits::default();
     l.max_image_width = Some(limits.max_width);
     l.max_image_height = Some(limits.max_height);
-    l.max_alloc = Some(limits.max_alloc);
+    l.max_alloc = Some(limits.max_alloc - rgb_copy);
     reader.limits(l);
-    reader.decode().map_err(|e| match e {
+    let img = reader.decode().map_err(|e| match e {
         image::ImageError::Limits(e) => DecodeError::TooLarge(format!(
             "{format:?} over the limits ({}x{} px, {} MiB): {e}",
             limits.max_width,
@@ -82,18 +102,57 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Decod
         )),
         image::ImageError::Unsupported(e) => DecodeError::NotAnImage(e.to_string()),
         other => DecodeError::Undecodable(format!("{format:?}: {other}")),
-    })
+    })?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err(DecodeError::Undecodable(format!("{format:?} decoded to {}x{} pixels", img.width(), img.height())));
+    }
+    Ok(img)
 }
 
-/// Whether a JPEG has its end-of-image marker (FF D9) after the last
-/// start-of-scan (FF DA). JPEG decoders fill a truncated scan with gray
-/// and succeed; Pillow refuses such a file, and so do we. Inside a scan
-/// every 0xFF data byte is stuffed with 0x00, so FF D9 there is the marker.
+/// Whether a JPEG reaches its end-of-image marker (FF D9), walking its
+/// segments from the start: JPEG decoders fill a truncated scan with gray
+/// and succeed; Pillow refuses such a file, and so do we. Whatever follows
+/// the end-of-image marker (a motion photo's video, an appended thumbnail)
+/// is not looked at, as Pillow does not.
 fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    let sos = bytes.windows(2).rposition(|w| w == [0xff, 0xda]);
-    match sos {
-        Some(at) => bytes[at..].windows(2).any(|w| w == [0xff, 0xd9]),
-        None => false,
+    if !bytes.starts_with(&[0xff, 0xd8]) {
+        return false;
+    }
+    let mut i = 2;
+    loop {
+        // Fill bytes (FF FF ...) may precede a marker.
+        while bytes.get(i) == Some(&0xff) && bytes.get(i + 1) == Some(&0xff) {
+            i += 1;
+        }
+        let (Some(&0xff), Some(&marker)) = (bytes.get(i), bytes.get(i + 1)) else {
+            return false;
+        };
+        i += 2;
+        match marker {
+            0xd9 => return true,
+            // Markers without a length: TEM, RSTn.
+            0x01 | 0xd0..=0xd7 => continue,
+            _ => {}
+        }
+        let Some(len) = bytes.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize) else {
+            return false;
+        };
+        if len < 2 {
+            return false;
+        }
+        i += len;
+        if marker == 0xda {
+            // Entropy-coded data: every FF in it is followed by 00 (stuffing)
+            // or a restart marker; anything else is the next marker.
+            loop {
+                match (bytes.get(i), bytes.get(i + 1)) {
+                    (Some(&0xff), Some(&(0x00 | 0xd0..=0xd7))) => i += 2,
+                    (Some(&0xff), Some(_)) => break,
+                    (Some(_), _) => i += 1,
+                    (None, _) => return false,
+                }
+            }
+        }
     }
 }
 
@@ -123,14 +182,16 @@ pub fn to_rgb8(img: DynamicImage) -> Rgb8 {
 /// Pillow's fixed-point precision for 8-bit resampling.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
-/// For each output position: first input index and fixed-point weights.
-/// A port of Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the
-/// bilinear (triangle) filter, support scaled when downsampling.
-fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+/// For output positions `window` of `out_size`: first input index and
+/// fixed-point weights. A port of Pillow's `precompute_coeffs` +
+/// `normalize_coeffs_8bpc` for the bilinear (triangle) filter, support
+/// scaled when downsampling. Only the crop window is computed: a 1x8192
+/// image resizes to 256x2097152, whose full table would take ~100 MB.
+fn coefficients(in_size: usize, out_size: usize, window: std::ops::Range<usize>) -> Vec<(usize, Vec<i32>)> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filterscale; // triangle support 1.0, scaled
-    (0..out_size)
+    window
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
             let ss = 1.0 / filterscale;
@@ -174,21 +235,26 @@ pub fn resized_size(width: usize, height: usize) -> (usize, usize) {
 
 /// Shorter side to 256 (antialiased bilinear), centre crop 224, normalise.
 /// Only the crop window is computed; each output pixel is what Pillow's
-/// full resize would give there. Returns `224 * 224 * 3` HWC values.
-pub fn resize_crop_normalize(img: &Rgb8) -> Vec<f32> {
-    let (w, h) = (img.width.max(1), img.height.max(1));
+/// full resize would give there. Returns `224 * 224 * 3` HWC values; an
+/// image without pixels, or whose pixels do not match its size, is refused.
+pub fn resize_crop_normalize(img: &Rgb8) -> Result<Vec<f32>, DecodeError> {
+    let (w, h) = (img.width, img.height);
+    if w == 0 || h == 0 || img.pixels.len() != w * h * 3 {
+        return Err(DecodeError::Undecodable(format!("{w}x{h} image with {} bytes of pixels", img.pixels.len())));
+    }
     let (nw, nh) = resized_size(w, h);
     let (left, top) = ((nw.saturating_sub(INPUT_SIZE)) / 2, (nh.saturating_sub(INPUT_SIZE)) / 2);
     let side = INPUT_SIZE;
 
     // Horizontal pass (skipped when the width does not change, as Pillow
-    // does), over the input rows the vertical pass will read.
-    let hcoef = (nw != w).then(|| coefficients(w, nw));
-    let vcoef = (nh != h).then(|| coefficients(h, nh));
+    // does), over the input rows the vertical pass will read. Coefficient
+    // tables are indexed from the window's start.
+    let hcoef = (nw != w).then(|| coefficients(w, nw, left..left + side));
+    let vcoef = (nh != h).then(|| coefficients(h, nh, top..top + side));
     let rows: Vec<usize> = match &vcoef {
         Some(v) => {
-            let first = v[top].0;
-            let last = v[top + side - 1].0 + v[top + side - 1].1.len();
+            let first = v[0].0;
+            let last = v[side - 1].0 + v[side - 1].1.len();
             (first..last).collect()
         }
         None => (top..top + side).collect(),
@@ -204,7 +270,7 @@ pub fn resize_crop_normalize(img: &Rgb8) -> Vec<f32> {
             for c in 0..3 {
                 dst[ox * 3 + c] = match &hcoef {
                     Some(coef) => {
-                        let (xmin, k) = &coef[xx];
+                        let (xmin, k) = &coef[ox];
                         let acc = k.iter().enumerate().fold(half, |a, (i, kv)| a + src[(xmin + i) * 3 + c] as i32 * kv);
                         clip8(acc)
                     }
@@ -220,7 +286,7 @@ pub fn resize_crop_normalize(img: &Rgb8) -> Vec<f32> {
             for c in 0..3 {
                 let v = match &vcoef {
                     Some(coef) => {
-                        let (ymin, k) = &coef[yy];
+                        let (ymin, k) = &coef[oy];
                         let acc = k
                             .iter()
                             .enumerate()
@@ -233,12 +299,12 @@ pub fn resize_crop_normalize(img: &Rgb8) -> Vec<f32> {
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Decode, convert and preprocess in one go.
 pub fn prepare(bytes: &[u8], limits: &DecodeLimits) -> Result<Vec<f32>, DecodeError> {
-    Ok(resize_crop_normalize(&to_rgb8(decode(bytes, limits)?)))
+    resize_crop_normalize(&to_rgb8(decode(bytes, limits)?))
 }
 
 #[cfg(test)]
@@ -256,7 +322,7 @@ mod tests {
     #[test]
     fn coefficients_sum_to_one_in_fixed_point() {
         for (i, o) in [(600, 256), (14, 256), (1000, 256), (256, 256)] {
-            for (_, k) in coefficients(i, o) {
+            for (_, k) in coefficients(i, o, 0..o) {
                 let s: i64 = k.iter().map(|v| *v as i64).sum();
                 assert!((s - (1 << PRECISION_BITS)).abs() <= k.len() as i64, "{i}->{o}: {s}");
             }
@@ -278,5 +344,73 @@ mod tests {
         assert!(decode(&jpeg, &DecodeLimits::default()).is_ok());
         let e = decode(&jpeg[..jpeg.len() - 10], &DecodeLimits::default()).expect_err("truncated");
         assert!(e.to_string().contains("truncated Jpeg"), "{e}");
+    }
+
+    fn jpeg(width: u32, height: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([(x * 7) as u8, (y * 3) as u8, 99]));
+        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Jpeg).expect("encode");
+        out
+    }
+
+    /// Defect 11.14: the last FF DA of the file was taken as the last scan,
+    /// so a JPEG followed by other data (a motion photo's video holding an
+    /// FF DA and no FF D9) was refused, although Pillow decodes it.
+    #[test]
+    fn the_truncated_jpeg_check_refuses_jpegs_with_trailing_data() {
+        let mut motion = jpeg(64, 48);
+        motion.extend_from_slice(b"\x00\x00\x00\x18ftypmp42");
+        motion.extend_from_slice(&[0xff, 0xda, 0x00, 0x0c, 1, 2, 3, 0xff, 0x00, 9, 9]);
+        let img = decode(&motion, &DecodeLimits::default()).expect("decodes like Pillow");
+        assert_eq!((img.width(), img.height()), (64, 48));
+        // Still refused: cut inside the scan.
+        let plain = jpeg(64, 48);
+        assert!(decode(&plain[..plain.len() - 40], &DecodeLimits::default()).is_err());
+    }
+
+    /// A BMP header saying 0x0 pixels.
+    fn empty_bmp() -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"BM");
+        b.extend_from_slice(&54u32.to_le_bytes()); // file size
+        b.extend_from_slice(&[0; 4]);
+        b.extend_from_slice(&54u32.to_le_bytes()); // pixel data offset
+        b.extend_from_slice(&40u32.to_le_bytes()); // BITMAPINFOHEADER
+        b.extend_from_slice(&0i32.to_le_bytes()); // width
+        b.extend_from_slice(&0i32.to_le_bytes()); // height
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&24u16.to_le_bytes());
+        b.extend_from_slice(&[0; 24]);
+        b
+    }
+
+    /// Defect 11.13: a 0x0 image reached an out-of-bounds index in the
+    /// resize (a panic in the decode pool).
+    #[test]
+    fn a_0x0_gif_or_bmp_reaches_an_out_of_bounds_index_in_the_resize() {
+        let empty = Rgb8 { width: 0, height: 0, pixels: Vec::new() };
+        assert!(resize_crop_normalize(&empty).is_err());
+        let lying = Rgb8 { width: 10, height: 10, pixels: vec![0; 3] };
+        assert!(resize_crop_normalize(&lying).is_err());
+        assert!(prepare(&empty_bmp(), &DecodeLimits::default()).is_err());
+    }
+
+    /// Defect 11.9: resize coefficients covered the whole resized axis (a
+    /// 1x8192 image built ~100 MB of tables), and the RGB copy was not in
+    /// the decode budget.
+    #[test]
+    fn retina_memory_exceeds_its_bounds() {
+        let tall = Rgb8 { width: 1, height: 8192, pixels: vec![128; 8192 * 3] };
+        let out = resize_crop_normalize(&tall).expect("resized");
+        assert_eq!(out.len(), INPUT_SIZE * INPUT_SIZE * 3);
+        // Same pixels as the full-table computation would give: a flat
+        // image stays flat.
+        assert!(out.iter().all(|v| (*v - (128.0 - 127.0) / 128.0).abs() < 1e-6));
+        // 1000x1000 RGB is 3 MB of copy: a 3.5 MB budget leaves too little
+        // for the decode itself, counted together.
+        let jpeg = jpeg(1000, 1000);
+        let limits = DecodeLimits { max_width: 8192, max_height: 8192, max_alloc: 3_000_000 };
+        assert!(matches!(decode(&jpeg, &limits), Err(DecodeError::TooLarge(_))));
+        assert!(decode(&jpeg, &DecodeLimits::default()).is_ok());
     }
 }

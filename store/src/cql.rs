@@ -26,7 +26,8 @@ use scylla::{
 };
 
 use crate::{
-    EmbeddingStore, FailureRecord, ScanCursor, ScanPage, StoreError, StoredRow, now_unix_ms, row, storage_key,
+    EmbeddingStore, FailureRecord, Filled, FilledRow, ScanCursor, ScanPage, StoreError, StoredRow, now_unix_ms, row,
+    storage_key,
 };
 
 #[derive(Debug, Clone)]
@@ -232,13 +233,13 @@ impl CqlStore {
             return Ok(None);
         };
         let at = created.map(|t| t.0).unwrap_or(0);
-        let corrupt = |reason: String| StoreError::Corrupt { model: model.to_owned(), reason };
+        let corrupt = |reason: String| Ok(Some(StoredRow::Corrupt { reason }));
         match status.unwrap_or(row::STATUS_VECTOR as i32) as u8 {
             row::STATUS_VECTOR => {
                 let bytes = vector.unwrap_or_default();
                 let dim = dim.unwrap_or(0).max(0) as usize;
                 if bytes.len() != dim * 4 {
-                    return Err(corrupt(format!("key {key:?}: dim {dim} but {} vector bytes", bytes.len())));
+                    return corrupt(format!("dim {dim} but {} vector bytes", bytes.len()));
                 }
                 let vector = embark_proto::f32_from_le(&bytes).unwrap_or_default();
                 Ok(Some(StoredRow::Vector { vector, created_at_ms: at }))
@@ -248,34 +249,32 @@ impl CqlStore {
                 reason: reason.unwrap_or_default(),
                 at_unix_ms: at,
             }))),
-            s => Err(corrupt(format!("key {key:?}: unknown status {s}"))),
+            s => corrupt(format!("unknown status {s}")),
         }
     }
 
-    async fn write_all(
-        &self,
-        model: &str,
-        rows: Vec<(String, Option<Vec<f32>>, Option<FailureRecord>)>,
-    ) -> Result<(), StoreError> {
+    /// Writes rows, each with its CQL write timestamp (microseconds): the
+    /// newest timestamp wins, deletes included, which is how a stale fill
+    /// loses to an Invalidate (see `put_filled`).
+    async fn write_all(&self, model: &str, rows: Vec<(String, Filled, i64)>) -> Result<(), StoreError> {
         let now = now_unix_ms();
         stream::iter(rows)
-            .map(|(key, vector, failure)| async move {
+            .map(|(key, value, write_ts)| async move {
                 let skey = storage_key(&key).into_owned();
-                let done = match (vector, failure) {
-                    (Some(v), _) => {
+                let done = match value {
+                    Filled::Vector(v) => {
                         let mut blob = Vec::with_capacity(v.len() * 4);
                         for x in &v {
                             blob.extend_from_slice(&x.to_le_bytes());
                         }
                         let values = (model, skey, blob, v.len() as i32, row::STATUS_VECTOR as i32, CqlTimestamp(now));
-                        self.session.execute_unpaged(&self.put_vector, values).await
+                        self.session.execute_unpaged(&at(&self.put_vector, write_ts), values).await
                     }
-                    (None, Some(f)) => {
+                    Filled::Failure(f) => {
                         let values =
                             (model, skey, row::STATUS_FAILED as i32, f.code, f.reason, CqlTimestamp(f.at_unix_ms));
-                        self.session.execute_unpaged(&self.put_failure, values).await
+                        self.session.execute_unpaged(&at(&self.put_failure, write_ts), values).await
                     }
-                    (None, None) => return Ok(()),
                 };
                 done.map(|_| ()).map_err(cql_err)
             })
@@ -284,6 +283,19 @@ impl CqlStore {
             .await
             .map(|_| ())
     }
+}
+
+/// `statement` with an explicit write timestamp (microseconds).
+fn at(statement: &PreparedStatement, ts: i64) -> PreparedStatement {
+    let mut s = statement.clone();
+    s.set_timestamp(Some(ts));
+    s
+}
+
+/// Microseconds since the Unix epoch: the CQL write timestamp of a write
+/// made now (client-side, so deletes and fills compare on one clock).
+fn now_micros() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
 #[async_trait]
@@ -298,12 +310,38 @@ impl EmbeddingStore for CqlStore {
             .await
     }
 
+    /// One query per key, answered in completion order: what arrived before
+    /// a caller's deadline is kept, and one key's error is that key's alone.
+    async fn get_each(&self, model: &str, keys: &[String], sink: &mut (dyn FnMut(usize, crate::RowRead) + Send)) {
+        let mut reads = stream::iter(0..keys.len())
+            .map(|i| async move { (i, self.get_one(model, &keys[i]).await.map_err(std::sync::Arc::new)) })
+            .buffer_unordered(self.concurrency);
+        while let Some((i, read)) = reads.next().await {
+            sink(i, read);
+        }
+    }
+
     async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
-        self.write_all(model, rows.into_iter().map(|(k, v)| (k, Some(v), None)).collect()).await
+        let ts = now_micros();
+        self.write_all(model, rows.into_iter().map(|(k, v)| (k, Filled::Vector(v), ts)).collect()).await
     }
 
     async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
-        self.write_all(model, rows.into_iter().map(|(k, f)| (k, None, Some(f))).collect()).await
+        let ts = now_micros();
+        self.write_all(model, rows.into_iter().map(|(k, f)| (k, Filled::Failure(f), ts)).collect()).await
+    }
+
+    /// Each row is written with the time its input was seen (the end of
+    /// that millisecond) as its CQL timestamp: a delete made after that
+    /// has a newer timestamp and wins, with no read before the write.
+    async fn put_filled(&self, model: &str, rows: Vec<FilledRow>) -> Result<Vec<bool>, StoreError> {
+        let n = rows.len();
+        let rows =
+            rows.into_iter().map(|r| (r.key, r.value, r.seen_at_ms.saturating_mul(1000).saturating_add(999))).collect();
+        self.write_all(model, rows).await?;
+        // Whether the store kept a row is settled by timestamps on the
+        // replicas; the caller counts it as written.
+        Ok(vec![true; n])
     }
 
     async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError> {
@@ -324,10 +362,8 @@ impl EmbeddingStore for CqlStore {
             }
             let bytes = vector.unwrap_or_default();
             if bytes.len() != dim.unwrap_or(0).max(0) as usize * 4 {
-                return Err(StoreError::Corrupt {
-                    model: model.to_owned(),
-                    reason: format!("key {key:?}: dim {dim:?} but {} vector bytes", bytes.len()),
-                });
+                crate::skip_corrupt(model, &key, &format!("dim {dim:?} but {} vector bytes", bytes.len()));
+                continue;
             }
             out.rows.push((key, embark_proto::f32_from_le(&bytes).unwrap_or_default()));
         }
@@ -339,10 +375,12 @@ impl EmbeddingStore for CqlStore {
     }
 
     async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
+        let delete = at(&self.delete, now_micros());
+        let delete = &delete;
         stream::iter(0..keys.len())
             .map(|i| async move {
                 let skey = storage_key(&keys[i]);
-                self.session.execute_unpaged(&self.delete, (model, skey.as_ref())).await.map(|_| ()).map_err(cql_err)
+                self.session.execute_unpaged(delete, (model, skey.as_ref())).await.map(|_| ()).map_err(cql_err)
             })
             .buffer_unordered(self.concurrency)
             .try_collect::<Vec<()>>()

@@ -74,9 +74,8 @@ impl EmbeddedStore {
                 let skey = storage_key(key);
                 match table.get((model, skey.as_ref())).map_err(db_err)? {
                     None => Ok(None),
-                    Some(v) => row::decode(v.value())
-                        .map(Some)
-                        .map_err(|reason| StoreError::Corrupt { model: model.to_owned(), reason }),
+                    Some(v) if row::deleted_at(v.value()).is_some() => Ok(None),
+                    Some(v) => Ok(Some(row::decode_or_corrupt(v.value()))),
                 }
             })
             .collect()
@@ -125,9 +124,13 @@ impl EmbeddedStore {
                 break;
             }
             last = Some(key.to_owned());
-            match row::decode(v.value()).map_err(|reason| StoreError::Corrupt { model: model.to_owned(), reason })? {
+            if row::deleted_at(v.value()).is_some() {
+                continue;
+            }
+            match row::decode_or_corrupt(v.value()) {
                 StoredRow::Vector { vector, .. } => out.rows.push((key.to_owned(), vector)),
                 StoredRow::Failed(_) => {}
+                StoredRow::Corrupt { reason } => crate::skip_corrupt(model, key, &reason),
             }
         }
         out.next = if more { last.map(|k| ScanCursor(k.into_bytes())) } else { None };
@@ -179,9 +182,47 @@ impl EmbeddingStore for EmbeddedStore {
         .await
     }
 
+    /// Records each delete (a small row) rather than removing the key, so
+    /// that [`EmbeddingStore::put_filled`] can tell a fill that began
+    /// before the delete; any later write replaces the record.
     async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
         let (model, keys) = (model.to_owned(), keys.to_vec());
-        self.blocking(move |s| s.write_blocking(&model, keys.into_iter().map(|k| (k, None)))).await
+        let now = crate::now_unix_ms();
+        self.blocking(move |s| s.write_blocking(&model, keys.into_iter().map(|k| (k, Some(row::encode_deleted(now))))))
+            .await
+    }
+
+    async fn put_filled(&self, model: &str, rows: Vec<crate::FilledRow>) -> Result<Vec<bool>, StoreError> {
+        let model = model.to_owned();
+        let now = crate::now_unix_ms();
+        self.blocking(move |s| {
+            let txn = s.db.begin_write().map_err(db_err)?;
+            let mut written = Vec::with_capacity(rows.len());
+            {
+                let mut table = txn.open_table(EMBEDDINGS).map_err(db_err)?;
+                for r in rows {
+                    let skey = storage_key(&r.key);
+                    let deleted = table
+                        .get((model.as_str(), skey.as_ref()))
+                        .map_err(db_err)?
+                        .and_then(|v| row::deleted_at(v.value()));
+                    // Deleted after the input was seen: this fill is stale.
+                    if deleted.is_some_and(|at| at > r.seen_at_ms) {
+                        written.push(false);
+                        continue;
+                    }
+                    let value = match &r.value {
+                        crate::Filled::Vector(v) => row::encode_vector(v, now),
+                        crate::Filled::Failure(f) => row::encode_failure(f),
+                    };
+                    table.insert((model.as_str(), skey.as_ref()), value.as_slice()).map_err(db_err)?;
+                    written.push(true);
+                }
+            }
+            txn.commit().map_err(db_err)?;
+            Ok(written)
+        })
+        .await
     }
 }
 
@@ -287,6 +328,7 @@ mod tests {
             first_seen_unix_ms: 1,
             attempts: 0,
             not_before_unix_ms: not_before,
+            dim: 0,
         }
     }
 
@@ -341,6 +383,52 @@ mod tests {
         s.delete("m", &["a".to_string()]).await.expect("delete");
         assert!(s.get_many("m", &keys).await.expect("get")[0].is_none());
         assert_eq!(s.pending_misses().len().expect("len"), 2);
+    }
+
+    /// Defect 11.7: one row that did not decode failed every key of the
+    /// batch (and its scan), so a single torn write blinded whole Lookups.
+    #[tokio::test]
+    async fn one_corrupt_row_fails_the_whole_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
+        s.put_vectors("m", vec![("a".into(), vec![1.0]), ("c".into(), vec![3.0])]).await.expect("put");
+        s.write_blocking(
+            "m",
+            std::iter::once(("b".to_owned(), Some(vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]))),
+        )
+        .expect("raw write");
+        let keys: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let rows = s.get_many("m", &keys).await.expect("the batch is answered");
+        assert!(matches!(&rows[0], Some(StoredRow::Vector { vector, .. }) if vector == &[1.0]));
+        assert!(matches!(&rows[1], Some(StoredRow::Corrupt { .. })), "{:?}", rows[1]);
+        assert!(matches!(&rows[2], Some(StoredRow::Vector { vector, .. }) if vector == &[3.0]));
+        let page = s.scan("m", None, 10).await.expect("the scan skips the corrupt row");
+        let keys: Vec<&str> = page.rows.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["a", "c"]);
+    }
+
+    /// Defect 11.8 (the store's half): a fill that was under way when an
+    /// Invalidate deleted the key wrote the old vector back.
+    #[tokio::test]
+    async fn a_fill_in_flight_puts_back_what_an_invalidate_deleted() {
+        use crate::{Filled, FilledRow};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
+        s.put_vectors("m", vec![("k".into(), vec![1.0])]).await.expect("put");
+        let seen_before = crate::now_unix_ms() - 1000;
+        s.delete("m", &["k".to_string()]).await.expect("delete");
+        let fill = |seen_at_ms, x| FilledRow { key: "k".into(), seen_at_ms, value: Filled::Vector(vec![x]) };
+        assert_eq!(s.put_filled("m", vec![fill(seen_before, 2.0)]).await.expect("fill"), vec![false]);
+        assert!(s.get_many("m", &["k".to_string()]).await.expect("get")[0].is_none(), "the delete won");
+        assert!(s.scan("m", None, 10).await.expect("scan").rows.is_empty(), "a delete record is not a row");
+        // The miss the Invalidate queued is seen after the delete: it fills.
+        let seen_after = crate::now_unix_ms();
+        assert_eq!(s.put_filled("m", vec![fill(seen_after, 3.0)]).await.expect("fill"), vec![true]);
+        let rows = s.get_many("m", &["k".to_string()]).await.expect("get");
+        assert!(matches!(&rows[0], Some(StoredRow::Vector { vector, .. }) if vector == &[3.0]));
+        // A key never deleted takes any fill.
+        let other = FilledRow { key: "new".into(), seen_at_ms: 0, value: Filled::Vector(vec![4.0]) };
+        assert_eq!(s.put_filled("m", vec![other]).await.expect("fill"), vec![true]);
     }
 
     #[test]

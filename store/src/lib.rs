@@ -28,15 +28,30 @@ pub use row::{FailureRecord, StoredRow};
 /// URLs, long texts) under `storage_key`'s hash.
 pub const MAX_INLINE_KEY_BYTES: usize = 256;
 
-/// The key under which `key` is stored: itself when short, else a stable
-/// 128-bit hash (`h128:` + 32 hex digits). xxh3-128 is stable across
-/// versions and platforms; a collision needs ~2^64 distinct long keys.
+/// The prefix of a hashed storage key. No inline key starts with it (such
+/// a key is hashed too), so the two kinds never share a row.
+pub const HASHED_KEY_PREFIX: &str = "h256:";
+
+/// The key under which `key` is stored: itself when short and not looking
+/// like a hashed key, else `h256:` + the 64 hex digits of its SHA-256.
+///
+/// Keys are chosen by whoever publishes URLs, so the hash must resist a
+/// crafted collision (one would let a URL overwrite another's row):
+/// SHA-256, not a fast non-cryptographic hash. Stable across versions and
+/// platforms, as stored rows require.
 pub fn storage_key(key: &str) -> Cow<'_, str> {
-    if key.len() <= MAX_INLINE_KEY_BYTES {
-        Cow::Borrowed(key)
-    } else {
-        Cow::Owned(format!("h128:{:032x}", xxhash_rust::xxh3::xxh3_128(key.as_bytes())))
+    if key.len() <= MAX_INLINE_KEY_BYTES && !key.starts_with(HASHED_KEY_PREFIX) {
+        return Cow::Borrowed(key);
     }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let mut out = String::with_capacity(HASHED_KEY_PREFIX.len() + 64);
+    out.push_str(HASHED_KEY_PREFIX);
+    for b in digest {
+        use std::fmt::Write;
+        let _ = write!(out, "{b:02x}");
+    }
+    Cow::Owned(out)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +68,25 @@ pub enum StoreError {
     Config(String),
 }
 
+/// What a fill writes for one key ([`EmbeddingStore::put_filled`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilledRow {
+    pub key: String,
+    /// When the input was first seen missing (ms since the epoch).
+    pub seen_at_ms: i64,
+    pub value: Filled,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Filled {
+    Vector(Vec<f32>),
+    Failure(FailureRecord),
+}
+
+/// One key's read in [`EmbeddingStore::get_each`]: its row (`None`: nothing
+/// stored) or the store's error, shared when one error fails many keys.
+pub type RowRead = Result<Option<StoredRow>, std::sync::Arc<StoreError>>;
+
 /// The embeddings table, one row per (model, key).
 ///
 /// Batch methods take a model and many keys because that is how both sides
@@ -62,11 +96,50 @@ pub trait EmbeddingStore: Send + Sync + 'static {
     /// The row of each key, in order; `None` where nothing is stored.
     async fn get_many(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError>;
 
+    /// Reads the keys and hands each row to `sink` (with the key's index)
+    /// as soon as it arrives, so a caller with a deadline keeps what came
+    /// in time. A key's own failure goes to `sink` and does not stop the
+    /// others. The default reads the whole batch with `get_many`, right for
+    /// a store whose batch read is one local transaction.
+    async fn get_each(&self, model: &str, keys: &[String], sink: &mut (dyn FnMut(usize, RowRead) + Send)) {
+        match self.get_many(model, keys).await {
+            Ok(rows) => rows.into_iter().enumerate().for_each(|(i, r)| sink(i, Ok(r))),
+            Err(e) => {
+                let e = std::sync::Arc::new(e);
+                (0..keys.len()).for_each(|i| sink(i, Err(e.clone())))
+            }
+        }
+    }
+
     /// Stores vectors, replacing any previous row (vector or failure).
     async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError>;
 
     /// Stores failure records for inputs that cannot be embedded.
     async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError>;
+
+    /// Stores what a fill found for inputs it saw at `seen_at_ms` (the
+    /// miss's first sighting), unless the key was deleted after that: an
+    /// Invalidate wins against a fill that was already under way when it
+    /// ran (the miss the Invalidate queued fills the key again). Returns,
+    /// per row, whether it was written. The default writes every row, for
+    /// stores without deletes to respect.
+    async fn put_filled(&self, model: &str, rows: Vec<FilledRow>) -> Result<Vec<bool>, StoreError> {
+        let n = rows.len();
+        let (mut vectors, mut failures) = (Vec::new(), Vec::new());
+        for r in rows {
+            match r.value {
+                Filled::Vector(v) => vectors.push((r.key, v)),
+                Filled::Failure(f) => failures.push((r.key, f)),
+            }
+        }
+        if !vectors.is_empty() {
+            self.put_vectors(model, vectors).await?;
+        }
+        if !failures.is_empty() {
+            self.put_failures(model, failures).await?;
+        }
+        Ok(vec![true; n])
+    }
 
     /// Forgets the rows of these keys; absent keys are ignored.
     async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError>;
@@ -106,6 +179,13 @@ pub struct ScanPage {
     pub next: Option<ScanCursor>,
 }
 
+/// A scan meets a row that does not decode: it is skipped (a scan feeds an
+/// index or an export, and one bad row must not stop it), logged, counted.
+fn skip_corrupt(model: &str, key: &str, reason: &str) {
+    tracing::warn!(model, key, reason, "skipping a corrupt stored row");
+    metrics::counter!("embark_store_corrupt_rows_total").increment(1);
+}
+
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn now_unix_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -120,9 +200,24 @@ mod tests {
         assert_eq!(storage_key("abc"), "abc");
         let long = "x".repeat(MAX_INLINE_KEY_BYTES + 1);
         let a = storage_key(&long);
-        assert!(a.starts_with("h128:") && a.len() == 5 + 32, "{a}");
+        assert!(a.starts_with("h256:") && a.len() == 5 + 64, "{a}");
         assert_eq!(a, storage_key(&long));
         assert_ne!(a, storage_key(&"y".repeat(MAX_INLINE_KEY_BYTES + 1)));
+    }
+
+    /// Defect 11.6: the literal key `h128:<hash of U>` used to read and
+    /// overwrite the row of the long key U.
+    #[test]
+    fn inline_keys_and_hashed_long_keys_have_separate_namespaces() {
+        let long = format!("https://cdn.example/{}", "p".repeat(MAX_INLINE_KEY_BYTES));
+        let hashed = storage_key(&long).into_owned();
+        assert!(hashed.starts_with(HASHED_KEY_PREFIX));
+        // The stored form of the long key, sent as a key of its own, is
+        // hashed again and lands elsewhere.
+        assert_ne!(storage_key(&hashed), hashed.as_str());
+        assert!(storage_key(&hashed).starts_with(HASHED_KEY_PREFIX));
+        // Short keys that merely contain the prefix later are inline.
+        assert_eq!(storage_key("a/h256:b"), "a/h256:b");
     }
 
     #[test]

@@ -8,8 +8,18 @@
 /// What the store holds for one (model, key).
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoredRow {
-    Vector { vector: Vec<f32>, created_at_ms: i64 },
+    Vector {
+        vector: Vec<f32>,
+        created_at_ms: i64,
+    },
     Failed(FailureRecord),
+    /// A value that does not decode (a torn write, another program's row,
+    /// a vector whose bytes disagree with its dim). Reported per key, so
+    /// one bad row does not fail a batch; readers treat it as absent and
+    /// the next fill overwrites it.
+    Corrupt {
+        reason: String,
+    },
 }
 
 /// Why an input could not be embedded, and when that was found out. Only
@@ -25,6 +35,24 @@ pub struct FailureRecord {
 
 pub const STATUS_VECTOR: u8 = 0;
 pub const STATUS_FAILED: u8 = 1;
+/// The embedded store's record of a delete (`status | deleted_at_ms | 0u32`):
+/// reads see no row, and a fill of an input seen before the delete does
+/// not bring the row back (see `EmbeddingStore::put_filled`).
+pub const STATUS_DELETED: u8 = 2;
+
+pub fn encode_deleted(deleted_at_ms: i64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + 4);
+    out.push(STATUS_DELETED);
+    out.extend_from_slice(&deleted_at_ms.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out
+}
+
+/// When the value records a delete, the time of the delete.
+pub fn deleted_at(bytes: &[u8]) -> Option<i64> {
+    (bytes.first() == Some(&STATUS_DELETED))
+        .then(|| bytes.get(1..9).and_then(|b| b.try_into().ok()).map(i64::from_le_bytes).unwrap_or(i64::MAX))
+}
 
 const HEADER: usize = 1 + 8;
 
@@ -46,6 +74,12 @@ pub fn encode_failure(f: &FailureRecord) -> Vec<u8> {
     out.extend_from_slice(&f.code.to_le_bytes());
     out.extend_from_slice(f.reason.as_bytes());
     out
+}
+
+/// Decodes a stored value; a value that does not decode is
+/// [`StoredRow::Corrupt`], saying what is wrong.
+pub fn decode_or_corrupt(bytes: &[u8]) -> StoredRow {
+    decode(bytes).unwrap_or_else(|reason| StoredRow::Corrupt { reason })
 }
 
 /// Decodes a stored value; `Err` names what is wrong.

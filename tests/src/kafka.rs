@@ -135,6 +135,7 @@ pub async fn produce_misses(brokers: &str, topic: &str, model: &str, keys: &[Str
                 first_seen_unix_ms: now,
                 attempts: 0,
                 not_before_unix_ms: 0,
+                dim: 0,
             };
             (kfc::kafka::message_key(model, k), e.encode_to_vec())
         })

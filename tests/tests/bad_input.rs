@@ -75,3 +75,35 @@ async fn retina_refuses_bad_requests_and_reports_bad_inputs() -> anyhow::Result<
     assert!(r.vectors[384 * 4..].iter().all(|b| *b == 0), "a failed input's row is zeros");
     Ok(())
 }
+
+/// Defect 11.4: a request was decoded in full (64 MiB allowed) before its
+/// keys were checked: 16 MiB of empty keys became ~200 MiB of `String`s,
+/// and a handful of such requests took the sidecar's memory. Now the
+/// decode limit follows the request limits and the field count is checked
+/// before anything is allocated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_decoded_in_full_before_validation() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let dir = data.path().to_str().expect("utf-8 path");
+    let embark = Server::start(&binary("embark"), &["serve", "--data-dir", dir, "--max-batch-keys", "4096"]).await?;
+    let mut client = embark.embark_client().await?.max_encoding_message_size(usize::MAX);
+    let before = embark_tests::peak_rss_bytes(embark.pid())?;
+
+    // 8M empty keys: 16 MiB on the wire, inside the byte limit that 4096
+    // keys of 8 KiB need; refused by the field guard.
+    let flood = LookupRequest { model: MODEL.into(), keys: vec![String::new(); 8 << 20] };
+    let status = client.lookup(flood).await.expect_err("refused");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("fields"), "{}", status.message());
+    // Over the byte limit: refused from its length prefix.
+    let huge = LookupRequest { model: MODEL.into(), keys: vec!["k".repeat(8192); 5000] };
+    let status = client.lookup(huge).await.expect_err("refused");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+
+    let grown = embark_tests::peak_rss_bytes(embark.pid())?.saturating_sub(before);
+    assert!(grown < 120 << 20, "peak RSS grew by {} MiB", grown >> 20);
+    // Still serving.
+    let ok = client.lookup(LookupRequest { model: MODEL.into(), keys: vec!["k".into()] }).await?.into_inner();
+    assert_eq!(ok.sources.len(), 1);
+    Ok(())
+}

@@ -112,38 +112,40 @@ impl Stack {
     }
 
     async fn start_kfc(&self) -> anyhow::Result<Server> {
+        self.start_kfc_with(&[]).await
+    }
+
+    async fn start_kfc_with(&self, extra: &[&str]) -> anyhow::Result<Server> {
         let retina = format!("http://{}", self.retina_addr);
-        Server::start_on(
-            &binary("kfc"),
-            &[
-                "--kafka-brokers",
-                &self.broker.brokers(),
-                "--miss-topic",
-                &self.miss_topic,
-                "--dlq-topic",
-                &self.dlq_topic,
-                "--group",
-                &self.group,
-                "--miss-topic-partitions",
-                "0",
-                "--session-timeout-ms",
-                "6000",
-                "--commit-interval-ms",
-                "200",
-                "--store",
-                &self.store_url,
-                "--retina",
-                &retina,
-                "--retina-timeout-ms",
-                "10000",
-                "--retina-resolve-secs",
-                "1",
-                "--max-backoff-ms",
-                "2000",
-            ],
-            None,
-        )
-        .await
+        let brokers = self.broker.brokers();
+        let mut args = vec![
+            "--kafka-brokers",
+            &brokers,
+            "--miss-topic",
+            &self.miss_topic,
+            "--dlq-topic",
+            &self.dlq_topic,
+            "--group",
+            &self.group,
+            "--miss-topic-partitions",
+            "0",
+            "--session-timeout-ms",
+            "6000",
+            "--commit-interval-ms",
+            "200",
+            "--store",
+            &self.store_url,
+            "--retina",
+            &retina,
+            "--retina-timeout-ms",
+            "10000",
+            "--retina-resolve-secs",
+            "1",
+            "--max-backoff-ms",
+            "2000",
+        ];
+        args.extend_from_slice(extra);
+        Server::start_on(&binary("kfc"), &args, None).await
     }
 
     async fn client(&self) -> anyhow::Result<EmbArkClient<Channel>> {
@@ -384,5 +386,108 @@ async fn a_broker_outage_does_not_touch_lookups() -> anyhow::Result<()> {
         assert!(seen.iter().any(|e| &e.key == k), "{k:?} never reached the returned broker");
     }
     assert!(stack.embark.metric("embark_misses_delivered_total").await? >= 5.0);
+    Ok(())
+}
+
+/// Defects 11.2 and 11.3 on the real broker: a miss due in the year
+/// 292,277,026 (or before the epoch) killed KFC's reader, and a junk
+/// message whose dead letter was larger than the producer accepts was
+/// retried forever; either froze every partition. Now both are handled and
+/// the misses behind them are filled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_kafka_message_kills_kfcs_reader() -> anyhow::Result<()> {
+    use embark_proto::embark::v1::MissEvent;
+    use prost::Message as _;
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let stack = Stack::start().await?;
+    // A producer limit well under the junk message below: its dead letter
+    // (the junk raw, plus a reason) would never fit.
+    let kfc = stack.start_kfc_with(&["--kafka-property", "message.max.bytes=200000"]).await?;
+    let miss = |key: &str, not_before_unix_ms: i64| {
+        let e = MissEvent { model: MODEL.into(), key: key.into(), not_before_unix_ms, ..MissEvent::default() };
+        (kfc::kafka::message_key(MODEL, key), e.encode_to_vec())
+    };
+    let junk = vec![0xffu8; 500_000];
+    produce(
+        &stack.broker.brokers(),
+        &stack.miss_topic,
+        vec![miss("due in the far future", i64::MAX), miss("due before the epoch", i64::MIN), (b"junk".to_vec(), junk)],
+    )
+    .await?;
+
+    // Misses published after the poison are still filled.
+    let mut client = stack.client().await?;
+    let keys: Vec<String> = (0..40).map(|i| format!("after the poison {i}")).collect();
+    client.lookup(lookup(keys.clone())).await?;
+    let mut wanted = keys.clone();
+    wanted.push("due before the epoch".into());
+    eventually(Duration::from_secs(60), "the misses behind the poison filled", || async {
+        Ok((stack.stored(&wanted).await? == wanted.len()).then_some(()))
+    })
+    .await?;
+
+    let letters = read_dead_letters(&stack.broker.brokers(), &stack.dlq_topic, 1, Duration::from_secs(30))?;
+    let junk = letters.iter().find(|d| d.event.is_none()).expect("the junk message is a dead letter");
+    assert_eq!(junk.raw.len(), kfc::kafka::MAX_DEAD_LETTER_RAW, "cut to fit");
+    assert!(junk.reason.contains("not a MissEvent") && junk.reason.contains("cut to"), "{}", junk.reason);
+    // The reader lives and says so; the far-future miss waits (clamped),
+    // it did not kill anything.
+    let ready = reqwest::get(format!("http://{}/readyz", kfc.metrics)).await?;
+    assert!(ready.status().is_success(), "{}", ready.text().await?);
+    assert!(kfc.metric("kfc_delayed_misses").await? >= 1.0);
+    Ok(())
+}
+
+/// Defect 11.8 across replicas: Invalidate cleared only the tier of the
+/// replica that served it; another replica went on answering the old
+/// vector from its tier. Now every replica drops the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_is_incoherent() -> anyhow::Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let stack = Stack::start().await?;
+    let data = tempfile::tempdir()?;
+    let brokers = stack.broker.brokers();
+    let other = Server::start(
+        &binary("embark"),
+        &[
+            "serve",
+            "--models",
+            MODEL,
+            "--store",
+            &stack.store_url,
+            "--kafka-brokers",
+            &brokers,
+            "--miss-topic",
+            &stack.miss_topic,
+            "--miss-topic-partitions",
+            "0",
+            "--data-dir",
+            data.path().to_str().expect("utf-8"),
+            "--store-deadline-ms",
+            "2000",
+        ],
+    )
+    .await?;
+    let key = "a key both replicas cache".to_string();
+    stack.store.put_vectors(MODEL, vec![(key.clone(), vec![0.25; DIM])]).await?;
+    let (mut a, mut b) = (stack.client().await?, other.embark_client().await?);
+    for client in [&mut a, &mut b] {
+        client.lookup(lookup(vec![key.clone()])).await?;
+        let cached = client.lookup(lookup(vec![key.clone()])).await?.into_inner();
+        assert_eq!(sources(&cached.sources), vec![Source::Cache]);
+    }
+
+    let done =
+        a.invalidate(embark_proto::embark::v1::InvalidateRequest { model: MODEL.into(), keys: vec![key.clone()] });
+    assert_eq!(done.await?.into_inner().invalidated, 1);
+    let seen = eventually(Duration::from_secs(20), "the other replica to drop the key", || {
+        let (mut b, key) = (b.clone(), key.clone());
+        async move {
+            let s = sources(&b.lookup(lookup(vec![key])).await?.into_inner().sources);
+            Ok((s != vec![Source::Cache]).then_some(s))
+        }
+    })
+    .await?;
+    assert_eq!(seen, vec![Source::OovPending], "the store row is gone too");
     Ok(())
 }

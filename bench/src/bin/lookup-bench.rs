@@ -170,11 +170,11 @@ async fn start_echo(args: &Args, dir: &Path) -> anyhow::Result<(String, String)>
     let uds_path = dir.join("echo.sock");
     let uds = tokio::net::UnixListener::bind(&uds_path)?;
     let payload = Bytes::from(vec![7u8; args.batch * args.dim * 4]);
-    let router = embark_ops::grpc::server_builder(1024, Duration::from_secs(30))
+    let router = embark_ops::grpc::server_builder(&embark_ops::grpc::ServerLimits::default(), Duration::from_secs(30))
         .add_service(EmbArkServer::new(Echo { row_bytes: args.dim * 4, payload }).max_encoding_message_size(256 << 20));
     let r2 = router.clone();
-    tokio::spawn(async move { router.serve_with_incoming(embark_ops::grpc::incoming(tcp)).await });
-    tokio::spawn(async move { r2.serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(uds)).await });
+    tokio::spawn(async move { router.serve_with_incoming(embark_ops::grpc::incoming(tcp, 1024)).await });
+    tokio::spawn(async move { r2.serve_with_incoming(embark_ops::grpc::incoming(uds, 1024)).await });
     Ok((tcp_addr, format!("unix:{}", uds_path.display())))
 }
 
