@@ -62,7 +62,7 @@ pub struct LookupAnswer {
 pub struct Front {
     models: ModelRegistry,
     tier: VectorCache,
-    store: GuardedStore,
+    store: Arc<GuardedStore>,
     publisher: Arc<dyn MissPublisher>,
     dedup: MissDedup,
     limits: Limits,
@@ -138,7 +138,7 @@ impl Front {
         Self {
             models,
             tier,
-            store,
+            store: Arc::new(store),
             publisher,
             dedup,
             limits,
@@ -187,6 +187,11 @@ impl Front {
 
     pub fn tier(&self) -> &VectorCache {
         &self.tier
+    }
+
+    /// The guard between Lookups and the store.
+    pub fn store_guard(&self) -> &Arc<GuardedStore> {
+        &self.store
     }
 
     /// Whether the store breaker is open: non-tier keys answer

@@ -498,6 +498,9 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
     // gRPC health follows readiness.
     let breaker = front.clone();
     ready.add_check("store breaker closed", move || !breaker.store_breaker_open());
+    if let Some(model) = front.models().names().first() {
+        front.store_guard().spawn_prober(model.to_string(), ops_stop.clone());
+    }
     let (health_reporter, health) = tonic_health::server::health_reporter();
     ready.follow_in_health(
         health_reporter,

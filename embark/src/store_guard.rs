@@ -164,6 +164,27 @@ impl GuardedStore {
         }
     }
 
+    /// Probes the store every cool-down while the breaker is not closed,
+    /// with a read of one key of `model` that no one uses, until `stop`.
+    /// Without it a replica whose Lookups all hit the tier (or that a load
+    /// balancer drained because it was not ready) would never read again,
+    /// and its breaker would stay open for good.
+    pub fn spawn_prober(self: &Arc<Self>, model: String, stop: tokio_util::sync::CancellationToken) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let key = vec!["embark:breaker-probe".to_owned()];
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(this.config.cool_down) => {}
+                }
+                if this.is_open() {
+                    this.get_many(&model, &key).await;
+                }
+            }
+        });
+    }
+
     /// Reads each key within the deadline: one entry per key, in order,
     /// with its row or why it has none.
     pub async fn get_many(&self, model: &str, keys: &[String]) -> Vec<GuardedRow> {
@@ -295,6 +316,25 @@ mod tests {
         // The store has recovered: the next read probes and closes it.
         assert!(matches!(g.get_many("m", &keys(&["a"])).await[0], Ok(Some(_))));
         assert!(!g.is_open());
+    }
+
+    /// An open breaker is probed in the background: with every Lookup
+    /// served from the tier it would otherwise never close again.
+    #[tokio::test]
+    async fn an_open_breaker_is_probed_without_lookups() {
+        let store = Arc::new(TestStore::default());
+        let g = Arc::new(guard(&store));
+        open_breaker(&g, &store).await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        g.spawn_prober("m".into(), stop.clone());
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while g.is_open() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the prober closes the breaker once the store answers");
+        stop.cancel();
     }
 
     /// A probe that hangs without being dropped is superseded after twice

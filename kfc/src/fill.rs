@@ -71,6 +71,33 @@ pub struct FillLoop<S, E> {
     config: FillConfig,
     /// Consecutive failed rounds or embedder calls, for the backoff.
     failures: AtomicU32,
+    labels: ModelLabels,
+}
+
+/// One model's misses of a round, with their tokens.
+type ModelGroup<T> = (String, Vec<(T, MissEvent)>);
+
+/// The `model` label of KFC's metrics. Model names arrive in messages
+/// anyone who can write the topic controls: the first
+/// [`MAX_MODEL_LABELS`] names seen get a series of their own, later ones
+/// share `other`, so a flood of invented names cannot grow the metrics
+/// without bound.
+#[derive(Debug, Default)]
+struct ModelLabels(std::sync::Mutex<std::collections::HashSet<String>>);
+
+/// Distinct `model` label values KFC's metrics take at most.
+pub const MAX_MODEL_LABELS: usize = 32;
+
+impl ModelLabels {
+    fn get(&self, model: &str) -> String {
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(model) || (seen.len() < MAX_MODEL_LABELS && model.len() <= 128) {
+            seen.insert(model.to_owned());
+            model.to_owned()
+        } else {
+            "other".to_owned()
+        }
+    }
 }
 
 impl<S, E> std::fmt::Debug for FillLoop<S, E> {
@@ -81,7 +108,7 @@ impl<S, E> std::fmt::Debug for FillLoop<S, E> {
 
 impl<S: MissSource, E: Embedder> FillLoop<S, E> {
     pub fn new(source: Arc<S>, embedder: Arc<E>, store: Arc<dyn EmbeddingStore>, config: FillConfig) -> Self {
-        Self { source, embedder, store, config, failures: AtomicU32::new(0) }
+        Self { source, embedder, store, config, failures: AtomicU32::new(0), labels: ModelLabels::default() }
     }
 
     /// Runs rounds until `cancel` fires. A round in progress is finished
@@ -126,23 +153,33 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
     /// the batch is handed back to the source (what was already written is
     /// skipped next time).
     pub async fn round(&self, batch: Vec<(S::Token, MissEvent)>) -> Result<RoundStats, FillError> {
-        let mut by_model: HashMap<String, Vec<MissEvent>> = HashMap::new();
-        for (_, event) in &batch {
-            by_model.entry(event.model.clone()).or_default().push(event.clone());
-        }
-        let mut stats = RoundStats::default();
-        let mut retry = Vec::new();
-        let mut dead = Vec::new();
-        for (model, events) in by_model {
-            if let Err(e) = self.fill_model(&model, events, &mut stats, &mut retry, &mut dead).await {
-                let n = self.failures.load(Ordering::Relaxed) + 1;
-                self.source.abandon(batch, self.config.backoff.delay(n)).await;
-                return Err(e);
+        // Each model is filled and settled on its own: a model whose write
+        // fails hands back only its own misses, and what the models before
+        // it wrote, retried or gave up on is settled, dead letters included
+        // (handed back, they would be skipped as stored next time and their
+        // dead letters never sent).
+        let mut by_model: Vec<ModelGroup<S::Token>> = Vec::new();
+        for (token, event) in batch {
+            match by_model.iter_mut().find(|(m, _)| *m == event.model) {
+                Some((_, group)) => group.push((token, event)),
+                None => by_model.push((event.model.clone(), vec![(token, event)])),
             }
         }
-        stats.retried = retry.len();
-        let tokens = batch.into_iter().map(|(t, _)| t).collect();
-        self.source.settle(tokens, retry, dead).await?;
+        let mut stats = RoundStats::default();
+        let mut groups = by_model.into_iter();
+        while let Some((model, group)) = groups.next() {
+            let events: Vec<MissEvent> = group.iter().map(|(_, e)| e.clone()).collect();
+            let (mut retry, mut dead) = (Vec::new(), Vec::new());
+            if let Err(e) = self.fill_model(&model, events, &mut stats, &mut retry, &mut dead).await {
+                let n = self.failures.load(Ordering::Relaxed) + 1;
+                let rest: Vec<_> = group.into_iter().chain(groups.flat_map(|(_, g)| g)).collect();
+                self.source.abandon(rest, self.config.backoff.delay(n)).await;
+                return Err(e);
+            }
+            stats.retried += retry.len();
+            let tokens = group.into_iter().map(|(t, _)| t).collect();
+            self.source.settle(tokens, retry, dead).await?;
+        }
         Ok(stats)
     }
 
@@ -188,7 +225,7 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
             .collect();
         let skipped = keys.len() - todo.len();
         stats.skipped += skipped;
-        metrics::counter!("kfc_skipped_total", "model" => model.to_owned()).increment(skipped as u64);
+        metrics::counter!("kfc_skipped_total", "model" => self.labels.get(model)).increment(skipped as u64);
 
         for chunk in todo.chunks(self.config.embed_batch.max(1)) {
             self.fill_chunk(model, chunk, stats, retry, dead).await?;
@@ -215,7 +252,7 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
                 let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
                 let delay = self.config.backoff.delay(n);
                 tracing::warn!(model, %reason, ?delay, inputs = chunk.len(), "embedder call failed; retrying later");
-                metrics::counter!("kfc_embed_call_errors_total", "model" => model.to_owned()).increment(1);
+                metrics::counter!("kfc_embed_call_errors_total", "model" => self.labels.get(model)).increment(1);
                 retry.extend(chunk.iter().map(|e| delayed(e, e.attempts, delay)));
                 stats.embedder_down = true;
                 return Ok(());
@@ -248,7 +285,7 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
             match outcome {
                 EmbedOutcome::Vector(v) => {
                     let waited = (now - event.first_seen_unix_ms).max(0) as f64 / 1000.0;
-                    metrics::histogram!("kfc_fill_latency_seconds", "model" => model.to_owned()).record(waited);
+                    metrics::histogram!("kfc_fill_latency_seconds", "model" => self.labels.get(model)).record(waited);
                     vectors.push(FilledRow {
                         key: event.key.clone(),
                         seen_at_ms: event.first_seen_unix_ms,
@@ -258,7 +295,7 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
                 EmbedOutcome::Failed { code, reason, transient } => {
                     let name =
                         FailureCode::try_from(code).map(|c| c.as_str_name().to_owned()).unwrap_or(code.to_string());
-                    metrics::counter!("kfc_embed_failures_total", "model" => model.to_owned(), "code" => name)
+                    metrics::counter!("kfc_embed_failures_total", "model" => self.labels.get(model), "code" => name)
                         .increment(1);
                     let attempts = event.attempts + 1;
                     if transient && attempts < self.config.max_attempts {
@@ -292,13 +329,14 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
         let stale = (n_vectors + n_failures - kept_vectors - kept_failures) as u64;
         if stale > 0 {
             tracing::debug!(model, stale, "fills older than an Invalidate were not written");
-            metrics::counter!("kfc_stale_fills_total", "model" => model.to_owned()).increment(stale);
+            metrics::counter!("kfc_stale_fills_total", "model" => self.labels.get(model)).increment(stale);
         }
         stats.embedded += kept_vectors;
         stats.failed += kept_failures;
         let (n_vectors, n_failures) = (kept_vectors as u64, kept_failures as u64);
-        metrics::counter!("kfc_filled_total", "model" => model.to_owned(), "outcome" => "vector").increment(n_vectors);
-        metrics::counter!("kfc_filled_total", "model" => model.to_owned(), "outcome" => "failure")
+        metrics::counter!("kfc_filled_total", "model" => self.labels.get(model), "outcome" => "vector")
+            .increment(n_vectors);
+        metrics::counter!("kfc_filled_total", "model" => self.labels.get(model), "outcome" => "failure")
             .increment(n_failures);
         Ok(())
     }
@@ -306,4 +344,23 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
 
 fn delayed(e: &MissEvent, attempts: u32, delay: Duration) -> MissEvent {
     MissEvent { attempts, not_before_unix_ms: now_unix_ms() + delay.as_millis() as i64, ..e.clone() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Defect 11.15: every model name read from Kafka became a label
+    /// value, so invented names grew the metrics without bound.
+    #[test]
+    fn model_names_from_kafka_become_unbounded_metric_labels() {
+        let labels = ModelLabels::default();
+        for i in 0..1000 {
+            labels.get(&format!("invented-{i}"));
+        }
+        assert_eq!(labels.0.lock().expect("lock").len(), MAX_MODEL_LABELS);
+        assert_eq!(labels.get("invented-5"), "invented-5", "a known name keeps its series");
+        assert_eq!(labels.get("invented-999"), "other");
+        assert_eq!(labels.get(&"x".repeat(200)), "other");
+    }
 }

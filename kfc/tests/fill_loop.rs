@@ -155,3 +155,67 @@ async fn a_stored_vector_of_the_wrong_dim_is_requeued_by_the_front_but_skipped_b
     let retry = r.source.settled.lock().expect("lock")[0].1.clone();
     assert_eq!((retry[0].key.as_str(), retry[0].attempts), ("short", 1));
 }
+
+/// The embedded store, failing every write for one model.
+struct FailingFor {
+    inner: Arc<EmbeddedStore>,
+    model: &'static str,
+}
+
+#[async_trait]
+impl EmbeddingStore for FailingFor {
+    async fn get_many(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, embark_store::StoreError> {
+        self.inner.get_many(model, keys).await
+    }
+    async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), embark_store::StoreError> {
+        self.inner.put_vectors(model, rows).await
+    }
+    async fn put_failures(
+        &self,
+        model: &str,
+        rows: Vec<(String, embark_store::FailureRecord)>,
+    ) -> Result<(), embark_store::StoreError> {
+        self.inner.put_failures(model, rows).await
+    }
+    async fn put_filled(
+        &self,
+        model: &str,
+        rows: Vec<embark_store::FilledRow>,
+    ) -> Result<Vec<bool>, embark_store::StoreError> {
+        if model == self.model {
+            return Err(embark_store::StoreError::Config("writes refused".into()));
+        }
+        self.inner.put_filled(model, rows).await
+    }
+    async fn delete(&self, model: &str, keys: &[String]) -> Result<(), embark_store::StoreError> {
+        self.inner.delete(model, keys).await
+    }
+    async fn scan(
+        &self,
+        model: &str,
+        cursor: Option<embark_store::ScanCursor>,
+        page: usize,
+    ) -> Result<embark_store::ScanPage, embark_store::StoreError> {
+        self.inner.scan(model, cursor, page).await
+    }
+}
+
+/// Defect 11.15: when a later model's write failed, the whole batch was
+/// handed back, and the dead letters of the models before it, whose
+/// failure records were already written, were never sent (the replay
+/// skips their keys as stored).
+#[tokio::test]
+async fn dead_letters_of_a_failed_round_are_lost() {
+    let r = rig(vec![
+        Ok(vec![EmbedOutcome::Failed { code: 7, reason: "nope".into(), transient: false }]),
+        Ok(vec![EmbedOutcome::Vector(vec![1.0])]),
+    ]);
+    let store: Arc<dyn EmbeddingStore> = Arc::new(FailingFor { inner: r.store.clone(), model: "z" });
+    let fill = FillLoop::new(r.source.clone(), r.embedder.clone(), store, FillConfig::default());
+    let in_z = MissEvent { model: "z".into(), ..miss("later", 0) };
+    let result = fill.round(vec![(1, miss("poison", 0)), (2, in_z)]).await;
+    assert!(result.is_err(), "model z's write failed");
+    let dead = r.source.dead.lock().expect("lock").clone();
+    assert_eq!(dead.len(), 1, "model m's dead letter was sent");
+    assert_eq!(r.source.settled.lock().expect("lock")[0].0, vec![1], "and its miss settled; z's was handed back");
+}

@@ -59,10 +59,19 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Decod
     let format = match reader.format() {
         Some(f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::Gif | ImageFormat::WebP | ImageFormat::Bmp)) => f,
         Some(other) => return Err(DecodeError::NotAnImage(format!("{other:?} is not supported"))),
+        // The reason names what the bytes look like, never the bytes: it
+        // travels to dead letters and clients.
         None => {
-            let head: String =
-                bytes.iter().take(16).map(|b| if b.is_ascii_graphic() { *b as char } else { '.' }).collect();
-            return Err(DecodeError::NotAnImage(format!("unrecognised content starting {head:?}")));
+            let looks_like =
+                if bytes.iter().take(512).all(|b| b.is_ascii() && (!b.is_ascii_control() || b.is_ascii_whitespace())) {
+                    "text"
+                } else {
+                    "binary data"
+                };
+            return Err(DecodeError::NotAnImage(format!(
+                "{} bytes of unrecognised content ({looks_like})",
+                bytes.len()
+            )));
         }
     };
     if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
@@ -331,8 +340,10 @@ mod tests {
 
     #[test]
     fn text_is_not_an_image_and_bombs_are_refused() {
-        let e = decode(b"<!doctype html><html>", &DecodeLimits::default()).expect_err("html");
+        let e = decode(b"<!doctype html><html>secret token", &DecodeLimits::default()).expect_err("html");
         assert!(matches!(e, DecodeError::NotAnImage(_)), "{e}");
+        // Defect 11.16: the reason quoted the body's first bytes.
+        assert!(!e.to_string().contains("html") && !e.to_string().contains("secret"), "{e}");
         // A valid 64x64 PNG is over a 32 px limit before any pixel is decoded.
         let mut png = Vec::new();
         image::RgbImage::new(64, 64).write_to(&mut Cursor::new(&mut png), ImageFormat::Png).expect("encode");

@@ -228,6 +228,11 @@ pub fn minilm_reference() -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
+/// The HTTP status of a GET of `url`.
+pub async fn http_get_status(url: &str) -> anyhow::Result<u16> {
+    Ok(reqwest::get(url).await?.status().as_u16())
+}
+
 /// Peak resident memory of a process (VmHWM), in bytes.
 pub fn peak_rss_bytes(pid: u32) -> anyhow::Result<u64> {
     proc_status_bytes(pid, "VmHWM")

@@ -17,6 +17,7 @@ use embark_store::{
     cql::{CqlConfig, CqlStore},
 };
 use embark_tests::{Server, binary, eventually};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 const MODEL: &str = "minilm-l6-v2";
 const REPLICATION: &str = "{'class': 'SimpleStrategy', 'replication_factor': 1}";
@@ -97,6 +98,15 @@ async fn serve_answers_from_cql_and_survives_a_store_that_stops_answering() -> a
     let series = format!("embark_lookup_keys_total{{model=\"{MODEL}\",source=\"oov_unavailable\"}}");
     assert_eq!(embark.metric(&series).await?, 5.0);
     assert_eq!(embark.metric("embark_misses_published_total").await?, published, "unavailable rows are not queued");
+    // Readiness tells the truth: not ready while the breaker is open, on
+    // /readyz and in gRPC health alike.
+    let ready = reqwest::get(format!("http://{}/readyz", embark.metrics)).await?;
+    assert_eq!(ready.status().as_u16(), 503);
+    assert!(ready.text().await?.contains("store breaker"), "/readyz names the reason");
+    eventually(Duration::from_secs(5), "gRPC health to say NOT_SERVING", || async {
+        Ok((health(&embark).await? == ServingStatus::NotServing).then_some(()))
+    })
+    .await?;
 
     // The store comes back: after the cool-down a probe closes the breaker.
     cql.resume();
@@ -109,7 +119,20 @@ async fn serve_answers_from_cql_and_survives_a_store_that_stops_answering() -> a
     })
     .await?;
     assert_eq!(embark.metric("embark_store_breaker_open").await?, 0.0);
+    eventually(Duration::from_secs(5), "ready again, in /readyz and gRPC health", || async {
+        let ready = reqwest::get(format!("http://{}/readyz", embark.metrics)).await?.status().is_success();
+        Ok((ready && health(&embark).await? == ServingStatus::Serving).then_some(()))
+    })
+    .await?;
     Ok(())
+}
+
+/// The overall status of the gRPC health service.
+async fn health(server: &embark_tests::Server) -> anyhow::Result<ServingStatus> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.grpc))?.connect().await?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = client.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await?.into_inner();
+    Ok(ServingStatus::try_from(status.status)?)
 }
 
 /// `embark serve` loads `Similar`'s index from the CQL store at start and
