@@ -12,5 +12,5 @@ scripts/setup-models.sh >/dev/null
 EMBARK_TANSU="$(scripts/install-tansu.sh)"
 export EMBARK_TANSU
 export EMBARK_MODELS_DIR="${EMBARK_MODELS_DIR:-$EMBARK_CACHE/models}"
-cargo build --release --locked --bin retina --bin kfc --bin kfc-fill
+scripts/build-release.sh
 "$CARGO_TARGET_DIR/release/kfc-fill" "$@"

@@ -22,7 +22,7 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 # A redis-server started by the package's service is not used: the
 # benchmark starts its own on a free port and socket.
-cargo build --release --locked --bin embark --bin lookup-bench --bin miss-to-fill
+scripts/build-release.sh
 scripts/setup-models.sh >/dev/null
 export EMBARK_MODELS_DIR="${EMBARK_MODELS_DIR:-$EMBARK_CACHE/models}"
 "$CARGO_TARGET_DIR/release/lookup-bench" --redis-server "$(command -v redis-server)" "$@"

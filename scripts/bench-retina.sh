@@ -14,5 +14,5 @@ if ! "$VENV/bin/python" -c 'import torch, numpy, PIL' 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet torch 'numpy==2.*' 'pillow==11.*'
 fi
-cargo build --release --locked -p embark-bench --bin retina-images
+scripts/build-release.sh
 TORCH_PYTHON="$VENV/bin/python" "$CARGO_TARGET_DIR/release/retina-images" "$@"

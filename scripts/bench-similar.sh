@@ -10,5 +10,5 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$EMBARK_CACHE/target}"
 # The NumPy peer runs in the Python client's venv (numpy only).
 examples/python/setup.sh >/dev/null
 export EMBARK_BENCH_PYTHON="${EMBARK_BENCH_PYTHON:-$EMBARK_CACHE/venv-client/bin/python}"
-cargo build --release --locked --bin similar-bench
+scripts/build-release.sh
 "$CARGO_TARGET_DIR/release/similar-bench" "$@"

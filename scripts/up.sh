@@ -8,5 +8,5 @@ cd "$root"
 export EMBARK_CACHE="${EMBARK_CACHE:-$HOME/.cache/embark}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$EMBARK_CACHE/target}"
 scripts/setup-models.sh
-cargo build --release --locked -p embark --bin embark
+scripts/build-release.sh
 exec "$CARGO_TARGET_DIR/release/embark" up "$@"

@@ -8,7 +8,8 @@
 //!
 //! Map of the crate:
 //! - [`front`]: the Lookup and Invalidate logic, request limits, errors.
-//! - [`cache`]: the moka tier (bounded in bytes) and the miss dedup window.
+//! - [`cache`]: the tier (quick_cache, bounded in bytes) and the miss dedup
+//!   window (moka, for its per-entry time-to-live).
 //! - [`models`]: the served models, their OOV rows ([`models::OovPolicy`])
 //!   and per-model metric handles.
 //! - [`miss`]: the [`miss::MissPublisher`] seam and the durable single-machine

@@ -13,7 +13,7 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self { base: Duration::from_millis(200), max: Duration::from_secs(60) }
+        Self { base: Duration::from_millis(200), max: Duration::from_secs(30) }
     }
 }
 

@@ -83,7 +83,7 @@ struct Args {
     #[arg(long, env = "KFC_FAILURE_TTL_SECS", default_value_t = 3600)]
     failure_ttl_secs: u64,
     /// Longest backoff between retries, in milliseconds.
-    #[arg(long, env = "KFC_MAX_BACKOFF_MS", default_value_t = 30_000)]
+    #[arg(long, env = "KFC_MAX_BACKOFF_MS", default_value_t = Backoff::default().max.as_millis() as u64)]
     max_backoff_ms: u64,
     /// Misses held in memory until their retry time; reading pauses beyond.
     #[arg(long, env = "KFC_MAX_DELAYED", default_value_t = 100_000)]
@@ -174,7 +174,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             embed_batch: args.embed_batch,
             failure_ttl: Duration::from_secs(args.failure_ttl_secs),
             max_attempts: args.max_attempts,
-            backoff: Backoff { base: Duration::from_millis(200), max: Duration::from_millis(args.max_backoff_ms) },
+            backoff: Backoff { max: Duration::from_millis(args.max_backoff_ms), ..Backoff::default() },
         },
     ));
     let worker_stop = CancellationToken::new();

@@ -11,37 +11,37 @@ use crate::{EngineConfig, fetch::FetchConfig, preprocess::DecodeLimits};
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
     /// Most inputs per forward pass.
-    #[arg(long, env = "RETINA_MAX_BATCH", default_value_t = 32)]
+    #[arg(long, env = "RETINA_MAX_BATCH", default_value_t = EngineConfig::default().max_batch)]
     pub max_batch: usize,
     /// How long a request waits for others to batch with, in milliseconds.
-    #[arg(long, env = "RETINA_MAX_WAIT_MS", default_value_t = 2)]
+    #[arg(long, env = "RETINA_MAX_WAIT_MS", default_value_t = EngineConfig::default().max_wait.as_millis() as u64)]
     pub max_wait_ms: u64,
     /// Requests queued per model before new ones are refused (UNAVAILABLE).
-    #[arg(long, env = "RETINA_QUEUE", default_value_t = 1024)]
+    #[arg(long, env = "RETINA_QUEUE", default_value_t = EngineConfig::default().queue_capacity)]
     pub queue: usize,
     /// Longest input (text or URL) accepted, in bytes.
-    #[arg(long, env = "RETINA_MAX_INPUT_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, env = "RETINA_MAX_INPUT_BYTES", default_value_t = EngineConfig::default().max_input_bytes)]
     pub max_input_bytes: usize,
     /// Downloads in flight at once.
-    #[arg(long, env = "RETINA_FETCH_CONCURRENCY", default_value_t = 32)]
+    #[arg(long, env = "RETINA_FETCH_CONCURRENCY", default_value_t = EngineConfig::default().fetch_concurrency)]
     pub fetch_concurrency: usize,
     /// Downloads in flight at once from one host.
     #[arg(long, env = "RETINA_FETCH_PER_HOST", default_value_t = EngineConfig::default().fetch_per_host)]
     pub fetch_per_host: usize,
     /// Largest image body downloaded, in bytes (enforced while streaming).
-    #[arg(long, env = "RETINA_FETCH_MAX_BYTES", default_value_t = 16 << 20)]
+    #[arg(long, env = "RETINA_FETCH_MAX_BYTES", default_value_t = FetchConfig::default().max_bytes)]
     pub fetch_max_bytes: usize,
     /// Connect timeout, in milliseconds.
-    #[arg(long, env = "RETINA_FETCH_CONNECT_TIMEOUT_MS", default_value_t = 3000)]
+    #[arg(long, env = "RETINA_FETCH_CONNECT_TIMEOUT_MS", default_value_t = FetchConfig::default().connect_timeout.as_millis() as u64)]
     pub fetch_connect_timeout_ms: u64,
     /// Time to the response headers, in milliseconds.
-    #[arg(long, env = "RETINA_FETCH_FIRST_BYTE_TIMEOUT_MS", default_value_t = 5000)]
+    #[arg(long, env = "RETINA_FETCH_FIRST_BYTE_TIMEOUT_MS", default_value_t = FetchConfig::default().first_byte_timeout.as_millis() as u64)]
     pub fetch_first_byte_timeout_ms: u64,
     /// Time for the whole download, in milliseconds.
-    #[arg(long, env = "RETINA_FETCH_TOTAL_TIMEOUT_MS", default_value_t = 15000)]
+    #[arg(long, env = "RETINA_FETCH_TOTAL_TIMEOUT_MS", default_value_t = FetchConfig::default().total_timeout.as_millis() as u64)]
     pub fetch_total_timeout_ms: u64,
     /// Redirects followed at most.
-    #[arg(long, env = "RETINA_FETCH_MAX_REDIRECTS", default_value_t = 5)]
+    #[arg(long, env = "RETINA_FETCH_MAX_REDIRECTS", default_value_t = FetchConfig::default().max_redirects)]
     pub fetch_max_redirects: usize,
     /// Non-public networks image URLs may reach anyway (CIDR, comma-separated,
     /// e.g. 127.0.0.0/8 for a local image server). Empty: public addresses only.
@@ -55,10 +55,10 @@ pub struct EngineArgs {
     #[arg(long, env = "RETINA_DECODE_CONCURRENCY")]
     pub decode_concurrency: Option<usize>,
     /// Widest and tallest image decoded, in pixels.
-    #[arg(long, env = "RETINA_DECODE_MAX_SIDE", default_value_t = 8192)]
+    #[arg(long, env = "RETINA_DECODE_MAX_SIDE", default_value_t = DecodeLimits::default().max_width)]
     pub decode_max_side: u32,
     /// Most memory one decode may allocate, in bytes.
-    #[arg(long, env = "RETINA_DECODE_MAX_ALLOC", default_value_t = 128 << 20)]
+    #[arg(long, env = "RETINA_DECODE_MAX_ALLOC", default_value_t = DecodeLimits::default().max_alloc)]
     pub decode_max_alloc: u64,
 }
 

@@ -30,7 +30,7 @@ pub struct DecodeLimits {
 
 impl Default for DecodeLimits {
     fn default() -> Self {
-        Self { max_width: 8192, max_height: 8192, max_alloc: 256 << 20 }
+        Self { max_width: 8192, max_height: 8192, max_alloc: 128 << 20 }
     }
 }
 
