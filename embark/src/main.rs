@@ -177,6 +177,11 @@ struct FrontArgs {
     /// refused at once with RESOURCE_EXHAUSTED (load shedding).
     #[arg(long, env = "EMBARK_MAX_IN_FLIGHT", default_value_t = ServerLimits::default().max_in_flight)]
     max_in_flight: usize,
+    /// Bytes of request bodies held at once across connections; a request
+    /// that would exceed it is refused with RESOURCE_EXHAUSTED (with the
+    /// decode limit, this bounds request memory).
+    #[arg(long, env = "EMBARK_MAX_REQUEST_BYTES_IN_FLIGHT", default_value_t = ServerLimits::default().max_request_bytes_in_flight)]
+    max_request_bytes_in_flight: usize,
     #[command(flatten)]
     similar: SimilarArgs,
     /// Log as JSON lines.
@@ -539,6 +544,7 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         max_streams_per_connection: args.concurrency_per_connection,
         max_in_flight: args.max_in_flight,
+        max_request_bytes_in_flight: args.max_request_bytes_in_flight,
     };
     // No request is larger than the request limits allow, and none carries
     // more fields than a full batch: bounded memory per request.

@@ -25,29 +25,59 @@ pub struct ServerLimits {
     /// Requests in progress across all connections; beyond it a request is
     /// answered `RESOURCE_EXHAUSTED` at once (load shedding), never queued.
     pub max_in_flight: usize,
+    /// Bytes of request bodies held at once across connections
+    /// ([`crate::budget`]): what bounds in-flight requests times their size.
+    pub max_request_bytes_in_flight: usize,
 }
 
 impl Default for ServerLimits {
     fn default() -> Self {
-        Self { max_connections: 1024, max_streams_per_connection: 256, max_in_flight: 512 }
+        Self {
+            max_connections: 1024,
+            max_streams_per_connection: 256,
+            max_in_flight: 512,
+            max_request_bytes_in_flight: crate::budget::DEFAULT_REQUEST_BYTES_IN_FLIGHT,
+        }
     }
 }
 
-/// The layers [`server_builder`] puts around every service.
+/// The layers [`server_builder`] puts around every service, outermost
+/// first: load shedding, the global concurrency limit, the body budget.
 pub type LimitLayers = tower::layer::util::Stack<
-    tower::limit::GlobalConcurrencyLimitLayer,
-    tower::layer::util::Stack<tower::load_shed::LoadShedLayer, tower::layer::util::Identity>,
+    crate::budget::BodyBudgetLayer,
+    tower::layer::util::Stack<
+        tower::limit::GlobalConcurrencyLimitLayer,
+        tower::layer::util::Stack<tower::load_shed::LoadShedLayer, tower::layer::util::Identity>,
+    >,
 >;
+
+/// [`LimitLayers`] for `limits`. The shedder sees the limit's readiness,
+/// so request `max_in_flight + 1` is refused at once instead of waiting
+/// for a slot; only admitted requests take from the body budget.
+pub fn limit_layers(limits: &ServerLimits) -> LimitLayers {
+    use tower::layer::util::{Identity, Stack};
+    Stack::new(
+        crate::budget::BodyBudgetLayer::new(limits.max_request_bytes_in_flight),
+        Stack::new(
+            tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_in_flight.max(1)),
+            Stack::new(tower::load_shed::LoadShedLayer::new(), Identity::new()),
+        ),
+    )
+}
 
 /// A server builder with the project's transport settings and limits.
 ///
 /// Responses carry matrices of hundreds of KiB: larger HTTP/2 windows and
 /// frames let one response go out without waiting on window updates;
 /// TCP_NODELAY keeps small replies from waiting on Nagle; keepalives find
-/// dead peers. Streams per connection are bounded, and a global
-/// concurrency limit behind a load shedder (tower) refuses work past
-/// `max_in_flight` with `RESOURCE_EXHAUSTED` instead of queueing it.
-pub fn server_builder(limits: &ServerLimits, request_timeout: Duration) -> Server<LimitLayers> {
+/// dead peers. Streams per connection are bounded, and [`limit_layers`]
+/// refuse work past `max_in_flight` requests or
+/// `max_request_bytes_in_flight` bytes with `RESOURCE_EXHAUSTED` instead
+/// of queueing it.
+pub fn server_builder(
+    limits: &ServerLimits,
+    request_timeout: Duration,
+) -> Server<tower::layer::util::Stack<LimitLayers, tower::layer::util::Identity>> {
     Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(4 << 20))
@@ -57,8 +87,7 @@ pub fn server_builder(limits: &ServerLimits, request_timeout: Duration) -> Serve
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(limits.max_streams_per_connection.max(1)))
         .timeout(request_timeout)
-        .layer(tower::load_shed::LoadShedLayer::new())
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_in_flight.max(1)))
+        .layer(limit_layers(limits))
 }
 
 /// Reflection services (v1 and v1alpha, for older grpcurl) over the
@@ -232,6 +261,28 @@ mod tests {
         // 10 + 20 + 40 + 80 + 160 ms of pauses, not five instant retries.
         assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
         drop(first);
+    }
+
+    /// Past `max_in_flight` a request is refused at once (it would
+    /// otherwise queue without bound), and tonic maps the refusal to
+    /// `RESOURCE_EXHAUSTED`.
+    #[tokio::test]
+    async fn requests_past_the_in_flight_limit_are_shed() {
+        use tower::{Layer, Service, ServiceExt};
+        let slow = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<_, std::convert::Infallible>(())
+        });
+        let limits = ServerLimits { max_in_flight: 1, ..ServerLimits::default() };
+        let service = limit_layers(&limits).layer(slow);
+        let (mut a, mut b) = (service.clone(), service);
+        let request = || http::Request::new(tonic::body::Body::empty());
+        let first = tokio::spawn(async move { a.ready().await.expect("ready").call(request()).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let refused = b.ready().await.expect("ready").call(request()).await.expect_err("shed");
+        assert!(refused.is::<tower::load_shed::error::Overloaded>(), "{refused}");
+        assert_eq!(tonic::Status::from_error(refused).code(), tonic::Code::ResourceExhausted);
+        assert!(first.await.expect("task").is_ok(), "the request in flight is served");
     }
 
     #[tokio::test]

@@ -3,9 +3,11 @@
 //!
 //! - [`telemetry`]: `tracing` subscriber (text or JSON, `RUST_LOG` filter).
 //! - [`http`]: the operator port: Prometheus `/metrics`, `/healthz`, `/readyz`.
+//! - [`budget`]: a memory budget for request bodies across connections (a tower layer).
 //! - [`grpc`]: what every gRPC server adds: health service, reflection, transport tuning.
 //! - [`shutdown`]: SIGTERM/SIGINT -> a `CancellationToken` every task watches.
 
+pub mod budget;
 pub mod grpc;
 pub mod http;
 pub mod shutdown;
