@@ -219,7 +219,14 @@ impl SimilarityIndex {
             let mut inner = self.inner.write();
             let mut to_graph = Vec::new();
             for (key, v) in unit {
-                if inner.keys.len() >= self.config.max_vectors {
+                // The bound is on live keys (a replaced or removed key's old
+                // slot does not count), and slots, tombstones included, stay
+                // under twice it, so memory is bounded either way; a
+                // restart drops the tombstones.
+                let replaces = inner.ids.contains_key(key);
+                if (!replaces && inner.ids.len() >= self.config.max_vectors)
+                    || inner.keys.len() >= self.config.max_vectors.saturating_mul(2)
+                {
                     report.full += 1;
                     continue;
                 }
@@ -459,6 +466,26 @@ mod tests {
         let mut keys: Vec<String> = hits.iter().map(|h| h.key.to_string()).collect();
         keys.sort();
         assert_eq!(keys, ["k0", "k1"], "k0 now has k1's vector; its old one is gone");
+    }
+
+    /// Defect 11.11: tombstones counted toward the bound, so after removals
+    /// or replacements a model's index refused new keys with room to spare.
+    #[test]
+    fn tombstones_count_toward_similar_max_vectors() {
+        let index = SimilarityIndex::new(4, IndexConfig { max_vectors: 3, ..IndexConfig::default() });
+        let rows = random_rows(5, 4, 7);
+        assert_eq!(index.insert(&rows[..3]).added, 3);
+        index.remove(&[rows[0].0.clone()]);
+        let report = index.insert(&rows[3..4]);
+        assert_eq!((report.added, report.full), (1, 0), "a removed key's slot is free again");
+        let again = index.insert(&[(rows[1].0.clone(), rows[4].1.clone())]);
+        assert_eq!((again.replaced, again.full), (1, 0), "replacing a key at the bound is not growth");
+        assert_eq!(index.len(), 3);
+        // Slots (tombstones included) stay under twice the bound.
+        for _ in 0..10 {
+            index.insert(&[(rows[2].0.clone(), rows[4].1.clone())]);
+        }
+        assert!(index.memory_bytes() > 0 && index.len() == 3);
     }
 
     #[test]
