@@ -518,6 +518,33 @@ mod tests {
         }
     }
 
+    /// Defect 11.11: `Similar` had no concurrency bound: searches queued on
+    /// the blocking pool without end. Past one per core they are refused.
+    #[tokio::test]
+    async fn similar_has_no_concurrency_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).expect("open"));
+        let spec = retina::catalog::spec(MODEL).expect("a known model");
+        let front = Front::new(
+            ModelRegistry::new(&[spec], &[]).expect("registry"),
+            VectorCache::new(1 << 20, None),
+            GuardedStore::new(store, GuardConfig::default()),
+            Arc::new(NoPublisher),
+            MissDedup::new(Duration::from_secs(60), 1000),
+            Limits::default(),
+            Duration::from_secs(3600),
+        );
+        let query = || SimilarQuery::Vector(vec![0u8; 384 * 4]);
+        let slots = front.similar_slots.available_permits();
+        let _busy = front.similar_slots.clone().acquire_many_owned(slots as u32).await.expect("all slots");
+        let refused = front.similar(MODEL, query(), 1, 0.0).await.expect_err("no slot free");
+        assert!(matches!(refused, FrontError::ResourceExhausted(_)), "{refused}");
+        drop(_busy);
+        // With a slot free the search runs (and says Similar is off here).
+        let off = front.similar(MODEL, query(), 1, 0.0).await.expect_err("off");
+        assert!(matches!(off, FrontError::FailedPrecondition(_)), "{off}");
+    }
+
     /// Defect 11.8: a Lookup that read a row just before an Invalidate
     /// deleted it put the old vector back into the tier just after the
     /// Invalidate cleared it, and served it until evicted.
