@@ -312,3 +312,66 @@ impl EmbeddingStore for IndexingStore {
         self.inner.scan(model, cursor, page).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use embark_store::embedded::EmbeddedStore;
+
+    use super::*;
+
+    /// The embedded store, whose first `fail` scans fail (a store still
+    /// starting when EmbArk does).
+    struct FlakyScans {
+        inner: EmbeddedStore,
+        fail: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl EmbeddingStore for FlakyScans {
+        async fn get_many(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError> {
+            self.inner.get_many(model, keys).await
+        }
+        async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
+            self.inner.put_vectors(model, rows).await
+        }
+        async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
+            self.inner.put_failures(model, rows).await
+        }
+        async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
+            self.inner.delete(model, keys).await
+        }
+        async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError> {
+            if self.fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(StoreError::Config("not up yet".into()));
+            }
+            self.inner.scan(model, cursor, page).await
+        }
+    }
+
+    /// Defect 11.11: a failed start-up load was never retried, so the
+    /// model's `Similar` answered UNAVAILABLE until a restart.
+    #[tokio::test]
+    async fn a_failed_start_up_load_is_never_retried() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inner = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
+        inner.put_vectors("m", vec![("a".into(), vec![1.0, 0.0]), ("b".into(), vec![0.0, 1.0])]).await.expect("put");
+        let store: Arc<dyn EmbeddingStore> = Arc::new(FlakyScans { inner, fail: AtomicUsize::new(2) });
+        let indexes = SimilarIndexes::new(&[("m".into(), 2)], &IndexConfig::default());
+        let stop = CancellationToken::new();
+        indexes.spawn_load(store, stop.clone());
+        let hits = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Ok((hits, _)) = indexes.search("m", &[1.0, 0.0], 1, -1.0, None) {
+                    break hits;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("loaded after the store came up");
+        assert_eq!(&*hits[0].key, "a");
+        stop.cancel();
+    }
+}
