@@ -370,36 +370,27 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
     let store: Arc<dyn EmbeddingStore> = Arc::new(IndexingStore::new(store, indexes.clone()));
 
     let dedup = MissDedup::new(Duration::from_secs(args.dedup_window_secs), args.dedup_max_keys);
+    let properties = kfc::kafka::parse_properties(&args.kafka_property).map_err(anyhow::Error::msg)?;
     let mut misses = match (&args.kafka_brokers, &embedded) {
         (Some(brokers), _) => {
+            // Best effort: KFC creates the miss topic too, and a broker that
+            // is down now must not keep EmbArk from serving.
+            let mut topics = vec![(args.invalidation_topic.as_str(), 1)];
             if args.miss_topic_partitions > 0 {
-                // Best effort: KFC creates it too, and a broker that is down
-                // now must not keep EmbArk from serving.
-                let topics = [(args.miss_topic.as_str(), args.miss_topic_partitions)];
-                if let Err(e) =
-                    kfc::kafka::ensure_topics(brokers, &topics, args.topic_replication, Duration::from_secs(5)).await
-                {
-                    tracing::warn!(error = %e, topic = %args.miss_topic, "cannot make sure the miss topic exists");
-                }
+                topics.push((args.miss_topic.as_str(), args.miss_topic_partitions));
             }
-            if let Err(e) = kfc::kafka::ensure_topics(
-                brokers,
-                &[(args.invalidation_topic.as_str(), 1)],
-                args.topic_replication,
-                Duration::from_secs(5),
-            )
-            .await
+            if let Err(e) =
+                kfc::kafka::ensure_topics(brokers, &topics, args.topic_replication, Duration::from_secs(5)).await
             {
-                tracing::warn!(error = %e, topic = %args.invalidation_topic, "cannot make sure the invalidation topic exists");
+                tracing::warn!(error = %e, ?topics, "cannot make sure the topics exist");
             }
-            let properties = kfc::kafka::parse_properties(&args.kafka_property).map_err(anyhow::Error::msg)?;
             Misses::Kafka(Arc::new(KafkaMissPublisher::new(
                 &KafkaPublisherConfig {
                     brokers: brokers.clone(),
                     topic: args.miss_topic.clone(),
                     buffer: args.miss_buffer,
                     message_timeout: Duration::from_millis(args.kafka_message_timeout_ms),
-                    properties,
+                    properties: properties.clone(),
                 },
                 dedup.clone(),
             )?))
@@ -412,7 +403,6 @@ async fn run(args: FrontArgs, fill: Option<FillArgs>) -> anyhow::Result<()> {
         (None, None) => unreachable!("the embedded store is opened when misses stay local"),
     };
     let failure_ttl = Duration::from_secs(args.failure_ttl_secs);
-    let properties = kfc::kafka::parse_properties(&args.kafka_property).map_err(anyhow::Error::msg)?;
     let replica = embark::invalidation::replica_id();
     let broadcast = match &args.kafka_brokers {
         Some(brokers) => Some(Arc::new(embark::invalidation::KafkaInvalidations::new(

@@ -73,29 +73,7 @@ impl Stack {
         let retina_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let retina = start_retina(retina_addr).await?;
         let data = tempfile::tempdir()?;
-        let embark = Server::start(
-            &binary("embark"),
-            &[
-                "serve",
-                "--models",
-                MODEL,
-                "--store",
-                &store_url,
-                "--kafka-brokers",
-                &broker.brokers(),
-                "--miss-topic",
-                &miss_topic,
-                "--miss-topic-partitions",
-                "0",
-                "--data-dir",
-                data.path().to_str().expect("utf-8"),
-                // These tests are about Kafka: a busy CI machine must not
-                // turn slow store reads into OOV_UNAVAILABLE.
-                "--store-deadline-ms",
-                "2000",
-            ],
-        )
-        .await?;
+        let embark = start_embark(&broker.brokers(), &miss_topic, &store_url, &data).await?;
         Ok(Self {
             broker,
             _cql: cql,
@@ -161,6 +139,38 @@ impl Stack {
         }
         Ok(n)
     }
+}
+
+/// An `embark serve` replica publishing misses to `miss_topic`.
+async fn start_embark(
+    brokers: &str,
+    miss_topic: &str,
+    store_url: &str,
+    data: &tempfile::TempDir,
+) -> anyhow::Result<Server> {
+    Server::start(
+        &binary("embark"),
+        &[
+            "serve",
+            "--models",
+            MODEL,
+            "--store",
+            store_url,
+            "--kafka-brokers",
+            brokers,
+            "--miss-topic",
+            miss_topic,
+            "--miss-topic-partitions",
+            "0",
+            "--data-dir",
+            data.path().to_str().expect("utf-8"),
+            // These tests are about Kafka: a busy CI machine must not
+            // turn slow store reads into OOV_UNAVAILABLE.
+            "--store-deadline-ms",
+            "2000",
+        ],
+    )
+    .await
 }
 
 /// Retina with the text model; inputs over 300 bytes are refused
@@ -446,28 +456,7 @@ async fn invalidate_is_incoherent() -> anyhow::Result<()> {
     let _turn = ONE_AT_A_TIME.lock().await;
     let stack = Stack::start().await?;
     let data = tempfile::tempdir()?;
-    let brokers = stack.broker.brokers();
-    let other = Server::start(
-        &binary("embark"),
-        &[
-            "serve",
-            "--models",
-            MODEL,
-            "--store",
-            &stack.store_url,
-            "--kafka-brokers",
-            &brokers,
-            "--miss-topic",
-            &stack.miss_topic,
-            "--miss-topic-partitions",
-            "0",
-            "--data-dir",
-            data.path().to_str().expect("utf-8"),
-            "--store-deadline-ms",
-            "2000",
-        ],
-    )
-    .await?;
+    let other = start_embark(&stack.broker.brokers(), &stack.miss_topic, &stack.store_url, &data).await?;
     let key = "a key both replicas cache".to_string();
     stack.store.put_vectors(MODEL, vec![(key.clone(), vec![0.25; DIM])]).await?;
     let (mut a, mut b) = (stack.client().await?, other.embark_client().await?);
