@@ -5,14 +5,15 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/embark/v1/embark.proto", "proto/embark/v1/miss.proto", "proto/retina/v1/retina.proto"];
+    let files =
+        ["proto/embark/v1/embark.proto", "proto/retina/v1/retina.proto", "proto/embark/internal/v1/queue.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
     let out = PathBuf::from(env::var("OUT_DIR")?);
     // One descriptor set per server, so reflection on a port lists only
-    // what that port serves.
-    for (name, roots) in [("embark", &files[..2]), ("retina", &files[2..])] {
+    // what that port serves (the internal messages are on no port).
+    for (name, roots) in [("embark", &files[..1]), ("retina", &files[1..2])] {
         let set = protox::compile(roots, ["proto"])?;
         std::fs::write(out.join(format!("{name}_descriptors.bin")), prost::Message::encode_to_vec(&set))?;
     }

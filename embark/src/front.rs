@@ -5,12 +5,12 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use embark_proto::embark::v1::{MissEvent, Source};
+use embark_proto::{embark::v1::Source, internal::v1::MissEvent};
+use embark_queue::MissPublisher;
 use embark_store::{StoreError, StoredRow, now_unix_ms};
 
 use crate::{
     cache::{CachedRow, KeyHash, MissDedup, VectorCache, key_hash, le_bytes},
-    miss::MissPublisher,
     models::{ModelRegistry, ServedModel},
     similar::{SimilarError, SimilarIndexes},
     store_guard::GuardedStore,
@@ -93,8 +93,11 @@ pub struct Front {
 #[async_trait::async_trait]
 pub trait InvalidationBroadcast: Send + Sync + 'static {
     /// Returns once the message is durable (or says why it is not).
-    async fn broadcast(&self, model: &str, keys: &[String]) -> Result<(), String>;
+    async fn broadcast(&self, model: &str, keys: &[String]) -> Result<(), BroadcastError>;
 }
+
+/// Why an invalidation did not reach the other replicas (a Kafka error).
+pub type BroadcastError = Box<dyn std::error::Error + Send + Sync>;
 
 impl std::fmt::Debug for Front {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

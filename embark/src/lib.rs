@@ -12,10 +12,6 @@
 //!   window (moka, for its per-entry time-to-live).
 //! - [`models`]: the served models, their OOV rows ([`models::OovPolicy`])
 //!   and per-model metric handles.
-//! - [`miss`]: the [`miss::MissPublisher`] seam and the durable single-machine
-//!   queue, which is also KFC's `MissSource` in `embark up`.
-//! - [`miss_kafka`]: the Kafka `MissPublisher` of `embark serve`.
-//! - [`embedder`]: the in-process Retina as KFC's `Embedder`.
 //! - [`store_guard`]: a deadline and a circuit breaker between Lookups and
 //!   the store; unanswered rows come back `OOV_UNAVAILABLE`.
 //! - [`invalidation`]: Invalidate across `embark serve` replicas, through
@@ -25,17 +21,19 @@
 //!   [`similar::IndexingStore`] (one machine) or a periodic rescan (serve).
 //! - [`service`]: `embark.v1.EmbArk` over gRPC.
 //!
-//! The `embark` binary (`src/main.rs`) wires these together: `embark up`
-//! runs front, fill loop and Retina in one process on the embedded store;
-//! `embark serve` runs the front alone, publishing misses to Kafka for the
-//! `kfc` binary.
+//! - [`app`]: the deployments, wired from their flags: `embark up` runs
+//!   front, fill loop and Retina in one process on the embedded store;
+//!   `embark serve` runs the front alone, publishing misses to Kafka for the
+//!   `kfc` binary (or to the local queue). The `embark` binary
+//!   (`src/main.rs`) parses the command line and calls [`app::run`].
+//!
+//! The miss queue itself (publishers, sources, Kafka) is the
+//! `embark-queue` crate; the fill loop and its embedders are `kfc`.
 
+pub mod app;
 pub mod cache;
-pub mod embedder;
 pub mod front;
 pub mod invalidation;
-pub mod miss;
-pub mod miss_kafka;
 pub mod models;
 pub mod service;
 pub mod similar;

@@ -115,7 +115,8 @@ impl SimilarIndexes {
                 // A failed load (the store unreachable at start) is tried
                 // again with backoff until it succeeds or the process stops;
                 // a retry skips what the failed attempt already indexed.
-                let backoff = kfc::backoff::Backoff { base: Duration::from_millis(500), max: Duration::from_secs(30) };
+                let backoff =
+                    embark_queue::backoff::Backoff { base: Duration::from_millis(500), max: Duration::from_secs(30) };
                 let mut attempt = 0;
                 let loaded = loop {
                     match this.load(&store, &model, attempt > 0, &stop).await {
@@ -239,6 +240,12 @@ fn record(model: &str, index: &SimilarityIndex, report: &InsertReport) {
 pub struct IndexingStore {
     inner: Arc<dyn EmbeddingStore>,
     indexes: Arc<SimilarIndexes>,
+}
+
+impl std::fmt::Debug for IndexingStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IndexingStore").finish_non_exhaustive()
+    }
 }
 
 impl IndexingStore {

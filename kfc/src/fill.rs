@@ -10,13 +10,14 @@ use std::{
 };
 
 use embark_proto::{
-    embark::v1::{DeadLetter, MissEvent},
+    internal::v1::{DeadLetter, MissEvent},
     retina::v1::FailureCode,
 };
+use embark_queue::{MissSource, QueueError, backoff::Backoff};
 use embark_store::{EmbeddingStore, FailureRecord, Filled, FilledRow, StoreError, StoredRow, now_unix_ms};
 use tokio_util::sync::CancellationToken;
 
-use crate::{EmbedOutcome, Embedder, MissSource, SourceError, backoff::Backoff};
+use crate::{EmbedOutcome, Embedder};
 
 #[derive(Debug, Clone)]
 pub struct FillConfig {
@@ -49,7 +50,7 @@ pub enum FillError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Source(#[from] SourceError),
+    Source(#[from] QueueError),
 }
 
 /// What one round did (for logs and tests).

@@ -1,6 +1,6 @@
 //! KFC, the miss filler: takes pending misses, embeds them, writes the
 //! vectors (or failure records) to the store, and only then marks the
-//! misses done. At least once: a crash before [`MissSource::settle`] means a
+//! misses done. At least once: a crash before `MissSource::settle` means a
 //! miss is processed again, never lost; a repeat is harmless because keys
 //! already stored are skipped.
 //!
@@ -8,26 +8,24 @@
 //! machine (durable in-process queue, in-process Retina, embedded store) and
 //! distributed (Kafka, Retina over gRPC, ScyllaDB):
 //!
-//! - [`source::MissSource`]: where misses come from and how they are settled.
-//! - [`embedder::Embedder`]: what turns inputs into vectors.
+//! - `embark_queue::MissSource`: where misses come from and how they are
+//!   settled (the local queue or Kafka; all of it in `embark-queue`).
+//! - [`embedder::Embedder`]: what turns inputs into vectors, and its two
+//!   adapters: [`embedder::in_process::InProcessRetina`] (Retina's engine
+//!   in this process) and [`embedder::remote::RemoteRetina`] (Retina over
+//!   gRPC, balanced across the replicas a name resolves to).
 //! - `embark_store::EmbeddingStore`: where vectors go.
 //!
-//! [`fill::FillLoop`] is the loop itself; [`backoff`] spaces out retries.
-//! The distributed implementations of the seams:
-//!
-//! - [`kafka::KafkaMissSource`]: the miss topic, through a consumer group,
-//!   committing only settled offsets; retries and dead letters go back to
-//!   Kafka.
-//! - [`retina_client::RemoteRetina`]: Retina over gRPC, balanced across
-//!   the replicas a name resolves to.
+//! [`fill::FillLoop`] is the loop itself; [`app`] is the `kfc` binary's
+//! deployment (Kafka, remote Retina, CQL).
 
-pub mod backoff;
+pub mod app;
 pub mod embedder;
 pub mod fill;
-pub mod kafka;
-pub mod retina_client;
-pub mod source;
 
-pub use embedder::{EmbedError, EmbedOutcome, Embedder};
+pub use embedder::{
+    EmbedError, EmbedOutcome, Embedder,
+    in_process::InProcessRetina,
+    remote::{RemoteRetina, RetinaClientConfig},
+};
 pub use fill::{FillConfig, FillLoop};
-pub use source::{MissSource, SourceError};

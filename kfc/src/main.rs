@@ -1,22 +1,11 @@
-//! `kfc`: drains the Kafka miss topic into Retina and the store.
-//!
-//! Several fill workers share one consumer-group member. Each worker takes a
-//! batch of misses from any partitions, skips stored keys, embeds the rest
-//! on a Retina replica, and writes the vectors or failure records. Offsets
-//! are committed only past settled work (see `kfc::kafka`).
+//! `kfc`: drains the Kafka miss topic into Retina and the store. The flags
+//! are here; what runs is `kfc::app`.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
-use anyhow::Context;
 use clap::Parser;
-use embark_store::EmbeddingStore;
-use kfc::{
-    FillConfig, FillLoop,
-    backoff::Backoff,
-    kafka::{KafkaMissSource, KafkaSourceConfig},
-    retina_client::{RemoteRetina, RetinaClientConfig},
-};
-use tokio_util::sync::CancellationToken;
+use embark_queue::{backoff::Backoff, kafka::KafkaSourceConfig};
+use kfc::{FillConfig, RetinaClientConfig, app::KfcConfig};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -28,10 +17,10 @@ struct Args {
     #[arg(long, env = "KFC_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     kafka_brokers: String,
     /// The topic EmbArk publishes misses to.
-    #[arg(long, env = "KFC_MISS_TOPIC", default_value = kfc::kafka::DEFAULT_MISS_TOPIC)]
+    #[arg(long, env = "KFC_MISS_TOPIC", default_value = embark_queue::kafka::DEFAULT_MISS_TOPIC)]
     miss_topic: String,
     /// Where misses given up on go, with their reason.
-    #[arg(long, env = "KFC_DLQ_TOPIC", default_value = kfc::kafka::DEFAULT_DLQ_TOPIC)]
+    #[arg(long, env = "KFC_DLQ_TOPIC", default_value = embark_queue::kafka::DEFAULT_DLQ_TOPIC)]
     dlq_topic: String,
     /// Consumer group; instances in one group split the partitions.
     #[arg(long, env = "KFC_GROUP", default_value = "kfc")]
@@ -99,139 +88,38 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(run(args))
-}
-
-async fn run(args: Args) -> anyhow::Result<()> {
-    embark_ops::telemetry::init(args.log_json);
-    let metrics = embark_ops::http::install_recorder().context("installing the metrics recorder")?;
-    let shutdown = embark_ops::shutdown::on_signal();
-    let ready = embark_ops::http::Readiness::default();
-    let ops_stop = CancellationToken::new();
-    let (ops_addr, ops_task) = embark_ops::http::serve(args.metrics_listen, metrics, ready.clone(), ops_stop.clone())
-        .await
-        .with_context(|| format!("binding the metrics port {}", args.metrics_listen))?;
-
-    let cql = args.store.cql()?.context("kfc writes to a shared store: pass --store cql://host:port/keyspace")?;
-    if args.store.cql_migrate_on_start {
-        embark_store::cql::CqlStore::migrate(&cql).await?;
-    }
-    let store: Arc<dyn EmbeddingStore> = Arc::new(
-        embark_store::cql::CqlStore::connect(&cql)
-            .await
-            .with_context(|| format!("connecting to {}", args.store.store))?,
-    );
-
-    if args.miss_topic_partitions > 0 {
-        kfc::kafka::ensure_topics(
-            &args.kafka_brokers,
-            &[(&args.miss_topic, args.miss_topic_partitions), (&args.dlq_topic, 1)],
-            args.topic_replication,
-            Duration::from_secs(10),
-        )
-        .await
-        .with_context(|| format!("creating topics on {}", args.kafka_brokers))?;
-    }
-
-    // Reading stops first (on the signal); the workers finish their rounds;
-    // then the settled offsets are committed and the group is left.
-    let read_stop = CancellationToken::new();
-    let source = KafkaMissSource::start(
-        KafkaSourceConfig {
-            brokers: args.kafka_brokers.clone(),
-            miss_topic: args.miss_topic.clone(),
-            dlq_topic: args.dlq_topic.clone(),
-            group: args.group.clone(),
+    let config = KfcConfig {
+        source: KafkaSourceConfig {
+            brokers: args.kafka_brokers,
+            miss_topic: args.miss_topic,
+            dlq_topic: args.dlq_topic,
+            group: args.group,
             session_timeout: Duration::from_millis(args.session_timeout_ms),
             commit_interval: Duration::from_millis(args.commit_interval_ms),
             ready_buffer: args.fill_batch * args.workers.max(1),
             max_delayed: args.max_delayed,
-            properties: kfc::kafka::parse_properties(&args.kafka_property).map_err(anyhow::Error::msg)?,
+            properties: embark_queue::kafka::parse_properties(&args.kafka_property)?,
             ..KafkaSourceConfig::default()
         },
-        read_stop.clone(),
-    )?;
-    let retina_stop = CancellationToken::new();
-    let retina = Arc::new(
-        RemoteRetina::start(
-            RetinaClientConfig {
-                urls: args.retina.clone(),
-                timeout: Duration::from_millis(args.retina_timeout_ms),
-                resolve_every: Duration::from_secs(args.retina_resolve_secs.max(1)),
-                ..RetinaClientConfig::default()
-            },
-            retina_stop.clone(),
-        )
-        .map_err(|e| anyhow::anyhow!(e))?,
-    );
-    let fill = Arc::new(FillLoop::new(
-        source.clone(),
-        retina,
-        store,
-        FillConfig {
+        miss_topic_partitions: args.miss_topic_partitions,
+        topic_replication: args.topic_replication,
+        retina: RetinaClientConfig {
+            urls: args.retina,
+            timeout: Duration::from_millis(args.retina_timeout_ms),
+            resolve_every: Duration::from_secs(args.retina_resolve_secs.max(1)),
+            ..RetinaClientConfig::default()
+        },
+        store: args.store,
+        fill: FillConfig {
             max_batch: args.fill_batch,
             embed_batch: args.embed_batch,
             failure_ttl: Duration::from_secs(args.failure_ttl_secs),
             max_attempts: args.max_attempts,
             backoff: Backoff { max: Duration::from_millis(args.max_backoff_ms), ..Backoff::default() },
         },
-    ));
-    let worker_stop = CancellationToken::new();
-    let spawn_worker = |workers: &mut tokio::task::JoinSet<()>| {
-        let fill = fill.clone();
-        let stop = worker_stop.clone();
-        workers.spawn(async move { fill.run(stop).await });
+        workers: args.workers,
+        metrics_listen: args.metrics_listen,
+        log_json: args.log_json,
     };
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..args.workers.max(1) {
-        spawn_worker(&mut workers);
-    }
-    let reader = source.clone();
-    ready.add_check("miss topic reader", move || reader.is_reading());
-    ready.set(true);
-    tracing::info!(
-        brokers = %args.kafka_brokers,
-        topic = %args.miss_topic,
-        group = %args.group,
-        retina = ?args.retina,
-        store = %args.store.store,
-        workers = workers.len(),
-        metrics = %ops_addr,
-        "kfc running"
-    );
-
-    // Supervision: a worker that ends before shutdown (a panic) is
-    // replaced; its batch was not settled and comes back. The reader is
-    // the consumer-group member itself: if it ever ends, the process stops
-    // with an error so its orchestrator restarts it (crash-only), after
-    // committing what is settled.
-    let mut failure = None;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = source.reader_stopped() => {
-                failure = Some(anyhow::anyhow!("the miss topic reader stopped unexpectedly"));
-                break;
-            }
-            Some(ended) = workers.join_next() => {
-                tracing::error!(error = ?ended.err(), "a fill worker ended; starting another");
-                metrics::counter!("kfc_worker_restarts_total").increment(1);
-                spawn_worker(&mut workers);
-            }
-        }
-    }
-    ready.set(false);
-    read_stop.cancel();
-    worker_stop.cancel();
-    while workers.join_next().await.is_some() {}
-    source.shutdown().await;
-    retina_stop.cancel();
-    ops_stop.cancel();
-    let _ = ops_task.await;
-    tracing::info!(unsettled = source.in_flight(), "kfc stopped");
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(kfc::app::run(config))
 }

@@ -8,9 +8,10 @@ use std::{
 };
 
 use async_trait::async_trait;
-use embark_proto::embark::v1::{DeadLetter, MissEvent};
+use embark_proto::internal::v1::{DeadLetter, MissEvent};
+use embark_queue::{MissSource, QueueError, backoff::Backoff};
 use embark_store::{EmbeddingStore, StoredRow, embedded::EmbeddedStore, now_unix_ms};
-use kfc::{EmbedError, EmbedOutcome, Embedder, FillConfig, FillLoop, MissSource, SourceError, backoff::Backoff};
+use kfc::{EmbedError, EmbedOutcome, Embedder, FillConfig, FillLoop};
 
 /// An in-memory source that records what was settled.
 #[derive(Default)]
@@ -22,10 +23,10 @@ struct RecordingSource {
 #[async_trait]
 impl MissSource for RecordingSource {
     type Token = u64;
-    async fn next_batch(&self, _max: usize) -> Result<Vec<(u64, MissEvent)>, SourceError> {
+    async fn next_batch(&self, _max: usize) -> Result<Vec<(u64, MissEvent)>, QueueError> {
         std::future::pending().await
     }
-    async fn settle(&self, done: Vec<u64>, retry: Vec<MissEvent>, dead: Vec<DeadLetter>) -> Result<(), SourceError> {
+    async fn settle(&self, done: Vec<u64>, retry: Vec<MissEvent>, dead: Vec<DeadLetter>) -> Result<(), QueueError> {
         self.settled.lock().expect("lock").push((done, retry));
         self.dead.lock().expect("lock").extend(dead);
         Ok(())

@@ -6,9 +6,12 @@
 //! - [`budget`]: a memory budget for request bodies across connections (a tower layer).
 //! - [`grpc`]: what every gRPC server adds: health service, reflection, transport tuning.
 //! - [`shutdown`]: SIGTERM/SIGINT -> a `CancellationToken` every task watches.
+//! - [`operator`]: [`operator::Operator`], all of the above started in one
+//!   call, the same way by every binary, and stopped in one call.
 
 pub mod budget;
 pub mod grpc;
 pub mod http;
+pub mod operator;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,8 +1,11 @@
 //! The wire contracts shared by every EmbArk component.
 //!
 //! - [`embark::v1`]: the cache front rankers call (`Lookup`, `Models`,
-//!   `Invalidate`) and the [`embark::v1::MissEvent`] queued for unknown keys.
+//!   `Invalidate`, `Similar`).
 //! - [`retina::v1`]: the embedding worker (`Embed`, `Models`).
+//! - [`internal::v1`]: what EmbArk's processes send each other and no
+//!   client sees: the [`internal::v1::MissEvent`] queued for unknown keys,
+//!   dead letters, invalidations across replicas.
 //! - [`codec`]: the services' codec: prost behind a field-count guard.
 //! - [`EMBARK_DESCRIPTOR_SET`], [`RETINA_DESCRIPTOR_SET`]: compiled descriptors
 //!   for each server's gRPC reflection.
@@ -21,6 +24,12 @@ pub mod embark {
 pub mod retina {
     pub mod v1 {
         tonic::include_proto!("retina.v1");
+    }
+}
+
+pub mod internal {
+    pub mod v1 {
+        tonic::include_proto!("embark.internal.v1");
     }
 }
 
@@ -51,4 +60,10 @@ pub fn f32_from_le(bytes: &[u8]) -> Option<Vec<f32>> {
         return None;
     }
     Some(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+/// Milliseconds since the Unix epoch: the clock of every `*_unix_ms` field
+/// in these contracts. A clock before 1970 reads as 0.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

@@ -1,12 +1,26 @@
 //! The engine's options as clap arguments, flattened into both the
 //! `retina` binary and `embark up`, so each flag is defined once.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use clap::Args;
 use ipnet::IpNet;
 
 use crate::{EngineConfig, fetch::FetchConfig, preprocess::DecodeLimits};
+
+/// Where the model weights are: one folder per model, as
+/// `scripts/setup-models.sh` writes them.
+#[derive(Debug, Clone, Args)]
+pub struct ModelsDirArg {
+    /// Directory with one folder of weights per model (scripts/setup-models.sh).
+    #[arg(long, env = "EMBARK_MODELS_DIR", default_value_os_t = default_models_dir())]
+    pub models_dir: PathBuf,
+}
+
+/// `~/.cache/embark/models`, where the setup script puts the weights.
+pub fn default_models_dir() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(".cache/embark/models")
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {

@@ -1,11 +1,16 @@
 //! `retina`: the embedding worker as a gRPC server.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
+use embark_ops::operator::Operator;
 use embark_proto::retina::v1::retina_server::RetinaServer;
-use retina::{Engine, config::EngineArgs, service::RetinaService};
+use retina::{
+    Engine,
+    config::{EngineArgs, ModelsDirArg},
+    service::RetinaService,
+};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -20,9 +25,8 @@ struct Args {
     /// Operator HTTP address: /metrics, /healthz, /readyz.
     #[arg(long, env = "RETINA_METRICS_LISTEN", default_value = "127.0.0.1:9465")]
     metrics_listen: SocketAddr,
-    /// Directory holding one folder of weights per model (scripts/setup-models.sh).
-    #[arg(long, env = "EMBARK_MODELS_DIR")]
-    models_dir: Option<PathBuf>,
+    #[command(flatten)]
+    models_dir: ModelsDirArg,
     /// Models to load, comma-separated.
     #[arg(long, env = "RETINA_MODELS", value_delimiter = ',', default_value = "minilm-l6-v2,efficientnet-lite0")]
     models: Vec<String>,
@@ -36,24 +40,11 @@ struct Args {
     log_json: bool,
 }
 
-/// `$EMBARK_MODELS_DIR`, else `~/.cache/embark/models` (where the setup
-/// script puts them).
-fn default_models_dir() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(".cache/embark/models")
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    embark_ops::telemetry::init(args.log_json);
-    let metrics = embark_ops::http::install_recorder().context("installing the metrics recorder")?;
-    let shutdown = embark_ops::shutdown::on_signal();
-    let ready = embark_ops::http::Readiness::default();
-    let (ops_addr, ops_task) = embark_ops::http::serve(args.metrics_listen, metrics, ready.clone(), shutdown.clone())
-        .await
-        .with_context(|| format!("binding the metrics port {}", args.metrics_listen))?;
-
-    let models_dir = args.models_dir.clone().unwrap_or_else(default_models_dir);
+    let op = Operator::start(args.metrics_listen, args.log_json).await?;
+    let models_dir = args.models_dir.models_dir.clone();
     let config = args.engine.config();
     let names = args.models.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::load(&models_dir, &names, config))
@@ -62,19 +53,19 @@ async fn main() -> anyhow::Result<()> {
     let engine = Arc::new(engine);
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    ready.follow_in_health(
+    op.ready.follow_in_health(
         health_reporter,
         vec![<RetinaServer<RetinaService> as tonic::server::NamedService>::NAME],
         Duration::from_millis(500),
-        shutdown.clone(),
+        op.stop.clone(),
     );
     let (reflection_v1, reflection_v1alpha) = embark_ops::grpc::reflection(embark_proto::RETINA_DESCRIPTOR_SET)?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let grpc_addr = listener.local_addr()?;
     let service = RetinaService::new(engine, args.max_request_inputs);
-    ready.set(true);
-    tracing::info!(grpc = %grpc_addr, metrics = %ops_addr, models = ?args.models, "retina serving");
+    op.ready.set(true);
+    tracing::info!(grpc = %grpc_addr, metrics = %op.addr, models = ?args.models, "retina serving");
     let limits = embark_ops::grpc::ServerLimits::default();
     // No request is larger than a full batch of the longest inputs, and
     // none carries more fields than a full batch: bounded memory per request.
@@ -90,13 +81,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .serve_with_incoming_shutdown(
             embark_ops::grpc::incoming(listener, limits.max_connections),
-            shutdown.clone().cancelled_owned(),
+            op.shutdown.clone().cancelled_owned(),
         )
         .await
         .context("gRPC server")?;
-    ready.set(false);
-    shutdown.cancel();
-    let _ = ops_task.await;
+    op.stop().await;
     tracing::info!("retina stopped");
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! The single-machine store: one redb file holding the embeddings table and
-//! the durable queue of pending misses.
+//! The single-machine store: one redb file holding the embeddings table
+//! (and, beside it, the durable miss queue of `embark_queue::local`, which
+//! opens its own table in the same file through [`EmbeddedStore::database`]).
 //!
 //! redb gives ACID transactions with a durable commit, so a vector or a
 //! queued miss that a call reported as written survives a crash. All calls
@@ -9,16 +10,12 @@
 use std::{path::Path, sync::Arc};
 
 use async_trait::async_trait;
-use embark_proto::embark::v1::MissEvent;
-use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::{EmbeddingStore, FailureRecord, ScanCursor, ScanPage, StoreError, StoredRow, row, storage_key};
 
 /// (model, storage key) -> encoded [`StoredRow`].
 const EMBEDDINGS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("embeddings");
-/// Queue sequence number -> encoded [`MissEvent`], oldest first.
-const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending_misses");
 
 /// The embedded store. Cheap to clone; all clones share one database.
 #[derive(Clone)]
@@ -52,18 +49,19 @@ impl EmbeddedStore {
     /// cache avoids keeping them in memory twice.
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         let db = Database::builder().set_cache_size(cache_bytes).create(path).map_err(db_err)?;
-        // Create both tables up front so read transactions never meet a
+        // Create the table up front so read transactions never meet a
         // missing table.
         let txn = db.begin_write().map_err(db_err)?;
         txn.open_table(EMBEDDINGS).map_err(db_err)?;
-        txn.open_table(PENDING).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         Ok(Self { db: Arc::new(db) })
     }
 
-    /// The durable miss queue that lives in the same file.
-    pub fn pending_misses(&self) -> PendingMisses {
-        PendingMisses { db: self.db.clone() }
+    /// The file's database, for the durable miss queue that shares it
+    /// (`embark_queue::local::PendingMisses`): one file, one process, one
+    /// fsync per commit for both.
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
     }
 
     fn get_many_blocking(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError> {
@@ -226,111 +224,9 @@ impl EmbeddingStore for EmbeddedStore {
     }
 }
 
-/// The durable FIFO of misses waiting to be embedded on one machine.
-///
-/// Every method is blocking (call it from a blocking thread). A miss stays
-/// in the queue until [`PendingMisses::settle`] removes it, which the fill
-/// loop calls only after the vector or failure record is written: a crash
-/// in between means the miss is processed again, never lost.
-#[derive(Clone)]
-pub struct PendingMisses {
-    db: Arc<Database>,
-}
-
-impl std::fmt::Debug for PendingMisses {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PendingMisses").finish_non_exhaustive()
-    }
-}
-
-impl PendingMisses {
-    /// Appends misses at the tail, in one durable transaction.
-    pub fn enqueue(&self, events: &[MissEvent]) -> Result<(), StoreError> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        let txn = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut table = txn.open_table(PENDING).map_err(db_err)?;
-            append(&mut table, events)?;
-        }
-        txn.commit().map_err(db_err)
-    }
-
-    /// Up to `max` misses that are due at `now_ms`, oldest first. Looks at
-    /// most `4 * max` entries, so a run of delayed retries at the head can
-    /// only slow the queue, never stall it.
-    pub fn peek_ready(&self, max: usize, now_ms: i64) -> Result<Vec<(u64, MissEvent)>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(PENDING).map_err(db_err)?;
-        let mut out = Vec::with_capacity(max);
-        for entry in table.iter().map_err(db_err)?.take(max.saturating_mul(4)) {
-            let (seq, value) = entry.map_err(db_err)?;
-            let event = MissEvent::decode(value.value()).map_err(|e| StoreError::Corrupt {
-                model: String::new(),
-                reason: format!("pending miss {}: {e}", seq.value()),
-            })?;
-            if event.not_before_unix_ms <= now_ms {
-                out.push((seq.value(), event));
-                if out.len() == max {
-                    break;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Removes processed misses and re-appends those to retry later, in one
-    /// durable transaction.
-    pub fn settle(&self, done: &[u64], retry: &[MissEvent]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut table = txn.open_table(PENDING).map_err(db_err)?;
-            for seq in done {
-                table.remove(*seq).map_err(db_err)?;
-            }
-            append(&mut table, retry)?;
-        }
-        txn.commit().map_err(db_err)
-    }
-
-    /// How many misses are queued (due or not).
-    pub fn len(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(PENDING).map_err(db_err)?;
-        table.len().map_err(db_err)
-    }
-
-    pub fn is_empty(&self) -> Result<bool, StoreError> {
-        Ok(self.len()? == 0)
-    }
-}
-
-fn append(table: &mut redb::Table<'_, u64, &[u8]>, events: &[MissEvent]) -> Result<(), StoreError> {
-    let next = match table.last().map_err(db_err)? {
-        Some((k, _)) => k.value() + 1,
-        None => 0,
-    };
-    for (seq, e) in (next..).zip(events) {
-        table.insert(seq, e.encode_to_vec().as_slice()).map_err(db_err)?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn miss(key: &str, not_before: i64) -> MissEvent {
-        MissEvent {
-            model: "m".into(),
-            key: key.into(),
-            first_seen_unix_ms: 1,
-            attempts: 0,
-            not_before_unix_ms: not_before,
-            dim: 0,
-        }
-    }
 
     #[tokio::test]
     async fn scan_pages_through_one_model_and_resumes_from_a_cursor() {
@@ -369,7 +265,6 @@ mod tests {
             s.put_vectors("m", vec![("a".into(), vec![1.0, 2.0]), (long.clone(), vec![3.0])]).await.expect("put");
             let f = FailureRecord { code: 2, reason: "bad".into(), at_unix_ms: 5 };
             s.put_failures("m", vec![("b".into(), f)]).await.expect("put failure");
-            s.pending_misses().enqueue(&[miss("x", 0), miss("y", 0)]).expect("enqueue");
         }
         let s = EmbeddedStore::open(&path).expect("reopen");
         let keys: Vec<String> = vec!["a".into(), "b".into(), "c".into(), long.clone()];
@@ -382,7 +277,6 @@ mod tests {
         assert!(s.get_many("other", &keys).await.expect("get")[0].is_none());
         s.delete("m", &["a".to_string()]).await.expect("delete");
         assert!(s.get_many("m", &keys).await.expect("get")[0].is_none());
-        assert_eq!(s.pending_misses().len().expect("len"), 2);
     }
 
     /// Defect 11.7: one row that did not decode failed every key of the
@@ -429,20 +323,5 @@ mod tests {
         // A key never deleted takes any fill.
         let other = FilledRow { key: "new".into(), seen_at_ms: 0, value: Filled::Vector(vec![4.0]) };
         assert_eq!(s.put_filled("m", vec![other]).await.expect("fill"), vec![true]);
-    }
-
-    #[test]
-    fn queue_is_fifo_skips_delayed_and_settles() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let q = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open").pending_misses();
-        q.enqueue(&[miss("a", 0), miss("late", 1000), miss("b", 0)]).expect("enqueue");
-        let ready = q.peek_ready(10, 500).expect("peek");
-        let keys: Vec<_> = ready.iter().map(|(_, e)| e.key.as_str()).collect();
-        assert_eq!(keys, ["a", "b"]);
-        let mut again = ready[0].1.clone();
-        again.attempts = 1;
-        q.settle(&[ready[0].0, ready[1].0], &[again]).expect("settle");
-        let keys: Vec<_> = q.peek_ready(10, 2000).expect("peek").into_iter().map(|(_, e)| e.key).collect();
-        assert_eq!(keys, ["late", "a"]);
     }
 }

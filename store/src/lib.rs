@@ -4,8 +4,8 @@
 //!   vectors, put failure records, delete). Implementations must make a
 //!   write visible to every later `get_many`, and must survive a restart.
 //! - [`embedded::EmbeddedStore`]: the single-machine implementation on one
-//!   redb file, which also holds the durable queue of pending misses
-//!   ([`embedded::PendingMisses`]) for `embark up`.
+//!   redb file, which also holds the durable miss queue of `embark up`
+//!   (`embark_queue::local`, in its own table).
 //! - [`cql::CqlStore`]: ScyllaDB/Cassandra through the `scylla` driver, for
 //!   the distributed deployment; schema by [`cql::CqlStore::migrate`].
 //! - [`args`]: the store flags `embark` and `kfc` share.
@@ -186,10 +186,7 @@ fn skip_corrupt(model: &str, key: &str, reason: &str) {
     metrics::counter!("embark_store_corrupt_rows_total").increment(1);
 }
 
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+pub use embark_proto::now_unix_ms;
 
 #[cfg(test)]
 mod tests {

@@ -15,6 +15,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+#[derive(Debug)]
 pub struct ImageServer {
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,

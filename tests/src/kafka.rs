@@ -10,8 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use embark_proto::embark::v1::{DeadLetter, MissEvent};
-use prost::Message as _;
+use embark_proto::internal::v1::{DeadLetter, MissEvent};
 use rdkafka::{
     ClientConfig, Message,
     consumer::{BaseConsumer, Consumer},
@@ -34,6 +33,7 @@ pub fn tansu_binary() -> PathBuf {
 }
 
 /// A running tansu broker. Killed (SIGKILL) when dropped.
+#[derive(Debug)]
 pub struct Broker {
     child: Option<Child>,
     pub addr: SocketAddr,
@@ -105,9 +105,15 @@ impl Drop for Broker {
 
 /// Creates the miss topic (`partitions`) and its DLQ.
 pub async fn create_topics(brokers: &str, miss_topic: &str, dlq_topic: &str, partitions: i32) -> anyhow::Result<()> {
-    kfc::kafka::ensure_topics(brokers, &[(miss_topic, partitions), (dlq_topic, 1)], 1, Duration::from_secs(10))
-        .await
-        .context("creating topics")
+    embark_queue::kafka::ensure_topics(
+        brokers,
+        &[],
+        &[(miss_topic, partitions), (dlq_topic, 1)],
+        1,
+        Duration::from_secs(10),
+    )
+    .await
+    .context("creating topics")
 }
 
 /// Produces raw `payloads` (with acks=all) to `topic`.
@@ -137,7 +143,7 @@ pub async fn produce_misses(brokers: &str, topic: &str, model: &str, keys: &[Str
                 not_before_unix_ms: 0,
                 dim: 0,
             };
-            (kfc::kafka::message_key(model, k), e.encode_to_vec())
+            (embark_queue::codec::message_key(model, k), embark_queue::codec::encode_miss(&e))
         })
         .collect();
     produce(brokers, topic, payloads).await

@@ -55,6 +55,7 @@ pub fn fixtures() -> PathBuf {
 }
 
 /// A running server process.
+#[derive(Debug)]
 pub struct Server {
     child: Child,
     pub grpc: SocketAddr,
@@ -270,6 +271,7 @@ pub async fn connect_uds(endpoint: tonic::transport::Endpoint, path: PathBuf) ->
 
 /// A child process killed (SIGKILL, by its own handle) when dropped, for
 /// programs that start servers without the readiness probe of [`Server`].
+#[derive(Debug)]
 pub struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {

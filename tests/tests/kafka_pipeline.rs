@@ -406,8 +406,7 @@ async fn a_broker_outage_does_not_touch_lookups() -> anyhow::Result<()> {
 /// the misses behind them are filled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_kafka_message_kills_kfcs_reader() -> anyhow::Result<()> {
-    use embark_proto::embark::v1::MissEvent;
-    use prost::Message as _;
+    use embark_proto::internal::v1::MissEvent;
     let _turn = ONE_AT_A_TIME.lock().await;
     let stack = Stack::start().await?;
     // A producer limit well under the junk message below: its dead letter
@@ -415,7 +414,7 @@ async fn one_kafka_message_kills_kfcs_reader() -> anyhow::Result<()> {
     let kfc = stack.start_kfc_with(&["--kafka-property", "message.max.bytes=200000"]).await?;
     let miss = |key: &str, not_before_unix_ms: i64| {
         let e = MissEvent { model: MODEL.into(), key: key.into(), not_before_unix_ms, ..MissEvent::default() };
-        (kfc::kafka::message_key(MODEL, key), e.encode_to_vec())
+        (embark_queue::codec::message_key(MODEL, key), embark_queue::codec::encode_miss(&e))
     };
     let junk = vec![0xffu8; 500_000];
     produce(
@@ -438,7 +437,7 @@ async fn one_kafka_message_kills_kfcs_reader() -> anyhow::Result<()> {
 
     let letters = read_dead_letters(&stack.broker.brokers(), &stack.dlq_topic, 1, Duration::from_secs(30))?;
     let junk = letters.iter().find(|d| d.event.is_none()).expect("the junk message is a dead letter");
-    assert_eq!(junk.raw.len(), kfc::kafka::MAX_DEAD_LETTER_RAW, "cut to fit");
+    assert_eq!(junk.raw.len(), embark_queue::codec::MAX_DEAD_LETTER_RAW, "cut to fit");
     assert!(junk.reason.contains("not a MissEvent") && junk.reason.contains("cut to"), "{}", junk.reason);
     // The reader lives and says so; the far-future miss waits (clamped),
     // it did not kill anything.

@@ -23,7 +23,10 @@ use std::{
 use anyhow::Context;
 use clap::Parser;
 use cql_test_server::CqlTestServer;
-use embark_proto::embark::v1::{LookupRequest, MissEvent, Source, emb_ark_client::EmbArkClient};
+use embark_proto::{
+    embark::v1::{LookupRequest, Source, emb_ark_client::EmbArkClient},
+    internal::v1::MissEvent,
+};
 use embark_store::{
     EmbeddingStore, StoredRow,
     cql::{CqlConfig, CqlStore},
@@ -405,7 +408,7 @@ async fn scenario(stack: &mut Stack, name: &'static str, args: &Args) -> anyhow:
         "poison" => {
             let poison = |key: &str, not_before_unix_ms: i64| {
                 let e = MissEvent { model: MODEL.into(), key: key.into(), not_before_unix_ms, ..MissEvent::default() };
-                (kfc::kafka::message_key(MODEL, key), e.encode_to_vec())
+                (embark_queue::codec::message_key(MODEL, key), embark_queue::codec::encode_miss(&e))
             };
             let wrong_model = MissEvent { model: "no-such-model".into(), key: "k".into(), ..MissEvent::default() };
             produce(

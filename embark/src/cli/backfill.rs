@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::{EXIT_INTERRUPTED, Progress, StoreLocation, model_dim};
 
 #[derive(Debug, Args)]
-pub struct BackfillArgs {
+pub(crate) struct BackfillArgs {
     /// The model to embed with.
     #[arg(long)]
     model: String,
@@ -66,7 +66,7 @@ pub struct BackfillArgs {
 
 /// What a run did; printed at the end.
 #[derive(Debug, Default, Serialize)]
-pub struct BackfillSummary {
+pub(crate) struct BackfillSummary {
     pub model: String,
     /// Distinct keys in the input.
     pub keys: usize,
@@ -126,20 +126,20 @@ fn read_keys(input: &PathBuf) -> anyhow::Result<(Vec<String>, usize)> {
     Ok((keys, duplicates))
 }
 
-pub async fn run(args: BackfillArgs) -> anyhow::Result<i32> {
+pub(crate) async fn run(args: BackfillArgs) -> anyhow::Result<i32> {
     model_dim(&args.model)?;
     let (keys, duplicate_lines) = read_keys(&args.input)?;
     let store = args.location.open().await?;
     let stop = embark_ops::shutdown::on_signal();
     let embedder_stop = CancellationToken::new();
     let embedder: Arc<dyn Embedder> = if args.retina.is_empty() {
-        let dir = args.models_dir.clone().unwrap_or_else(crate::default_models_dir);
+        let dir = args.models_dir.clone().unwrap_or_else(retina::config::default_models_dir);
         let (names, config) = (vec![args.model.clone()], args.engine.config());
         let engine = tokio::task::spawn_blocking(move || retina::Engine::load(&dir, &names, config)).await??;
-        Arc::new(embark::embedder::InProcessRetina::new(Arc::new(engine)))
+        Arc::new(kfc::InProcessRetina::new(Arc::new(engine)))
     } else {
-        Arc::new(kfc::retina_client::RemoteRetina::start(
-            kfc::retina_client::RetinaClientConfig { urls: args.retina.clone(), ..Default::default() },
+        Arc::new(kfc::RemoteRetina::start(
+            kfc::RetinaClientConfig { urls: args.retina.clone(), ..Default::default() },
             embedder_stop.clone(),
         )?)
     };

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Checkpoint, EXIT_INTERRUPTED, Progress, StoreLocation, model_dim, saved_cursor};
 
 #[derive(Debug, Args)]
-pub struct DedupArgs {
+pub(crate) struct DedupArgs {
     #[arg(long)]
     model: String,
     /// Pairs scoring at least this cosine are written (see
@@ -65,7 +65,7 @@ struct DedupCheckpoint {
     cursor: Option<String>,
 }
 
-pub async fn run(args: DedupArgs) -> anyhow::Result<i32> {
+pub(crate) async fn run(args: DedupArgs) -> anyhow::Result<i32> {
     let store = args.location.open().await?;
     dedup(&*store, &args, embark_ops::shutdown::on_signal()).await
 }

@@ -39,10 +39,10 @@ use super::{Checkpoint, EXIT_INTERRUPTED, Progress, StoreLocation, model_dim, sa
 
 /// Bytes reserved for the `.npy` header: magic, version, length and the
 /// dict, padded with spaces to a multiple of 64 as NumPy requires.
-pub const NPY_HEADER_BYTES: usize = 128;
+pub(crate) const NPY_HEADER_BYTES: usize = 128;
 
 #[derive(Debug, Args)]
-pub struct ExportArgs {
+pub(crate) struct ExportArgs {
     #[arg(long)]
     model: String,
     /// Directory to write into (created if missing).
@@ -74,7 +74,7 @@ struct ExportCheckpoint {
 }
 
 /// The `.npy` v1.0 header for a float32 C-order matrix, `NPY_HEADER_BYTES` long.
-pub fn npy_header(rows: u64, dim: usize) -> Vec<u8> {
+pub(crate) fn npy_header(rows: u64, dim: usize) -> Vec<u8> {
     let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}");
     let pad = NPY_HEADER_BYTES - 10 - dict.len() - 1;
     dict.push_str(&" ".repeat(pad));
@@ -86,7 +86,7 @@ pub fn npy_header(rows: u64, dim: usize) -> Vec<u8> {
     out
 }
 
-pub async fn run(args: ExportArgs) -> anyhow::Result<i32> {
+pub(crate) async fn run(args: ExportArgs) -> anyhow::Result<i32> {
     let store = args.location.open().await?;
     export(&*store, &args, embark_ops::shutdown::on_signal()).await
 }

@@ -6,9 +6,9 @@
 //! finishes what is in flight, records where it stopped and exits 130; the
 //! same command run again carries on from there.
 
-pub mod backfill;
-pub mod dedup;
-pub mod export;
+pub(crate) mod backfill;
+pub(crate) mod dedup;
+pub(crate) mod export;
 
 use std::{
     path::{Path, PathBuf},
@@ -18,43 +18,33 @@ use std::{
 
 use anyhow::Context;
 use clap::Args;
-use embark_store::{EmbeddingStore, ScanCursor, embedded::EmbeddedStore};
+use embark_store::{EmbeddingStore, ScanCursor};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Serialize, de::DeserializeOwned};
 
 /// Exit status of a tool that was interrupted and can be resumed.
-pub const EXIT_INTERRUPTED: i32 = 130;
+pub(crate) const EXIT_INTERRUPTED: i32 = 130;
 
 /// Which store a tool reads and writes: the same flags as `embark serve`.
 #[derive(Debug, Args)]
-pub struct StoreLocation {
+pub(crate) struct StoreLocation {
     #[command(flatten)]
     pub store: embark_store::args::StoreArgs,
-    /// Where the embedded store (embark.redb) lives. The file belongs to
-    /// one process: stop `embark up` on it first.
-    #[arg(long, env = "EMBARK_DATA_DIR", default_value = "embark-data")]
-    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub embedded: embark_store::args::EmbeddedArgs,
 }
 
 impl StoreLocation {
-    pub async fn open(&self) -> anyhow::Result<Arc<dyn EmbeddingStore>> {
+    pub(crate) async fn open(&self) -> anyhow::Result<Arc<dyn EmbeddingStore>> {
         match self.store.cql()? {
             Some(cfg) => Ok(Arc::new(embark_store::cql::CqlStore::connect(&cfg).await?)),
-            None => {
-                std::fs::create_dir_all(&self.data_dir)
-                    .with_context(|| format!("creating the data directory {}", self.data_dir.display()))?;
-                let path = self.data_dir.join("embark.redb");
-                let store = EmbeddedStore::open(&path).with_context(|| {
-                    format!("opening {} (an `embark up` on this --data-dir holds it: stop it first)", path.display())
-                })?;
-                Ok(Arc::new(store))
-            }
+            None => Ok(Arc::new(self.embedded.open()?)),
         }
     }
 }
 
 /// The dimension of a known model, or an error listing the known ones.
-pub fn model_dim(model: &str) -> anyhow::Result<usize> {
+pub(crate) fn model_dim(model: &str) -> anyhow::Result<usize> {
     retina::catalog::spec(model)
         .map(|s| s.dim)
         .with_context(|| format!("unknown model {model:?}; known: {:?}", retina::catalog::names()))
@@ -64,14 +54,14 @@ pub fn model_dim(model: &str) -> anyhow::Result<usize> {
 /// the total is unknown). When stderr is not a terminal (pipes, CI, tests)
 /// it draws nothing and reports its position through the log instead, at
 /// most once a second.
-pub struct Progress {
+pub(crate) struct Progress {
     bar: ProgressBar,
     what: &'static str,
     logged: Instant,
 }
 
 impl Progress {
-    pub fn new(total: Option<u64>, what: &'static str) -> Self {
+    pub(crate) fn new(total: Option<u64>, what: &'static str) -> Self {
         let bar = match total {
             Some(n) => ProgressBar::new(n).with_style(
                 ProgressStyle::with_template(&format!(
@@ -91,17 +81,17 @@ impl Progress {
         Self { bar, what, logged: Instant::now() }
     }
 
-    pub fn inc(&mut self, n: u64) {
+    pub(crate) fn inc(&mut self, n: u64) {
         self.bar.inc(n);
         self.log();
     }
 
-    pub fn set_position(&mut self, n: u64) {
+    pub(crate) fn set_position(&mut self, n: u64) {
         self.bar.set_position(n);
         self.log();
     }
 
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         self.bar.finish_and_clear();
     }
 
@@ -114,27 +104,27 @@ impl Progress {
 }
 
 /// The scan cursor a checkpoint saved (hex), `None` at the start.
-pub fn saved_cursor(hex: Option<&str>) -> anyhow::Result<Option<ScanCursor>> {
+pub(crate) fn saved_cursor(hex: Option<&str>) -> anyhow::Result<Option<ScanCursor>> {
     hex.map(|h| ScanCursor::from_hex(h).context("the checkpoint's cursor is not hex")).transpose()
 }
 
 /// A small JSON file that says where a tool stopped, replaced atomically
 /// (write aside, fsync, rename) so a crash leaves the old or the new one.
 #[derive(Debug, Clone)]
-pub struct Checkpoint {
+pub(crate) struct Checkpoint {
     path: PathBuf,
 }
 
 impl Checkpoint {
-    pub fn new(path: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(path: impl Into<PathBuf>) -> Self {
         Self { path: path.into() }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
-    pub fn load<T: DeserializeOwned>(&self) -> anyhow::Result<Option<T>> {
+    pub(crate) fn load<T: DeserializeOwned>(&self) -> anyhow::Result<Option<T>> {
         match std::fs::read(&self.path) {
             Ok(bytes) => Ok(Some(
                 serde_json::from_slice(&bytes)
@@ -145,7 +135,7 @@ impl Checkpoint {
         }
     }
 
-    pub fn save<T: Serialize>(&self, value: &T) -> anyhow::Result<()> {
+    pub(crate) fn save<T: Serialize>(&self, value: &T) -> anyhow::Result<()> {
         let tmp = self.path.with_extension("tmp");
         {
             let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
@@ -155,7 +145,7 @@ impl Checkpoint {
         std::fs::rename(&tmp, &self.path).with_context(|| format!("replacing {}", self.path.display()))
     }
 
-    pub fn remove(&self) -> anyhow::Result<()> {
+    pub(crate) fn remove(&self) -> anyhow::Result<()> {
         match std::fs::remove_file(&self.path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
@@ -169,14 +159,14 @@ pub(crate) mod testing {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use async_trait::async_trait;
-    use embark_store::{FailureRecord, ScanCursor, ScanPage, StoreError, StoredRow};
+    use embark_store::{FailureRecord, ScanCursor, ScanPage, StoreError, StoredRow, embedded::EmbeddedStore};
     use tokio_util::sync::CancellationToken;
 
     use super::*;
 
     /// A store that cancels `stop` while serving its `n`-th scan, as a
     /// Ctrl-C arriving during that page would.
-    pub struct StopAfterScans {
+    pub(crate) struct StopAfterScans {
         pub inner: EmbeddedStore,
         pub left: AtomicUsize,
         pub stop: CancellationToken,
@@ -206,7 +196,7 @@ pub(crate) mod testing {
 
     /// Appends bytes to a file, as a write torn by a crash after the last
     /// checkpoint would leave.
-    pub fn append_junk(path: &Path) {
+    pub(crate) fn append_junk(path: &Path) {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new().append(true).open(path).expect("open partial file");
         f.write_all(b"torn,write\n\x01\x02\x03").expect("append");

@@ -1,10 +1,11 @@
-//! The fill loop's embedder on one machine: Retina's engine, in-process.
+//! The fill loop's embedder on one machine (`embark up`, `embark backfill`):
+//! Retina's engine, in this process.
 
 use std::sync::Arc;
 
+use super::{EmbedError, EmbedOutcome, Embedder};
 use async_trait::async_trait;
 use embark_proto::retina::v1::FailureCode;
-use kfc::{EmbedError, EmbedOutcome, Embedder};
 use retina::{Engine, EngineError};
 
 #[derive(Debug, Clone)]

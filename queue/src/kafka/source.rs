@@ -3,7 +3,7 @@
 //! [`KafkaMissSource`] is the [`MissSource`] of the `kfc` binary. One task
 //! reads the consumer group's partitions and hands misses to the fill
 //! workers through a bounded channel. Several workers run
-//! [`crate::FillLoop`] rounds at once over whatever partitions the misses
+//! `kfc::FillLoop` rounds at once over whatever partitions the misses
 //! came from, so a slow partition never holds up the others.
 //!
 //! **Offsets.** An offset is committed only when it and every offset before
@@ -27,152 +27,36 @@
 //! fill loop) and forwarded to the DLQ topic with its code and reason. A
 //! message that is not a `MissEvent` goes there too, raw.
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use embark_proto::embark::v1::{DeadLetter, MissEvent};
-use embark_store::now_unix_ms;
+use embark_proto::{
+    internal::v1::{DeadLetter, MissEvent},
+    now_unix_ms,
+};
 use futures::StreamExt;
 use prost::Message as _;
 use rdkafka::{
-    ClientConfig, ClientContext, Message, Offset, TopicPartitionList,
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
+    ClientContext, Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
-    error::{KafkaError, RDKafkaErrorCode},
+    error::KafkaError,
     producer::{FutureProducer, FutureRecord, Producer},
     util::Timeout,
 };
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, time::DelayQueue};
 
-use crate::{MissSource, SourceError, backoff::Backoff};
+use super::{DEFAULT_DLQ_TOPIC, DEFAULT_MISS_TOPIC, MissToken, OffsetTracker, client_config, is_permanent};
+use crate::{
+    MissSource, QueueError,
+    backoff::Backoff,
+    codec::{MAX_RETRY_DELAY, decode_miss, encode_miss, fit_dead_letter, message_key, retry_wait},
+};
 
-pub const DEFAULT_MISS_TOPIC: &str = "embark.misses";
-pub const DEFAULT_DLQ_TOPIC: &str = "embark.misses.dlq";
-
-/// The longest a miss waits in the delay queue. A `not_before` further out
-/// (a clock far ahead, a hostile message) is due after this instead: the
-/// fill loop's own backoff never asks for more, and the delay queue panics
-/// on durations of years.
-pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(600);
-
-/// The most of a poison message's bytes a dead letter carries: enough to
-/// see what it was, small enough that the letter always fits a message
-/// (`message.max.bytes` is 1 MB by default).
-pub const MAX_DEAD_LETTER_RAW: usize = 64 << 10;
-
-/// The longest reason a dead letter carries, in bytes.
-pub const MAX_DEAD_LETTER_REASON: usize = 4096;
-
-/// Times a produce that failed permanently (see [`is_permanent`]) is tried
+/// Times a produce that failed permanently (see [`super::is_permanent`]) is tried
 /// before its record is dropped (counted), so that one bad record can
 /// never freeze a partition's offsets.
 pub const MAX_PERMANENT_PRODUCE_ATTEMPTS: u32 = 3;
-
-/// How long a miss due at `not_before_unix_ms` waits from `now`: `None`
-/// when due, at most [`MAX_RETRY_DELAY`]. Saturating: any `i64` is safe.
-pub fn retry_wait(not_before_unix_ms: i64, now_unix_ms: i64) -> Option<Duration> {
-    let wait = not_before_unix_ms.saturating_sub(now_unix_ms);
-    (wait > 0).then(|| Duration::from_millis(wait as u64).min(MAX_RETRY_DELAY))
-}
-
-/// Cuts a dead letter's raw bytes and reason so it fits in a message, and
-/// says so in the reason.
-pub fn fit_dead_letter(d: &mut DeadLetter) {
-    let mut cut = Vec::new();
-    if d.raw.len() > MAX_DEAD_LETTER_RAW {
-        cut.push(format!("raw cut to {MAX_DEAD_LETTER_RAW} of {} bytes", d.raw.len()));
-        d.raw = d.raw.slice(..MAX_DEAD_LETTER_RAW);
-    }
-    if d.reason.len() > MAX_DEAD_LETTER_REASON {
-        let mut end = MAX_DEAD_LETTER_REASON;
-        while !d.reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        cut.push(format!("reason cut to {end} of {} bytes", d.reason.len()));
-        d.reason.truncate(end);
-    }
-    if !cut.is_empty() {
-        d.reason = format!("{} ({})", d.reason, cut.join(", "));
-    }
-}
-
-/// Whether a produce error will recur however often it is retried: the
-/// record is too large, the topic does not exist or may not be written.
-/// Broker outages, timeouts and full queues are transient.
-pub fn is_permanent(e: &KafkaError) -> bool {
-    use RDKafkaErrorCode as C;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            C::MessageSizeTooLarge
-                | C::InvalidMessageSize
-                | C::InvalidRecord
-                | C::InvalidMessage
-                | C::UnknownTopic
-                | C::UnknownTopicOrPartition
-                | C::TopicAuthorizationFailed
-                | C::ClusterAuthorizationFailed
-                | C::InvalidTopic
-                | C::InvalidRequiredAcks
-                | C::UnsupportedForMessageFormat
-        )
-    )
-}
-
-/// The message key of a miss: model, a newline, key. The same key always
-/// lands on the same partition, so its misses are ordered.
-pub fn message_key(model: &str, key: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(model.len() + 1 + key.len());
-    k.extend_from_slice(model.as_bytes());
-    k.push(b'\n');
-    k.extend_from_slice(key.as_bytes());
-    k
-}
-
-/// Parses librdkafka properties given as `key=value` flags.
-pub fn parse_properties(list: &[String]) -> Result<Vec<(String, String)>, String> {
-    list.iter()
-        .map(|p| {
-            p.split_once('=')
-                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                .ok_or_else(|| format!("--kafka-property {p:?}: expected key=value"))
-        })
-        .collect()
-}
-
-/// Creates `topics` (name, partitions) with `replication` if they do not
-/// exist yet. Topics that exist are left as they are.
-pub async fn ensure_topics(
-    brokers: &str,
-    topics: &[(&str, i32)],
-    replication: i32,
-    timeout: Duration,
-) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("socket.timeout.ms", timeout.as_millis().to_string())
-        .create()?;
-    let new: Vec<NewTopic<'_>> =
-        topics.iter().map(|(name, parts)| NewTopic::new(name, *parts, TopicReplication::Fixed(replication))).collect();
-    let options = AdminOptions::new().operation_timeout(Some(Timeout::After(timeout))).request_timeout(Some(timeout));
-    for result in admin.create_topics(&new, &options).await? {
-        match result {
-            Ok(name) => tracing::info!(topic = %name, "topic created"),
-            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => tracing::debug!(topic = %name, "topic exists"),
-            Err((name, code)) => {
-                tracing::error!(topic = %name, error = %code, "cannot create topic");
-                return Err(KafkaError::AdminOp(code));
-            }
-        }
-    }
-    Ok(())
-}
 
 #[derive(Debug, Clone)]
 pub struct KafkaSourceConfig {
@@ -212,135 +96,6 @@ impl Default for KafkaSourceConfig {
     }
 }
 
-/// A handed-out miss: where it is in Kafka, and which assignment of its
-/// partition it belongs to (a token of an earlier assignment is stale).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MissToken {
-    pub partition: i32,
-    pub offset: i64,
-    generation: u64,
-}
-
-#[derive(Debug)]
-struct PartitionState {
-    generation: u64,
-    /// Offsets handed out or waiting, not yet settled.
-    unsettled: BTreeSet<i64>,
-    /// One past the highest offset seen.
-    next: Option<i64>,
-    /// The last position committed (or sent to commit).
-    committed: Option<i64>,
-}
-
-impl PartitionState {
-    fn new(generation: u64) -> Self {
-        Self { generation, unsettled: BTreeSet::new(), next: None, committed: None }
-    }
-
-    fn position(&self) -> Option<i64> {
-        self.unsettled.first().copied().or(self.next)
-    }
-}
-
-/// Which offsets of each assigned partition are settled, so only settled
-/// prefixes are committed.
-#[derive(Debug, Default)]
-pub struct OffsetTracker {
-    inner: Mutex<TrackerInner>,
-}
-
-#[derive(Debug, Default)]
-struct TrackerInner {
-    partitions: HashMap<i32, PartitionState>,
-    generations: u64,
-}
-
-impl OffsetTracker {
-    fn lock(&self) -> std::sync::MutexGuard<'_, TrackerInner> {
-        // A panic while holding this lock leaves plain data behind; keep going.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Starts tracking `partitions` afresh (a new assignment).
-    pub fn assign(&self, partitions: &[i32]) {
-        let mut t = self.lock();
-        for &p in partitions {
-            t.generations += 1;
-            let generation = t.generations;
-            t.partitions.insert(p, PartitionState::new(generation));
-        }
-    }
-
-    /// Stops tracking `partitions`; returns their settled positions to commit.
-    pub fn revoke(&self, partitions: &[i32]) -> Vec<(i32, i64)> {
-        let mut t = self.lock();
-        partitions
-            .iter()
-            .filter_map(|p| t.partitions.remove(p).and_then(|s| s.position().map(|pos| (*p, pos))))
-            .collect()
-    }
-
-    /// Records that `offset` was read and is not settled yet. `None` when
-    /// the partition is not assigned to this member (a message fetched
-    /// before a revocation and delivered after it): the message is not
-    /// ours to process, and tracking it would let this member commit a
-    /// position in a partition another member now owns.
-    pub fn begin(&self, partition: i32, offset: i64) -> Option<MissToken> {
-        let mut t = self.lock();
-        let s = t.partitions.get_mut(&partition)?;
-        s.unsettled.insert(offset);
-        s.next = Some(s.next.map_or(offset + 1, |n| n.max(offset + 1)));
-        Some(MissToken { partition, offset, generation: s.generation })
-    }
-
-    /// Whether `token` belongs to the current assignment of its partition.
-    pub fn is_current(&self, token: &MissToken) -> bool {
-        self.lock().partitions.get(&token.partition).is_some_and(|s| s.generation == token.generation)
-    }
-
-    /// Marks `token` settled. Stale tokens are ignored: their partition was
-    /// revoked, and its new owner replays them.
-    pub fn settle(&self, token: &MissToken) {
-        if let Some(s) = self.lock().partitions.get_mut(&token.partition)
-            && s.generation == token.generation
-        {
-            s.unsettled.remove(&token.offset);
-        }
-    }
-
-    /// Positions that moved since the last call, marked as committed.
-    pub fn take_commits(&self) -> Vec<(i32, i64)> {
-        let mut t = self.lock();
-        let mut out = Vec::new();
-        for (p, s) in t.partitions.iter_mut() {
-            if let Some(pos) = s.position()
-                && s.committed != Some(pos)
-            {
-                s.committed = Some(pos);
-                out.push((*p, pos));
-            }
-        }
-        out
-    }
-
-    /// Forgets that `positions` were committed (the commit failed).
-    pub fn uncommit(&self, positions: &[(i32, i64)]) {
-        let mut t = self.lock();
-        for (p, pos) in positions {
-            if let Some(s) = t.partitions.get_mut(p)
-                && s.committed == Some(*pos)
-            {
-                s.committed = None;
-            }
-        }
-    }
-
-    /// Unsettled misses across all partitions.
-    pub fn in_flight(&self) -> usize {
-        self.lock().partitions.values().map(|s| s.unsettled.len()).sum()
-    }
-}
-
 fn commit_list(topic: &str, positions: &[(i32, i64)]) -> Result<TopicPartitionList, KafkaError> {
     let mut tpl = TopicPartitionList::new();
     for (p, pos) in positions {
@@ -351,6 +106,7 @@ fn commit_list(topic: &str, positions: &[(i32, i64)]) -> Result<TopicPartitionLi
 
 /// The consumer's callbacks: keeps the tracker in step with assignments and
 /// commits settled work before a partition is given away.
+#[derive(Debug)]
 pub struct TrackingContext {
     tracker: Arc<OffsetTracker>,
     topic: String,
@@ -413,28 +169,26 @@ impl KafkaMissSource {
     /// Call [`KafkaMissSource::shutdown`] after the workers have stopped.
     pub fn start(config: KafkaSourceConfig, stop: CancellationToken) -> Result<Arc<Self>, KafkaError> {
         let tracker = Arc::new(OffsetTracker::default());
-        let mut cc = ClientConfig::new();
-        cc.set("bootstrap.servers", &config.brokers)
-            .set("group.id", &config.group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", config.session_timeout.as_millis().to_string())
-            .set("heartbeat.interval.ms", (config.session_timeout.as_millis() / 4).max(100).to_string())
-            .set("partition.assignment.strategy", "range,roundrobin");
-        for (k, v) in &config.properties {
-            cc.set(k, v);
-        }
+        let cc = client_config(
+            &config.brokers,
+            &config.properties,
+            &[
+                ("group.id", config.group.clone()),
+                ("enable.auto.commit", "false".into()),
+                ("enable.auto.offset.store", "false".into()),
+                ("auto.offset.reset", "earliest".into()),
+                ("session.timeout.ms", config.session_timeout.as_millis().to_string()),
+                ("heartbeat.interval.ms", (config.session_timeout.as_millis() / 4).max(100).to_string()),
+                ("partition.assignment.strategy", "range,roundrobin".into()),
+            ],
+        );
         let context = TrackingContext { tracker: tracker.clone(), topic: config.miss_topic.clone() };
         let consumer: StreamConsumer<TrackingContext> = cc.create_with_context(context)?;
         consumer.subscribe(&[&config.miss_topic])?;
 
-        let mut pc = ClientConfig::new();
-        pc.set("bootstrap.servers", &config.brokers).set("acks", "all").set("linger.ms", "5");
-        for (k, v) in &config.properties {
-            pc.set(k, v);
-        }
-        let producer: FutureProducer = pc.create()?;
+        let producer: FutureProducer =
+            client_config(&config.brokers, &config.properties, &[("acks", "all".into()), ("linger.ms", "5".into())])
+                .create()?;
 
         let (ready_tx, ready_rx) = mpsc::channel(config.ready_buffer.max(1));
         let (redeliver_tx, redeliver_rx) = mpsc::unbounded_channel();
@@ -551,14 +305,10 @@ impl KafkaMissSource {
             return None;
         };
         metrics::counter!("kfc_misses_read_total").increment(1);
-        let event = match payload.map(MissEvent::decode) {
-            Some(Ok(e)) if !e.model.is_empty() && !e.key.is_empty() => e,
-            other => {
-                let reason = match other {
-                    None => "empty message".to_owned(),
-                    Some(Err(e)) => format!("not a MissEvent: {e}"),
-                    Some(Ok(_)) => "a MissEvent without model or key".to_owned(),
-                };
+        let event = match decode_miss(payload) {
+            Ok(e) => e,
+            Err(poison) => {
+                let reason = poison.to_string();
                 tracing::warn!(partition, offset, %reason, "poison message on the miss topic");
                 let mut letter = DeadLetter {
                     event: None,
@@ -620,13 +370,13 @@ impl KafkaMissSource {
     /// counted, so it cannot freeze the offsets behind it. Only records
     /// that failed are sent again. Errs only at shutdown, with nothing
     /// settled.
-    async fn publish_until_done(&self, retry: &[MissEvent], dead: &[DeadLetter]) -> Result<(), SourceError> {
+    async fn publish_until_done(&self, retry: &[MissEvent], dead: &[DeadLetter]) -> Result<(), QueueError> {
         let mut pending: Vec<Outgoing> = retry
             .iter()
             .map(|e| Outgoing {
                 topic: &self.config.miss_topic,
                 key: message_key(&e.model, &e.key),
-                payload: e.encode_to_vec(),
+                payload: encode_miss(e),
                 kind: "retry",
                 permanent_failures: 0,
             })
@@ -683,7 +433,7 @@ impl KafkaMissSource {
                 let delay = self.backoff.delay(attempt);
                 tracing::warn!(error = %e, ?delay, records = pending.len(), "producing retries or dead letters failed");
                 tokio::select! {
-                    _ = self.stop.cancelled() => return Err(SourceError(format!("shutting down: {e}"))),
+                    _ = self.stop.cancelled() => return Err(QueueError::ShuttingDown(e)),
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
@@ -705,9 +455,9 @@ struct Outgoing<'a> {
 impl MissSource for KafkaMissSource {
     type Token = MissToken;
 
-    async fn next_batch(&self, max: usize) -> Result<Vec<(MissToken, MissEvent)>, SourceError> {
+    async fn next_batch(&self, max: usize) -> Result<Vec<(MissToken, MissEvent)>, QueueError> {
         let mut ready = self.ready.lock().await;
-        let first = ready.recv().await.ok_or_else(|| SourceError("the miss topic reader stopped".into()))?;
+        let first = ready.recv().await.ok_or(QueueError::ReaderStopped)?;
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + self.config.linger;
         while batch.len() < max {
@@ -727,7 +477,7 @@ impl MissSource for KafkaMissSource {
         done: Vec<MissToken>,
         retry: Vec<MissEvent>,
         dead: Vec<DeadLetter>,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), QueueError> {
         if !retry.is_empty() || !dead.is_empty() {
             self.publish_until_done(&retry, &dead).await?;
         }
@@ -743,102 +493,5 @@ impl MissSource for KafkaMissSource {
             // unsettled and are replayed by the next owner.
             let _ = self.redeliver.send((r, after));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commits_only_settled_prefixes() {
-        let t = OffsetTracker::default();
-        t.assign(&[0, 1]);
-        let a = t.begin(0, 10).expect("assigned");
-        let b = t.begin(0, 11).expect("assigned");
-        let c = t.begin(0, 12).expect("assigned");
-        assert_eq!(t.take_commits(), vec![(0, 10)]);
-        t.settle(&b);
-        t.settle(&c);
-        assert_eq!(t.take_commits(), vec![], "10 is still unsettled");
-        t.settle(&a);
-        assert_eq!(t.take_commits(), vec![(0, 13)]);
-        assert_eq!(t.take_commits(), vec![], "nothing moved");
-        assert_eq!(t.in_flight(), 0);
-    }
-
-    #[test]
-    fn stale_tokens_are_ignored_after_revocation() {
-        let t = OffsetTracker::default();
-        t.assign(&[3]);
-        let old = t.begin(3, 5).expect("assigned");
-        assert_eq!(t.revoke(&[3]), vec![(3, 5)]);
-        t.assign(&[3]);
-        let new = t.begin(3, 5).expect("assigned");
-        assert!(!t.is_current(&old));
-        t.settle(&old);
-        assert_eq!(t.take_commits(), vec![(3, 5)], "the old settle does not count");
-        t.settle(&new);
-        assert_eq!(t.take_commits(), vec![(3, 6)]);
-    }
-
-    /// Defect 11.15: `begin()` on a partition this member does not own
-    /// started tracking it, so the member committed a position in a
-    /// partition another member owns.
-    #[test]
-    fn begin_on_an_untracked_partition_can_commit_another_members_offset() {
-        let t = OffsetTracker::default();
-        t.assign(&[0]);
-        assert!(t.begin(7, 100).is_none(), "partition 7 is not ours");
-        assert_eq!(t.take_commits(), vec![], "nothing of partition 7 is ever committed");
-        assert_eq!(t.in_flight(), 0);
-    }
-
-    /// Defect 11.2: a `not_before` far in the future (or far in the past)
-    /// panicked `DelayQueue::insert` (or overflowed) and killed the reader.
-    #[tokio::test]
-    async fn one_kafka_message_kills_kfcs_reader() {
-        let now = 1_700_000_000_000;
-        assert_eq!(retry_wait(i64::MAX, now), Some(MAX_RETRY_DELAY));
-        assert_eq!(retry_wait(i64::MIN, now), None);
-        assert_eq!(retry_wait(now + 1500, now), Some(Duration::from_millis(1500)));
-        assert_eq!(retry_wait(now, now), None);
-        let mut q: DelayQueue<()> = DelayQueue::new();
-        for wait in [retry_wait(i64::MAX, now), retry_wait(now + 1, now)].into_iter().flatten() {
-            q.insert((), wait);
-        }
-        assert_eq!(q.len(), 2);
-    }
-
-    #[test]
-    fn dead_letters_are_cut_to_fit_the_producer() {
-        let mut d = DeadLetter {
-            raw: vec![7u8; 3 * MAX_DEAD_LETTER_RAW].into(),
-            reason: "x".repeat(10_000),
-            ..Default::default()
-        };
-        fit_dead_letter(&mut d);
-        assert_eq!(d.raw.len(), MAX_DEAD_LETTER_RAW);
-        assert!(d.reason.len() <= MAX_DEAD_LETTER_REASON + 128, "{}", d.reason.len());
-        assert!(d.reason.contains("cut to"), "the letter says it was cut: {}", d.reason);
-    }
-
-    #[test]
-    fn produce_errors_are_classified() {
-        use rdkafka::error::RDKafkaErrorCode as C;
-        for permanent in
-            [C::MessageSizeTooLarge, C::TopicAuthorizationFailed, C::UnknownTopicOrPartition, C::InvalidRecord]
-        {
-            assert!(is_permanent(&KafkaError::MessageProduction(permanent)), "{permanent:?}");
-        }
-        for transient in [C::BrokerTransportFailure, C::MessageTimedOut, C::QueueFull, C::NotEnoughReplicas] {
-            assert!(!is_permanent(&KafkaError::MessageProduction(transient)), "{transient:?}");
-        }
-    }
-
-    #[test]
-    fn message_keys_are_model_newline_key() {
-        // Model names never hold a newline, so the first one splits them.
-        assert_eq!(message_key("minilm-l6-v2", "a\nb"), b"minilm-l6-v2\na\nb");
     }
 }

@@ -9,18 +9,16 @@
 //!   event at once: it is dropped and counted, and the front forgets the
 //!   key's dedup entry, so the next Lookup of the key publishes it again;
 //! - an event librdkafka could not deliver within `message.timeout.ms` is
-//!   counted as dropped too, and its key leaves the dedup window, so the
-//!   next Lookup of it publishes it again.
+//!   counted as dropped too, and the front is told ([`Undelivered`]) so
+//!   the key leaves its dedup window and the next Lookup publishes it again.
 //!
 //! Nothing is lost for good: a miss exists as long as the key is unknown.
 
 use std::time::Duration;
 
-use embark_proto::embark::v1::MissEvent;
-use kfc::kafka::message_key;
-use prost::Message as _;
+use embark_proto::internal::v1::MissEvent;
 use rdkafka::{
-    ClientConfig, ClientContext, Message,
+    ClientContext, Message,
     error::{KafkaError, RDKafkaErrorCode},
     message::DeliveryResult,
     producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer},
@@ -28,9 +26,15 @@ use rdkafka::{
 };
 
 use crate::{
-    cache::{MissDedup, key_hash},
-    miss::MissPublisher,
+    MissPublisher,
+    codec::{encode_miss, message_key, parse_message_key},
 };
+
+/// Told of each miss librdkafka gave up on, with its model and key (from
+/// the message key), from librdkafka's own thread: the front forgets the
+/// key's dedup entry, so the next Lookup of it publishes it again instead
+/// of waiting out the window.
+pub type Undelivered = Box<dyn Fn(&str, &str) + Send + Sync>;
 
 #[derive(Debug, Clone)]
 pub struct KafkaPublisherConfig {
@@ -46,9 +50,14 @@ pub struct KafkaPublisherConfig {
 
 /// Counts deliveries, and lets the next Lookup of an undelivered miss
 /// publish it again at once; librdkafka calls it from its own thread.
-#[derive(Debug)]
 pub struct DeliveryCounter {
-    dedup: MissDedup,
+    undelivered: Undelivered,
+}
+
+impl std::fmt::Debug for DeliveryCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliveryCounter").finish_non_exhaustive()
+    }
 }
 
 impl ClientContext for DeliveryCounter {}
@@ -64,12 +73,8 @@ impl ProducerContext for DeliveryCounter {
                 metrics::counter!("embark_misses_dropped_total", "reason" => "undelivered").increment(1);
                 // Otherwise the key would wait out the dedup window before
                 // any Lookup could publish it again.
-                let split = message.key().and_then(|k| {
-                    let nl = k.iter().position(|b| *b == b'\n')?;
-                    Some((std::str::from_utf8(&k[..nl]).ok()?, std::str::from_utf8(&k[nl + 1..]).ok()?))
-                });
-                if let Some((model, key)) = split {
-                    self.dedup.forget(&key_hash(model, key));
+                if let Some((model, key)) = message.key().and_then(parse_message_key) {
+                    (self.undelivered)(model, key);
                 }
             }
         }
@@ -88,23 +93,23 @@ impl std::fmt::Debug for KafkaMissPublisher {
 }
 
 impl KafkaMissPublisher {
-    /// A publisher whose undelivered misses are forgotten by `dedup` (the
-    /// front's dedup window), so they are published again by the next Lookup.
-    pub fn new(config: &KafkaPublisherConfig, dedup: MissDedup) -> Result<Self, KafkaError> {
-        let mut cc = ClientConfig::new();
-        cc.set("bootstrap.servers", &config.brokers)
-            .set("acks", "all")
-            // A retried send may duplicate a miss; duplicates are harmless
-            // (KFC skips stored keys), and idempotence would make a broker
-            // that lost its state fatal for this producer.
-            .set("enable.idempotence", "false")
-            .set("linger.ms", "5")
-            .set("queue.buffering.max.messages", config.buffer.max(1).to_string())
-            .set("message.timeout.ms", config.message_timeout.as_millis().max(1).to_string());
-        for (k, v) in &config.properties {
-            cc.set(k, v);
-        }
-        let producer: ThreadedProducer<DeliveryCounter> = cc.create_with_context(DeliveryCounter { dedup })?;
+    /// A publisher that tells `undelivered` of each miss it gave up on.
+    pub fn new(config: &KafkaPublisherConfig, undelivered: Undelivered) -> Result<Self, KafkaError> {
+        let cc = super::client_config(
+            &config.brokers,
+            &config.properties,
+            &[
+                ("acks", "all".into()),
+                // A retried send may duplicate a miss; duplicates are harmless
+                // (KFC skips stored keys), and idempotence would make a broker
+                // that lost its state fatal for this producer.
+                ("enable.idempotence", "false".into()),
+                ("linger.ms", "5".into()),
+                ("queue.buffering.max.messages", config.buffer.max(1).to_string()),
+                ("message.timeout.ms", config.message_timeout.as_millis().max(1).to_string()),
+            ],
+        );
+        let producer: ThreadedProducer<DeliveryCounter> = cc.create_with_context(DeliveryCounter { undelivered })?;
         Ok(Self { producer, topic: config.topic.clone() })
     }
 
@@ -127,7 +132,7 @@ impl KafkaMissPublisher {
 impl MissPublisher for KafkaMissPublisher {
     fn publish(&self, event: MissEvent) -> bool {
         let key = message_key(&event.model, &event.key);
-        let payload = event.encode_to_vec();
+        let payload = encode_miss(&event);
         match self.producer.send(BaseRecord::to(&self.topic).key(&key).payload(&payload)) {
             Ok(()) => true,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {

@@ -1,4 +1,8 @@
-//! What turns inputs into vectors: an in-process Retina or a remote one.
+//! What turns inputs into vectors: the [`Embedder`] seam, and its adapters,
+//! an in-process Retina ([`in_process`]) or a remote one ([`remote`]).
+
+pub mod in_process;
+pub mod remote;
 
 use async_trait::async_trait;
 

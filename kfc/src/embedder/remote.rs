@@ -22,7 +22,7 @@ use tonic::{
     transport::{Channel, Endpoint, channel::Change},
 };
 
-use crate::{EmbedError, EmbedOutcome, Embedder};
+use super::{EmbedError, EmbedOutcome, Embedder};
 
 #[derive(Debug, Clone)]
 pub struct RetinaClientConfig {

@@ -1,13 +1,17 @@
-//! Exponential backoff with full jitter, so retries of many keys after an
-//! outage spread out instead of arriving together.
+//! The one backoff of the miss path: exponential, with "equal jitter" (a
+//! random delay in the upper half of the current step), so retries of many
+//! keys after an outage spread out instead of arriving together, and no
+//! retry comes sooner than half its step.
 
 use std::time::Duration;
 
 use rand::Rng;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
+    /// The ceiling of the first retry's delay.
     pub base: Duration,
+    /// No delay is longer.
     pub max: Duration,
 }
 

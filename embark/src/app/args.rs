@@ -1,0 +1,173 @@
+//! The flags of `embark up` and `embark serve`, defined once.
+//!
+//! Defaults that a library type also has come from its `Default` impl
+//! (`ServerLimits`, `EngineConfig`, ...), so a flag and the code cannot
+//! disagree.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::Args;
+use embark_ops::grpc::ServerLimits;
+use embark_store::args::parse_bytes;
+
+#[derive(Debug, Args)]
+pub struct FrontArgs {
+    #[command(flatten)]
+    pub store: embark_store::args::StoreArgs,
+    #[command(flatten)]
+    pub embedded: embark_store::args::EmbeddedArgs,
+    /// A Lookup waits this long for the store; rows it has not answered by
+    /// then come back OOV_UNAVAILABLE (not queued).
+    #[arg(long, env = "EMBARK_STORE_DEADLINE_MS", default_value_t = 50)]
+    pub store_deadline_ms: u64,
+    /// Consecutive failed or late store reads that open the breaker.
+    #[arg(long, env = "EMBARK_STORE_BREAKER_FAILURES", default_value_t = 5)]
+    pub store_breaker_failures: u32,
+    /// How long an open breaker skips the store before one probe read.
+    #[arg(long, env = "EMBARK_STORE_BREAKER_COOL_DOWN_MS", default_value_t = 2000)]
+    pub store_breaker_cool_down_ms: u64,
+    /// gRPC listen address.
+    #[arg(long, env = "EMBARK_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Also serve gRPC on this Unix domain socket (a ranker on the same host
+    /// skips TCP). The file is replaced at start and removed at exit.
+    #[arg(long, env = "EMBARK_UDS")]
+    pub uds: Option<PathBuf>,
+    /// Operator HTTP address: /metrics, /healthz, /readyz.
+    #[arg(long, env = "EMBARK_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
+    /// Models to serve, comma-separated.
+    #[arg(long, env = "EMBARK_MODELS", value_delimiter = ',', default_value = "minilm-l6-v2,efficientnet-lite0")]
+    pub models: Vec<String>,
+    /// OOV row of a model read from a file (MODEL=PATH, dim numbers); zeros
+    /// otherwise. Repeat or comma-separate for several models.
+    #[arg(long, env = "EMBARK_OOV", value_delimiter = ',')]
+    pub oov: Vec<String>,
+    /// Size of the in-process tier: bytes, or with KiB/MiB/GiB.
+    #[arg(long, env = "EMBARK_CACHE_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    pub cache_bytes: u64,
+    /// Expire tier entries this many seconds after insertion (none by default:
+    /// size-bounded LFU eviction only).
+    #[arg(long, env = "EMBARK_CACHE_TTL_SECS")]
+    pub cache_ttl_secs: Option<u64>,
+    /// A key missed many times within this window is queued once.
+    #[arg(long, env = "EMBARK_DEDUP_WINDOW_SECS", default_value_t = 60)]
+    pub dedup_window_secs: u64,
+    /// Keys the dedup window remembers at most (~100 bytes each); past it
+    /// the oldest are forgotten and may be queued twice.
+    #[arg(long, env = "EMBARK_DEDUP_MAX_KEYS", default_value_t = 1_000_000)]
+    pub dedup_max_keys: u64,
+    /// Misses the durable queue holds at most (no Kafka); past it new
+    /// misses are dropped (counted) and queued again by a later Lookup.
+    #[arg(long, env = "EMBARK_MAX_QUEUED_MISSES", default_value_t = 1_000_000)]
+    pub max_queued_misses: u64,
+    /// An input that could not be embedded is answered OOV_FAILED, and not
+    /// queued again, for this long.
+    #[arg(long, env = "EMBARK_FAILURE_TTL_SECS", default_value_t = 3600)]
+    pub failure_ttl_secs: u64,
+    /// Most keys in one Lookup or Invalidate.
+    #[arg(long, env = "EMBARK_MAX_BATCH_KEYS", default_value_t = 4096)]
+    pub max_batch_keys: usize,
+    /// Longest key, in bytes.
+    #[arg(long, env = "EMBARK_MAX_KEY_BYTES", default_value_t = 8192)]
+    pub max_key_bytes: usize,
+    /// Misses buffered in memory before the durable queue (or Kafka); beyond
+    /// it they are dropped (counted) and queued again by the next Lookup.
+    #[arg(long, env = "EMBARK_MISS_BUFFER", default_value_t = 65536)]
+    pub miss_buffer: usize,
+    /// Publish misses to Kafka (`host:port[,host:port]`) for KFC instead of
+    /// the local durable queue (`embark serve` only).
+    #[arg(long, env = "EMBARK_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// The Kafka topic of misses.
+    #[arg(long, env = "EMBARK_MISS_TOPIC", default_value = embark_queue::kafka::DEFAULT_MISS_TOPIC)]
+    pub miss_topic: String,
+    /// Create the miss topic with this many partitions if it is missing
+    /// (0: never create it).
+    #[arg(long, env = "EMBARK_MISS_TOPIC_PARTITIONS", default_value_t = 12)]
+    pub miss_topic_partitions: i32,
+    /// The Kafka topic on which replicas tell each other about Invalidate
+    /// (`embark serve --kafka-brokers`): every replica drops the keys from
+    /// its tier and similarity index.
+    #[arg(long, env = "EMBARK_INVALIDATION_TOPIC", default_value = embark_queue::kafka::DEFAULT_INVALIDATION_TOPIC)]
+    pub invalidation_topic: String,
+    /// Replication factor of the miss topic when EmbArk creates it.
+    #[arg(long, env = "EMBARK_TOPIC_REPLICATION", default_value_t = 1)]
+    pub topic_replication: i32,
+    /// A miss the brokers have not acknowledged within this time is dropped
+    /// (counted); the next Lookup of the key publishes it again.
+    #[arg(long, env = "EMBARK_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub kafka_message_timeout_ms: u64,
+    /// Extra librdkafka properties, `key=value` (repeat or comma-separate).
+    #[arg(long, env = "EMBARK_KAFKA_PROPERTY", value_delimiter = ',')]
+    pub kafka_property: Vec<String>,
+    /// Open client connections at most; further ones wait to be accepted.
+    #[arg(long, env = "EMBARK_MAX_CONNECTIONS", default_value_t = ServerLimits::default().max_connections)]
+    pub max_connections: usize,
+    /// HTTP/2 streams (requests) in flight per client connection.
+    #[arg(long, env = "EMBARK_CONCURRENCY_PER_CONNECTION", default_value_t = ServerLimits::default().max_streams_per_connection)]
+    pub concurrency_per_connection: u32,
+    /// Requests in progress across all connections; beyond it requests are
+    /// refused at once with RESOURCE_EXHAUSTED (load shedding).
+    #[arg(long, env = "EMBARK_MAX_IN_FLIGHT", default_value_t = ServerLimits::default().max_in_flight)]
+    pub max_in_flight: usize,
+    /// Bytes of request bodies held at once across connections; a request
+    /// that would exceed it is refused with RESOURCE_EXHAUSTED (with the
+    /// decode limit, this bounds request memory).
+    #[arg(long, env = "EMBARK_MAX_REQUEST_BYTES_IN_FLIGHT", default_value_t = ServerLimits::default().max_request_bytes_in_flight)]
+    pub max_request_bytes_in_flight: usize,
+    #[command(flatten)]
+    pub similar: SimilarArgs,
+    /// Log as JSON lines.
+    #[arg(long, env = "EMBARK_LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// The similarity indexes behind `Similar` (see docs/similarity.md).
+#[derive(Debug, Args)]
+pub struct SimilarArgs {
+    /// Vectors each model's index holds at most (0: no index, `Similar`
+    /// off). Memory is about this x (dim x 4 + 3.3 KiB) bytes per model:
+    /// 1.2 GiB at 384-d, 2 GiB at 1280-d for the default.
+    #[arg(long, env = "EMBARK_SIMILAR_MAX_VECTORS", default_value_t = 250_000)]
+    pub similar_max_vectors: usize,
+    /// Below this many vectors a model is searched exactly; from it on
+    /// through an HNSW graph.
+    #[arg(long, env = "EMBARK_SIMILAR_EXACT_BELOW", default_value_t = 20_000)]
+    pub similar_exact_below: usize,
+    /// HNSW candidate list per search: higher is slower with better recall.
+    #[arg(long, env = "EMBARK_SIMILAR_EF_SEARCH", default_value_t = 96)]
+    pub similar_ef_search: usize,
+    /// The largest k a Similar call may ask for.
+    #[arg(long, env = "EMBARK_SIMILAR_MAX_K", default_value_t = 1000)]
+    pub similar_max_k: usize,
+    /// `embark serve`: rescan the store this often for vectors other
+    /// processes wrote (0: load once at start).
+    #[arg(long, env = "EMBARK_SIMILAR_REFRESH_SECS", default_value_t = 300)]
+    pub similar_refresh_secs: u64,
+}
+
+impl SimilarArgs {
+    pub fn config(&self) -> embark_index::IndexConfig {
+        embark_index::IndexConfig {
+            exact_below: self.similar_exact_below.max(1),
+            max_vectors: self.similar_max_vectors,
+            ef_search: self.similar_ef_search.max(1),
+            ..embark_index::IndexConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct FillArgs {
+    #[command(flatten)]
+    pub models_dir: retina::config::ModelsDirArg,
+    /// Misses taken from the queue per fill round.
+    #[arg(long, env = "EMBARK_FILL_BATCH", default_value_t = 64)]
+    pub fill_batch: usize,
+    /// Transient failures of one input before it is recorded as failed.
+    #[arg(long, env = "EMBARK_FILL_MAX_ATTEMPTS", default_value_t = 5)]
+    pub fill_max_attempts: u32,
+    #[command(flatten)]
+    pub engine: retina::config::EngineArgs,
+}
