@@ -12,7 +12,9 @@
 //! - [`embedder::Embedder`]: what turns inputs into vectors.
 //! - `embark_store::EmbeddingStore`: where vectors go.
 //!
-//! [`fill::FillLoop`] is the loop itself; [`backoff`] spaces out retries.
+//! [`fill::FillLoop`] is the loop itself, deciding per key by
+//! [`fill::FillPolicy`] (shared with `embark backfill`); [`backoff`] spaces
+//! out retries.
 //! The distributed implementations of the seams:
 //!
 //! - [`kafka::KafkaMissSource`]: the miss topic, through a consumer group,
@@ -28,6 +30,6 @@ pub mod kafka;
 pub mod retina_client;
 pub mod source;
 
-pub use embedder::{EmbedError, EmbedOutcome, Embedder};
-pub use fill::{FillConfig, FillLoop};
+pub use embedder::{EmbedCallError, EmbedError, EmbedOutcome, Embedder, embed_checked};
+pub use fill::{Decision, FillConfig, FillLoop, FillPolicy, Stands};
 pub use source::{MissSource, SourceError};
