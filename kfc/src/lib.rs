@@ -14,7 +14,7 @@
 //!
 //! [`fill::FillLoop`] is the loop itself, deciding per key by
 //! [`fill::FillPolicy`] (shared with `embark backfill`); [`backoff`] spaces
-//! out retries.
+//! out retries and [`retry`] retries an operation with it.
 //! The distributed implementations of the seams:
 //!
 //! - [`kafka::KafkaMissSource`]: the miss topic, through a consumer group,
@@ -28,6 +28,7 @@ pub mod embedder;
 pub mod fill;
 pub mod kafka;
 pub mod retina_client;
+pub mod retry;
 pub mod source;
 
 pub use embedder::{EmbedCallError, EmbedError, EmbedOutcome, Embedder, embed_checked};
