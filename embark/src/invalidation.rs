@@ -18,6 +18,7 @@ use std::{
     time::Duration,
 };
 
+use backon::Retryable;
 use embark_proto::embark::v1::InvalidationEvent;
 use prost::Message as _;
 use rdkafka::{
@@ -118,34 +119,34 @@ pub fn spawn_listener(
         let consumer = Arc::new(consumer);
         // Assign every partition at its end; retried while Kafka is away.
         let backoff = kfc::backoff::Backoff { base: Duration::from_millis(200), max: Duration::from_secs(10) };
-        let mut attempt = 0;
-        loop {
-            let c = consumer.clone();
-            let t = topic.clone();
-            let assigned = tokio::task::spawn_blocking(move || {
-                let metadata = c.fetch_metadata(Some(&t), Timeout::After(Duration::from_secs(5)))?;
-                let mut tpl = TopicPartitionList::new();
-                for p in metadata.topics().iter().filter(|m| m.name() == t).flat_map(|m| m.partitions()) {
-                    tpl.add_partition_offset(&t, p.id(), Offset::End)?;
-                }
-                if tpl.count() == 0 {
-                    return Err(KafkaError::Subscription(format!("topic {t} has no partitions (yet)")));
-                }
-                c.assign(&tpl)
-            })
-            .await;
-            match assigned {
-                Ok(Ok(())) => break,
-                other => {
-                    attempt += 1;
-                    let delay = backoff.delay(attempt);
-                    tracing::warn!(result = ?other.map(|r| r.err()), ?delay, topic, "cannot follow the invalidation topic yet");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+        let assign = || {
+            let (c, t) = (consumer.clone(), topic.clone());
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    let metadata = c.fetch_metadata(Some(&t), Timeout::After(Duration::from_secs(5)))?;
+                    let mut tpl = TopicPartitionList::new();
+                    for p in metadata.topics().iter().filter(|m| m.name() == t).flat_map(|m| m.partitions()) {
+                        tpl.add_partition_offset(&t, p.id(), Offset::End)?;
                     }
-                }
+                    if tpl.count() == 0 {
+                        return Err(KafkaError::Subscription(format!("topic {t} has no partitions (yet)")));
+                    }
+                    c.assign(&tpl)
+                })
+                .await
+                .map_err(anyhow::Error::from)?
+                .map_err(anyhow::Error::from)
             }
+        };
+        let assigned = assign.retry(kfc::retry::delays(backoff)).notify(|e, delay| {
+            tracing::warn!(error = %e, ?delay, topic, "cannot follow the invalidation topic yet");
+        });
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            assigned = assigned => if let Err(e) = assigned {
+                tracing::error!(error = %e, topic, "gave up following the invalidation topic");
+                return;
+            },
         }
         state.0.store(true, Ordering::Release);
         tracing::info!(topic, "following other replicas' invalidations");
