@@ -22,6 +22,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use backon::Retryable;
 use embark_index::{Hit, IndexConfig, IndexError, InsertReport, SimilarityIndex};
 use embark_store::{EmbeddingStore, FailureRecord, ScanCursor, ScanPage, StoreError, StoredRow, storage_key};
 use tokio_util::sync::CancellationToken;
@@ -117,22 +118,20 @@ impl SimilarIndexes {
                 // a retry skips what the failed attempt already indexed.
                 let backoff =
                     embark_queue::backoff::Backoff { base: Duration::from_millis(500), max: Duration::from_secs(30) };
-                let mut attempt = 0;
-                let loaded = loop {
-                    match this.load(&store, &model, attempt > 0, &stop).await {
-                        Ok(n) => break Ok(n),
-                        Err(e) if !stop.is_cancelled() => {
-                            attempt += 1;
-                            let delay = backoff.delay(attempt);
-                            tracing::warn!(model, error = %e, ?delay, "loading the similarity index failed; retrying");
-                            metrics::counter!("embark_similar_load_failures_total", "model" => model.clone())
-                                .increment(1);
-                            tokio::select! {
-                                _ = stop.cancelled() => break Err(e),
-                                _ = tokio::time::sleep(delay) => {}
-                            }
-                        }
-                        Err(e) => break Err(e),
+                let resume = AtomicBool::new(false);
+                let load = (|| this.load(&store, &model, resume.swap(true, Ordering::Relaxed), &stop))
+                    .retry(backoff.delays())
+                    .when(|_| !stop.is_cancelled())
+                    .notify(|e, delay| {
+                        tracing::warn!(model, error = %e, ?delay, "loading the similarity index failed; retrying");
+                        metrics::counter!("embark_similar_load_failures_total", "model" => model.clone()).increment(1);
+                    });
+                let loaded = tokio::select! {
+                    biased;
+                    loaded = load => loaded,
+                    _ = stop.cancelled() => {
+                        tracing::info!(model, "stopped before the similarity index was loaded");
+                        return;
                     }
                 };
                 match loaded {

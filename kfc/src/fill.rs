@@ -17,7 +17,7 @@ use embark_queue::{MissSource, QueueError, backoff::Backoff};
 use embark_store::{EmbeddingStore, FailureRecord, Filled, FilledRow, StoreError, StoredRow, now_unix_ms};
 use tokio_util::sync::CancellationToken;
 
-use crate::{EmbedOutcome, Embedder};
+use crate::{EmbedOutcome, Embedder, embed_checked};
 
 #[derive(Debug, Clone)]
 pub struct FillConfig {
@@ -31,6 +31,13 @@ pub struct FillConfig {
     /// written. Whole-call failures (embedder down) are retried forever.
     pub max_attempts: u32,
     pub backoff: Backoff,
+}
+
+impl FillConfig {
+    /// The per-key decisions of this configuration.
+    pub fn policy(&self) -> FillPolicy {
+        FillPolicy { failure_ttl: self.failure_ttl, max_attempts: self.max_attempts, backoff: self.backoff }
+    }
 }
 
 impl Default for FillConfig {
@@ -51,6 +58,116 @@ pub enum FillError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Source(#[from] QueueError),
+    /// The store broke the one-row-per-key contract of `get_many`: pairing
+    /// its answer with the keys would skip (and settle) keys never filled.
+    #[error("the store returned {rows} rows for {keys} keys")]
+    StoreMiscounted { keys: usize, rows: usize },
+}
+
+/// What a fill decides for each key, shared by [`FillLoop`] and `embark
+/// backfill` so that the two cannot drift: which stored rows stand (the key
+/// is skipped, [`FillPolicy::stands`]) and what becomes of each outcome of
+/// the embedder ([`FillPolicy::decide`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FillPolicy {
+    /// A failure record younger than this stands: the key is skipped.
+    /// `Duration::MAX`: failure records stand for good.
+    pub failure_ttl: Duration,
+    /// Tries of an input whose failure is transient, the first included.
+    pub max_attempts: u32,
+    /// Spaces out the retries of an input.
+    pub backoff: Backoff,
+}
+
+/// Why a key is skipped: what is stored for it stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stands {
+    /// A vector of the dim the model is served at (of any dim when that is
+    /// not known).
+    Vector,
+    /// A failure record younger than [`FillPolicy::failure_ttl`].
+    Failure,
+}
+
+/// What becomes of one input's outcome ([`FillPolicy::decide`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Store this vector.
+    Store(Vec<f32>),
+    /// A transient failure with tries left: try again after `delay`;
+    /// `attempts` counts the tries that failed so far.
+    Retry { attempts: u32, delay: Duration, code: i32, reason: String },
+    /// A permanent failure: record it.
+    Fail(FailureRecord),
+    /// A transient failure with no tries left. The fill loop records it
+    /// (else the front would queue the key for good); `embark backfill`
+    /// leaves it unrecorded, for its next run to try again.
+    GiveUp(FailureRecord),
+}
+
+impl Decision {
+    /// The `retina.v1.FailureCode` of an outcome that is not a vector.
+    pub fn code(&self) -> Option<i32> {
+        match self {
+            Decision::Store(_) => None,
+            Decision::Retry { code, .. } => Some(*code),
+            Decision::Fail(f) | Decision::GiveUp(f) => Some(f.code),
+        }
+    }
+}
+
+impl FillPolicy {
+    /// Whether `row`, stored for a key of a model served at `dim` dims (0:
+    /// not known), stands at `now_ms`, so that the key is not embedded.
+    pub fn stands(&self, row: Option<&StoredRow>, dim: u32, now_ms: i64) -> Option<Stands> {
+        let ttl_ms = i64::try_from(self.failure_ttl.as_millis()).unwrap_or(i64::MAX);
+        match row {
+            // A vector of another dim than the front serves is stale
+            // model output, which the front queues again: embed it, or
+            // the key stays OOV_PENDING for good.
+            Some(StoredRow::Vector { vector, .. }) if dim == 0 || vector.len() == dim as usize => Some(Stands::Vector),
+            Some(StoredRow::Failed(f)) if now_ms.saturating_sub(f.at_unix_ms) < ttl_ms => Some(Stands::Failure),
+            // Nothing, an expired failure record, or a corrupt row.
+            _ => None,
+        }
+    }
+
+    /// What becomes of `outcome`, the embedder's answer for an input of a
+    /// model served at `dim` dims (0: not known) whose earlier tries failed
+    /// `attempts` times.
+    pub fn decide(&self, model: &str, outcome: EmbedOutcome, dim: u32, attempts: u32, now_ms: i64) -> Decision {
+        let outcome = match outcome {
+            EmbedOutcome::Vector(v) if dim != 0 && v.len() != dim as usize => {
+                // Never store a row the front would refuse and queue
+                // again: the embedder serves another version of the
+                // model. Retried (a rollout may be under way), then
+                // recorded as a failure.
+                EmbedOutcome::Failed {
+                    code: FailureCode::Internal as i32,
+                    reason: format!(
+                        "the embedder returned a {}-d vector; model {model:?} is served at {dim} dims",
+                        v.len()
+                    ),
+                    transient: true,
+                }
+            }
+            o => o,
+        };
+        match outcome {
+            EmbedOutcome::Vector(v) => Decision::Store(v),
+            EmbedOutcome::Failed { code, reason, transient } => {
+                let attempts = attempts.saturating_add(1);
+                if !transient {
+                    Decision::Fail(FailureRecord { code, reason, at_unix_ms: now_ms })
+                } else if attempts < self.max_attempts {
+                    Decision::Retry { attempts, delay: self.backoff.delay(attempts), code, reason }
+                } else {
+                    let reason = format!("gave up after {attempts} attempts: {reason}");
+                    Decision::GiveUp(FailureRecord { code, reason, at_unix_ms: now_ms })
+                }
+            }
+        }
+    }
 }
 
 /// What one round did (for logs and tests).
@@ -210,19 +327,16 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
         let keys: Vec<String> = events.iter().map(|e| e.key.clone()).collect();
 
         let now = now_unix_ms();
-        let ttl_ms = self.config.failure_ttl.as_millis() as i64;
+        let policy = self.config.policy();
         let rows = self.store.get_many(model, &keys).await?;
+        if rows.len() != keys.len() {
+            return Err(FillError::StoreMiscounted { keys: keys.len(), rows: rows.len() });
+        }
         let todo: Vec<MissEvent> = events
             .into_iter()
             .zip(rows)
-            .filter_map(|(e, row)| match row {
-                // A vector of another dim than the front serves is stale
-                // model output, which the front queues again: embed it, or
-                // the key stays OOV_PENDING for good.
-                Some(StoredRow::Vector { vector, .. }) if e.dim == 0 || vector.len() == e.dim as usize => None,
-                Some(StoredRow::Failed(f)) if now - f.at_unix_ms < ttl_ms => None,
-                _ => Some(e),
-            })
+            .filter(|(e, row)| policy.stands(row.as_ref(), e.dim, now).is_none())
+            .map(|(e, _)| e)
             .collect();
         let skipped = keys.len() - todo.len();
         stats.skipped += skipped;
@@ -243,13 +357,10 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
         dead: &mut Vec<DeadLetter>,
     ) -> Result<(), FillError> {
         let inputs: Vec<String> = chunk.iter().map(|e| e.key.clone()).collect();
-        let outcomes = match self.embedder.embed(model, inputs).await {
-            Ok(o) if o.len() == chunk.len() => o,
-            other => {
-                let reason = match other {
-                    Ok(o) => format!("embedder returned {} outcomes for {} inputs", o.len(), chunk.len()),
-                    Err(e) => e.to_string(),
-                };
+        let outcomes = match embed_checked(&*self.embedder, model, inputs).await {
+            Ok(o) => o,
+            Err(e) => {
+                let reason = e.to_string();
                 let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
                 let delay = self.config.backoff.delay(n);
                 tracing::warn!(model, %reason, ?delay, inputs = chunk.len(), "embedder call failed; retrying later");
@@ -264,27 +375,17 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
         let now = now_unix_ms();
         let mut vectors = Vec::new();
         let mut failures = Vec::new();
+        let policy = self.config.policy();
+        // One outcome per input: `embed_checked` made sure of it.
         for (event, outcome) in chunk.iter().zip(outcomes) {
-            let outcome = match outcome {
-                EmbedOutcome::Vector(v) if event.dim != 0 && v.len() != event.dim as usize => {
-                    // Never store a row the front would refuse and queue
-                    // again: the embedder serves another version of the
-                    // model. Retried (a rollout may be under way), then
-                    // recorded as a failure.
-                    EmbedOutcome::Failed {
-                        code: FailureCode::Internal as i32,
-                        reason: format!(
-                            "the embedder returned a {}-d vector; model {model:?} is served at {} dims",
-                            v.len(),
-                            event.dim
-                        ),
-                        transient: true,
-                    }
-                }
-                o => o,
-            };
-            match outcome {
-                EmbedOutcome::Vector(v) => {
+            let decision = policy.decide(model, outcome, event.dim, event.attempts, now);
+            if let Some(code) = decision.code() {
+                let name = FailureCode::try_from(code).map(|c| c.as_str_name().to_owned()).unwrap_or(code.to_string());
+                metrics::counter!("kfc_embed_failures_total", "model" => self.labels.get(model), "code" => name)
+                    .increment(1);
+            }
+            match decision {
+                Decision::Store(v) => {
                     let waited = (now - event.first_seen_unix_ms).max(0) as f64 / 1000.0;
                     metrics::histogram!("kfc_fill_latency_seconds", "model" => self.labels.get(model)).record(waited);
                     vectors.push(FilledRow {
@@ -293,30 +394,20 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
                         value: Filled::Vector(v),
                     });
                 }
-                EmbedOutcome::Failed { code, reason, transient } => {
-                    let name =
-                        FailureCode::try_from(code).map(|c| c.as_str_name().to_owned()).unwrap_or(code.to_string());
-                    metrics::counter!("kfc_embed_failures_total", "model" => self.labels.get(model), "code" => name)
-                        .increment(1);
-                    let attempts = event.attempts + 1;
-                    if transient && attempts < self.config.max_attempts {
-                        retry.push(delayed(event, attempts, self.config.backoff.delay(attempts)));
-                    } else {
-                        let reason =
-                            if transient { format!("gave up after {attempts} attempts: {reason}") } else { reason };
-                        dead.push(DeadLetter {
-                            event: Some(event.clone()),
-                            code,
-                            reason: reason.clone(),
-                            at_unix_ms: now,
-                            ..DeadLetter::default()
-                        });
-                        failures.push(FilledRow {
-                            key: event.key.clone(),
-                            seen_at_ms: event.first_seen_unix_ms,
-                            value: Filled::Failure(FailureRecord { code, reason, at_unix_ms: now }),
-                        });
-                    }
+                Decision::Retry { attempts, delay, .. } => retry.push(delayed(event, attempts, delay)),
+                Decision::Fail(f) | Decision::GiveUp(f) => {
+                    dead.push(DeadLetter {
+                        event: Some(event.clone()),
+                        code: f.code,
+                        reason: f.reason.clone(),
+                        at_unix_ms: now,
+                        ..DeadLetter::default()
+                    });
+                    failures.push(FilledRow {
+                        key: event.key.clone(),
+                        seen_at_ms: event.first_seen_unix_ms,
+                        value: Filled::Failure(f),
+                    });
                 }
             }
         }
@@ -349,7 +440,168 @@ fn delayed(e: &MissEvent, attempts: u32, delay: Duration) -> MissEvent {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use embark_store::{ScanCursor, ScanPage};
+
     use super::*;
+    use crate::EmbedError;
+
+    /// Records what was settled and handed back.
+    #[derive(Default)]
+    struct Recorder {
+        settled: Mutex<Vec<(Vec<u64>, Vec<MissEvent>)>>,
+        abandoned: Mutex<Vec<u64>>,
+    }
+
+    #[async_trait]
+    impl MissSource for Recorder {
+        type Token = u64;
+        async fn next_batch(&self, _max: usize) -> Result<Vec<(u64, MissEvent)>, QueueError> {
+            std::future::pending().await
+        }
+        async fn settle(&self, done: Vec<u64>, retry: Vec<MissEvent>, _: Vec<DeadLetter>) -> Result<(), QueueError> {
+            self.settled.lock().expect("lock").push((done, retry));
+            Ok(())
+        }
+        async fn abandon(&self, batch: Vec<(u64, MissEvent)>, _after: Duration) {
+            self.abandoned.lock().expect("lock").extend(batch.into_iter().map(|(t, _)| t));
+        }
+    }
+
+    /// Answers one vector per call, whatever the number of inputs.
+    struct OneVector;
+
+    #[async_trait]
+    impl Embedder for OneVector {
+        async fn embed(&self, _model: &str, _inputs: Vec<String>) -> Result<Vec<EmbedOutcome>, EmbedError> {
+            Ok(vec![EmbedOutcome::Vector(vec![1.0])])
+        }
+    }
+
+    /// An in-memory store whose `get_many` answers at most `max_rows` rows.
+    struct MemStore {
+        rows: Mutex<HashMap<String, StoredRow>>,
+        max_rows: usize,
+    }
+
+    impl MemStore {
+        fn new(max_rows: usize) -> Arc<Self> {
+            Arc::new(Self { rows: Mutex::default(), max_rows })
+        }
+    }
+
+    #[async_trait]
+    impl EmbeddingStore for MemStore {
+        async fn get_many(&self, _model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError> {
+            let rows = self.rows.lock().expect("lock");
+            Ok(keys.iter().take(self.max_rows).map(|k| rows.get(k).cloned()).collect())
+        }
+        async fn put_vectors(&self, _model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
+            let mut stored = self.rows.lock().expect("lock");
+            for (k, vector) in rows {
+                stored.insert(k, StoredRow::Vector { vector, created_at_ms: now_unix_ms() });
+            }
+            Ok(())
+        }
+        async fn put_failures(&self, _model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
+            let mut stored = self.rows.lock().expect("lock");
+            for (k, f) in rows {
+                stored.insert(k, StoredRow::Failed(f));
+            }
+            Ok(())
+        }
+        async fn delete(&self, _model: &str, keys: &[String]) -> Result<(), StoreError> {
+            let mut stored = self.rows.lock().expect("lock");
+            keys.iter().for_each(|k| drop(stored.remove(k)));
+            Ok(())
+        }
+        async fn scan(&self, _: &str, _: Option<ScanCursor>, _: usize) -> Result<ScanPage, StoreError> {
+            Ok(ScanPage { rows: Vec::new(), next: None })
+        }
+    }
+
+    fn miss(key: &str) -> MissEvent {
+        MissEvent { model: "m".into(), key: key.into(), first_seen_unix_ms: now_unix_ms(), ..MissEvent::default() }
+    }
+
+    /// Issue 15: an embedder answering fewer outcomes than inputs is a
+    /// failed call: every input is retried, none is dropped or given
+    /// another's vector.
+    #[tokio::test]
+    async fn a_miscounted_reply_retries_every_input() {
+        let (source, store) = (Arc::new(Recorder::default()), MemStore::new(usize::MAX));
+        let fill = FillLoop::new(source.clone(), Arc::new(OneVector), store.clone(), FillConfig::default());
+        let stats = fill.round(vec![(1, miss("a")), (2, miss("b"))]).await.expect("round");
+        assert!(stats.embedder_down);
+        assert_eq!((stats.embedded, stats.retried), (0, 2));
+        let settled = source.settled.lock().expect("lock").clone();
+        let retried: Vec<_> = settled[0].1.iter().map(|e| (e.key.as_str(), e.attempts)).collect();
+        assert_eq!(retried, vec![("a", 0), ("b", 0)]);
+        assert!(store.rows.lock().expect("lock").is_empty(), "no vector stored under the wrong key");
+    }
+
+    /// Issue 15: the rows read from the store were zipped with the keys,
+    /// so a store answering fewer rows made the round skip (and settle)
+    /// keys it never filled.
+    #[tokio::test]
+    async fn a_miscounted_store_read_hands_the_batch_back() {
+        let (source, store) = (Arc::new(Recorder::default()), MemStore::new(1));
+        let fill = FillLoop::new(source.clone(), Arc::new(OneVector), store, FillConfig::default());
+        let result = fill.round(vec![(1, miss("a")), (2, miss("b"))]).await;
+        assert!(matches!(result, Err(FillError::StoreMiscounted { keys: 2, rows: 1 })), "{result:?}");
+        assert!(source.settled.lock().expect("lock").is_empty(), "nothing settled");
+        assert_eq!(*source.abandoned.lock().expect("lock"), vec![1, 2]);
+    }
+
+    fn policy(max_attempts: u32) -> FillPolicy {
+        FillPolicy { failure_ttl: Duration::from_secs(60), max_attempts, backoff: Backoff::default() }
+    }
+
+    #[test]
+    fn stored_rows_that_stand() {
+        let p = policy(3);
+        let now = now_unix_ms();
+        let vector = |n: usize| StoredRow::Vector { vector: vec![0.0; n], created_at_ms: 0 };
+        let failed =
+            |age_ms: i64| StoredRow::Failed(FailureRecord { code: 1, reason: "x".into(), at_unix_ms: now - age_ms });
+        assert_eq!(p.stands(Some(&vector(3)), 3, now), Some(Stands::Vector));
+        assert_eq!(p.stands(Some(&vector(3)), 0, now), Some(Stands::Vector), "dim not known");
+        assert_eq!(p.stands(Some(&vector(2)), 3, now), None, "stale dim: embedded again");
+        assert_eq!(p.stands(Some(&failed(1_000)), 3, now), Some(Stands::Failure));
+        assert_eq!(p.stands(Some(&failed(61_000)), 3, now), None, "expired");
+        assert_eq!(p.stands(Some(&StoredRow::Corrupt { reason: "torn".into() }), 3, now), None);
+        assert_eq!(p.stands(None, 3, now), None);
+        let forever = FillPolicy { failure_ttl: Duration::MAX, ..p };
+        assert_eq!(forever.stands(Some(&failed(i64::MAX / 2)), 3, now), Some(Stands::Failure));
+        let never = FillPolicy { failure_ttl: Duration::ZERO, ..p };
+        assert_eq!(never.stands(Some(&failed(0)), 3, now), None);
+    }
+
+    #[test]
+    fn outcomes_become_decisions() {
+        let p = policy(3);
+        let failed = |transient| EmbedOutcome::Failed { code: 7, reason: "nope".into(), transient };
+        assert_eq!(p.decide("m", EmbedOutcome::Vector(vec![1.0; 3]), 3, 0, 5), Decision::Store(vec![1.0; 3]));
+        assert_eq!(p.decide("m", EmbedOutcome::Vector(vec![1.0; 2]), 0, 0, 5), Decision::Store(vec![1.0; 2]));
+        assert_eq!(
+            p.decide("m", failed(false), 3, 0, 5),
+            Decision::Fail(FailureRecord { code: 7, reason: "nope".into(), at_unix_ms: 5 })
+        );
+        assert!(matches!(p.decide("m", failed(true), 3, 1, 5), Decision::Retry { attempts: 2, code: 7, .. }));
+        assert!(
+            matches!(p.decide("m", failed(true), 3, 2, 5), Decision::GiveUp(f) if f.reason == "gave up after 3 attempts: nope")
+        );
+        // A vector of another dim is a transient failure, never stored.
+        match p.decide("m", EmbedOutcome::Vector(vec![1.0; 2]), 3, 0, 5) {
+            Decision::Retry { attempts: 1, code, reason, .. } => {
+                assert_eq!(code, FailureCode::Internal as i32);
+                assert!(reason.contains("2-d vector"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     /// Defect 11.15: every model name read from Kafka became a label
     /// value, so invented names grew the metrics without bound.

@@ -16,16 +16,17 @@
 //!   gRPC, balanced across the replicas a name resolves to).
 //! - `embark_store::EmbeddingStore`: where vectors go.
 //!
-//! [`fill::FillLoop`] is the loop itself; [`app`] is the `kfc` binary's
-//! deployment (Kafka, remote Retina, CQL).
+//! [`fill::FillLoop`] is the loop itself, deciding per key by
+//! [`fill::FillPolicy`] (shared with `embark backfill`); [`app`] is the
+//! `kfc` binary's deployment (Kafka, remote Retina, CQL).
 
 pub mod app;
 pub mod embedder;
 pub mod fill;
 
 pub use embedder::{
-    EmbedError, EmbedOutcome, Embedder,
+    EmbedCallError, EmbedError, EmbedOutcome, Embedder, embed_checked,
     in_process::InProcessRetina,
     remote::{RemoteRetina, RetinaClientConfig},
 };
-pub use fill::{FillConfig, FillLoop};
+pub use fill::{Decision, FillConfig, FillLoop, FillPolicy, Stands};

@@ -18,6 +18,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use backon::Retryable;
 use embark_proto::{
     internal::v1::{DeadLetter, MissEvent},
     now_unix_ms,
@@ -27,7 +28,11 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use tokio::sync::{Mutex, Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::{MissPublisher, MissSource, QueueError, backoff::Backoff, codec};
+use crate::{
+    MissPublisher, MissSource, QueueError,
+    backoff::{Backoff, StopSleeper},
+    codec,
+};
 
 /// Queue sequence number -> encoded [`MissEvent`], oldest first. The name
 /// is the one the embedded store used when the queue lived there: files
@@ -191,8 +196,10 @@ impl LocalMissQueue {
             let Some(mut rx) = this.buffer_rx.lock().await.take() else {
                 return;
             };
-            let mut failures = 0u32;
             let backoff = Backoff::default();
+            // A batch whose writes were still failing when the stop came:
+            // it gets one more try with the shutdown flush.
+            let mut unwritten = Vec::new();
             loop {
                 let first = tokio::select! {
                     biased;
@@ -207,30 +214,25 @@ impl LocalMissQueue {
                         Err(_) => break,
                     }
                 }
-                // Retry until written: these misses are acknowledged to
-                // nobody else, so dropping them would lose them until the
-                // next Lookup.
-                loop {
-                    match this.write(batch.clone()).await {
-                        Ok(()) => {
-                            failures = 0;
-                            break;
-                        }
-                        Err(e) => {
-                            failures += 1;
-                            let delay = backoff.delay(failures);
-                            tracing::error!(error = %e, ?delay, "writing misses to the durable queue failed");
-                            if this.stop.is_cancelled() {
-                                break;
-                            }
-                            tokio::time::sleep(delay).await;
-                        }
-                    }
+                // Retried until written (or the stop): these misses are
+                // acknowledged to nobody else, so dropping them would lose
+                // them until the next Lookup.
+                let written = (|| this.write(batch.clone()))
+                    .retry(backoff.delays())
+                    .sleep(StopSleeper(this.stop.clone()))
+                    .when(|_| !this.stop.is_cancelled())
+                    .notify(
+                        |e, delay| tracing::error!(error = %e, ?delay, "writing misses to the durable queue failed"),
+                    )
+                    .await;
+                if written.is_err() {
+                    unwritten = batch;
+                    break;
                 }
             }
             // Shutdown: write what the buffer still holds.
             rx.close();
-            let mut rest = Vec::new();
+            let mut rest = unwritten;
             while let Ok(m) = rx.try_recv() {
                 rest.push(m);
             }

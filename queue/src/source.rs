@@ -21,6 +21,9 @@ pub enum QueueError {
     /// The blocking task that ran a queue call panicked or was cancelled.
     #[error("a blocking queue task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// A Kafka call failed (metadata, assignment, a client to create).
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
     /// The task reading the miss topic has ended (shutdown, or it failed).
     #[error("the miss topic reader stopped")]
     ReaderStopped,

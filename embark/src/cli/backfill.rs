@@ -7,6 +7,13 @@
 //! what is left. Batches go to the embedder `--concurrency` at a time;
 //! transient failures are retried with backoff, permanent ones recorded
 //! (Lookups then answer OOV_FAILED) and reported by code.
+//!
+//! What is skipped, stored, retried or recorded is decided by the fill
+//! loop's own [`FillPolicy`], so a backfilled key ends as KFC would leave
+//! it. Two choices are the tool's: a failure record stands for good unless
+//! `--retry-failed` (KFC trusts one for `--failure-ttl-secs`), and an input
+//! still failing transiently after `--max-attempts` is left unrecorded for
+//! the next run (KFC records it).
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -17,11 +24,13 @@ use std::{
 };
 
 use anyhow::Context;
+use backon::Retryable;
 use clap::Args;
 use embark_proto::retina::v1::FailureCode;
-use embark_store::{EmbeddingStore, FailureRecord, StoredRow, now_unix_ms};
+use embark_queue::backoff::Backoff;
+use embark_store::{EmbeddingStore, Filled, FilledRow, now_unix_ms};
 use futures::StreamExt;
-use kfc::{EmbedOutcome, Embedder};
+use kfc::{Decision, Embedder, FillPolicy, Stands, embed_checked};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -42,9 +51,9 @@ pub(crate) struct BackfillArgs {
     /// without it the model runs in this process from --models-dir.
     #[arg(long, env = "EMBARK_BACKFILL_RETINA", value_delimiter = ',')]
     retina: Vec<String>,
-    /// Directory with one folder of weights per model (in-process Retina).
-    #[arg(long, env = "EMBARK_MODELS_DIR")]
-    models_dir: Option<PathBuf>,
+    /// Where the in-process Retina finds its weights.
+    #[command(flatten)]
+    models_dir: retina::config::ModelsDirArg,
     /// Keys per embedder call.
     #[arg(long, default_value_t = 32)]
     batch: usize,
@@ -82,6 +91,9 @@ pub(crate) struct BackfillSummary {
     /// Still transiently failing after --max-attempts: not recorded, so
     /// the next run tries them again.
     pub transient: BTreeMap<String, usize>,
+    /// Embedded, but not written: deleted (Invalidate) while this run
+    /// embedded it. The miss the Invalidate queued fills it again.
+    pub invalidated: usize,
     /// Not reached because the run was interrupted.
     pub not_reached: usize,
     pub interrupted: bool,
@@ -96,6 +108,22 @@ struct BatchOutcome {
     embedded: usize,
     failed: Vec<String>,
     transient: Vec<String>,
+    invalidated: usize,
+}
+
+/// Spaces out the retries of a backfill's embedder calls and inputs.
+const BACKOFF: Backoff = Backoff { base: Duration::from_millis(500), max: Duration::from_secs(30) };
+
+/// The fill loop's policy, with the tool's two choices (see the module
+/// docs): failure records stand for good unless `retry_failed`; inputs
+/// still failing transiently after `max_attempts` tries are left
+/// unrecorded (in [`backfill_batch`]).
+fn policy(max_attempts: u32, retry_failed: bool) -> FillPolicy {
+    FillPolicy {
+        failure_ttl: if retry_failed { Duration::ZERO } else { Duration::MAX },
+        max_attempts: max_attempts.max(1),
+        backoff: BACKOFF,
+    }
 }
 
 fn code_name(code: i32) -> String {
@@ -127,13 +155,15 @@ fn read_keys(input: &PathBuf) -> anyhow::Result<(Vec<String>, usize)> {
 }
 
 pub(crate) async fn run(args: BackfillArgs) -> anyhow::Result<i32> {
-    model_dim(&args.model)?;
+    // Vectors of another dim are stale (embedded again) or refused.
+    let dim = u32::try_from(model_dim(&args.model)?).context("the model's dim")?;
+    let policy = policy(args.max_attempts, args.retry_failed);
     let (keys, duplicate_lines) = read_keys(&args.input)?;
     let store = args.location.open().await?;
     let stop = embark_ops::shutdown::on_signal();
     let embedder_stop = CancellationToken::new();
     let embedder: Arc<dyn Embedder> = if args.retina.is_empty() {
-        let dir = args.models_dir.clone().unwrap_or_else(retina::config::default_models_dir);
+        let dir = args.models_dir.models_dir.clone();
         let (names, config) = (vec![args.model.clone()], args.engine.config());
         let engine = tokio::task::spawn_blocking(move || retina::Engine::load(&dir, &names, config)).await??;
         Arc::new(kfc::InProcessRetina::new(Arc::new(engine)))
@@ -155,10 +185,9 @@ pub(crate) async fn run(args: BackfillArgs) -> anyhow::Result<i32> {
         .take_while(|_| std::future::ready(!stop.is_cancelled()))
         .map(|batch| {
             let (store, embedder, model) = (store.clone(), embedder.clone(), args.model.clone());
-            let (max_attempts, retry_failed) = (args.max_attempts.max(1), args.retry_failed);
             async move {
                 let n = batch.len();
-                (n, backfill_batch(&*store, &*embedder, &model, batch, max_attempts, retry_failed).await)
+                (n, backfill_batch(&*store, &*embedder, &model, dim, batch, &policy).await)
             }
         })
         .buffer_unordered(args.concurrency.max(1));
@@ -168,6 +197,7 @@ pub(crate) async fn run(args: BackfillArgs) -> anyhow::Result<i32> {
         summary.already_stored += o.already_stored;
         summary.already_failed += o.already_failed;
         summary.embedded += o.embedded;
+        summary.invalidated += o.invalidated;
         for c in o.failed {
             *summary.failed.entry(c).or_default() += 1;
         }
@@ -201,68 +231,251 @@ fn print_summary(s: &BackfillSummary) {
     for (code, n) in &s.transient {
         println!("  still failing {code:<11} {n} (transient: not recorded, retried by the next run)");
     }
+    if s.invalidated > 0 {
+        println!("  invalidated      {} (deleted while being embedded: not written)", s.invalidated);
+    }
     if s.interrupted {
         println!("  interrupted: {} keys not reached; run the same command again to finish", s.not_reached);
     }
 }
 
+/// Backfills one batch of distinct keys of `model`, served at `dim` dims.
 async fn backfill_batch(
     store: &dyn EmbeddingStore,
     embedder: &dyn Embedder,
     model: &str,
+    dim: u32,
     batch: Vec<String>,
-    max_attempts: u32,
-    retry_failed: bool,
+    policy: &FillPolicy,
 ) -> anyhow::Result<BatchOutcome> {
     let mut out = BatchOutcome::default();
+    // Written as inputs seen now (as the fill loop writes): a key an
+    // Invalidate deletes meanwhile is not brought back with an embedding
+    // made before the delete.
+    let seen_at_ms = now_unix_ms();
     let rows = store.get_many(model, &batch).await.context("reading the store")?;
-    let mut todo = Vec::new();
+    anyhow::ensure!(rows.len() == batch.len(), "the store returned {} rows for {} keys", rows.len(), batch.len());
+    // Each key with the number of its tries that failed so far.
+    let mut todo: Vec<(String, u32)> = Vec::new();
     for (key, row) in batch.into_iter().zip(rows) {
-        match row {
-            Some(StoredRow::Vector { .. }) => out.already_stored += 1,
-            Some(StoredRow::Failed(_)) if !retry_failed => out.already_failed += 1,
-            _ => todo.push(key),
+        match policy.stands(row.as_ref(), dim, seen_at_ms) {
+            Some(Stands::Vector) => out.already_stored += 1,
+            Some(Stands::Failure) => out.already_failed += 1,
+            None => todo.push((key, 0)),
         }
     }
-    let mut attempt = 0;
     while !todo.is_empty() {
-        attempt += 1;
-        let outcomes = match embedder.embed(model, todo.clone()).await {
-            Ok(o) => o,
-            Err(e) if attempt < max_attempts => {
-                tracing::warn!(error = %e, attempt, "embedder unavailable; retrying");
-                tokio::time::sleep(backoff(attempt)).await;
-                continue;
-            }
-            Err(e) => return Err(anyhow::Error::new(e).context("the embedder kept failing")),
-        };
-        let (mut vectors, mut failures, mut again) = (Vec::new(), Vec::new(), Vec::new());
-        for (key, outcome) in todo.into_iter().zip(outcomes) {
-            match outcome {
-                EmbedOutcome::Vector(v) => vectors.push((key, v)),
-                EmbedOutcome::Failed { transient: true, .. } if attempt < max_attempts => again.push(key),
-                EmbedOutcome::Failed { code, transient: true, .. } => out.transient.push(code_name(code)),
-                EmbedOutcome::Failed { code, reason, transient: false } => {
-                    out.failed.push(code_name(code));
-                    failures.push((key, FailureRecord { code, reason, at_unix_ms: now_unix_ms() }));
+        let inputs: Vec<String> = todo.iter().map(|(k, _)| k.clone()).collect();
+        // A failed call (the embedder down, or a reply with another count
+        // of outcomes) is made `max_attempts` times in all; it does not
+        // use up the inputs' own tries.
+        let retries = policy.max_attempts.saturating_sub(1) as usize;
+        let outcomes = (|| embed_checked(embedder, model, inputs.clone()))
+            .retry(policy.backoff.delays().take(retries))
+            .notify(|e, delay| tracing::warn!(error = %e, ?delay, "embedder call failed; retrying"))
+            .await
+            .context("the embedder kept failing")?;
+        let now = now_unix_ms();
+        let (mut rows, mut again, mut wait) = (Vec::new(), Vec::new(), Duration::ZERO);
+        // One outcome per input: `embed_checked` made sure of it.
+        for ((key, attempts), outcome) in todo.into_iter().zip(outcomes) {
+            let value = match policy.decide(model, outcome, dim, attempts, now) {
+                Decision::Store(v) => Filled::Vector(v),
+                Decision::Fail(f) => Filled::Failure(f),
+                Decision::Retry { attempts, delay, .. } => {
+                    wait = wait.max(delay);
+                    again.push((key, attempts));
+                    continue;
+                }
+                // Not recorded: the next run tries it again.
+                Decision::GiveUp(f) => {
+                    out.transient.push(code_name(f.code));
+                    continue;
+                }
+            };
+            rows.push(FilledRow { key, seen_at_ms, value });
+        }
+        if !rows.is_empty() {
+            let codes: Vec<Option<i32>> = rows
+                .iter()
+                .map(|r| match &r.value {
+                    Filled::Vector(_) => None,
+                    Filled::Failure(f) => Some(f.code),
+                })
+                .collect();
+            let written = store.put_filled(model, rows).await.context("writing vectors and failure records")?;
+            anyhow::ensure!(
+                written.len() == codes.len(),
+                "the store confirmed {} of {} writes",
+                written.len(),
+                codes.len()
+            );
+            for (code, kept) in codes.into_iter().zip(written) {
+                match (kept, code) {
+                    (false, _) => out.invalidated += 1,
+                    (true, None) => out.embedded += 1,
+                    (true, Some(code)) => out.failed.push(code_name(code)),
                 }
             }
         }
-        out.embedded += vectors.len();
-        if !vectors.is_empty() {
-            store.put_vectors(model, vectors).await.context("writing vectors")?;
-        }
-        if !failures.is_empty() {
-            store.put_failures(model, failures).await.context("writing failure records")?;
-        }
         if !again.is_empty() {
-            tokio::time::sleep(backoff(attempt)).await;
+            tokio::time::sleep(wait).await;
         }
         todo = again;
     }
     Ok(out)
 }
 
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis(250u64.saturating_mul(1 << attempt.min(6)))
+#[cfg(test)]
+mod tests {
+    use std::{collections::VecDeque, sync::Mutex};
+
+    use async_trait::async_trait;
+    use embark_store::{FailureRecord, StoredRow, embedded::EmbeddedStore};
+    use kfc::{EmbedError, EmbedOutcome};
+
+    use super::*;
+
+    type Reply = Result<Vec<EmbedOutcome>, EmbedError>;
+
+    /// Answers each call with the next scripted reply; counts the calls.
+    struct Scripted {
+        replies: Mutex<VecDeque<Reply>>,
+        calls: Mutex<usize>,
+    }
+
+    fn scripted(replies: Vec<Reply>) -> Scripted {
+        Scripted { replies: Mutex::new(replies.into()), calls: Mutex::new(0) }
+    }
+
+    #[async_trait]
+    impl Embedder for Scripted {
+        async fn embed(&self, _model: &str, _inputs: Vec<String>) -> Reply {
+            *self.calls.lock().expect("lock") += 1;
+            self.replies.lock().expect("lock").pop_front().unwrap_or_else(|| Err(EmbedError("script exhausted".into())))
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, EmbeddedStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
+        (dir, store)
+    }
+
+    /// The tool's policy with millisecond backoffs.
+    fn quick(max_attempts: u32) -> FillPolicy {
+        FillPolicy {
+            backoff: Backoff { base: Duration::from_millis(1), max: Duration::from_millis(2) },
+            ..policy(max_attempts, false)
+        }
+    }
+
+    fn keys(k: &[&str]) -> Vec<String> {
+        k.iter().map(|k| k.to_string()).collect()
+    }
+
+    fn v(n: usize) -> EmbedOutcome {
+        EmbedOutcome::Vector(vec![0.5; n])
+    }
+
+    async fn row(store: &EmbeddedStore, key: &str) -> Option<StoredRow> {
+        store.get_many("m", &keys(&[key])).await.expect("get").remove(0)
+    }
+
+    /// Issue 15: the outcomes were zipped with the keys, so an embedder
+    /// answering fewer outcomes than inputs made keys vanish: neither
+    /// stored, nor recorded, nor counted. Now the reply is a failed call,
+    /// tried again.
+    #[tokio::test]
+    async fn a_miscounted_reply_drops_no_key() {
+        let (_dir, store) = store();
+        let embedder = scripted(vec![Ok(vec![v(2)]), Ok(vec![v(2), v(2)])]);
+        let out = backfill_batch(&store, &embedder, "m", 2, keys(&["a", "b"]), &quick(3)).await.expect("batch");
+        assert_eq!(out.embedded, 2);
+        assert!(matches!(row(&store, "b").await, Some(StoredRow::Vector { .. })));
+    }
+
+    #[tokio::test]
+    async fn an_embedder_that_keeps_miscounting_fails_the_batch() {
+        let (_dir, store) = store();
+        let embedder = scripted(vec![Ok(vec![v(2)]), Ok(vec![v(2)]), Ok(vec![v(2)])]);
+        let err = backfill_batch(&store, &embedder, "m", 2, keys(&["a", "b"]), &quick(3)).await.err().expect("fails");
+        assert!(format!("{err:#}").contains("returned 1 outcomes for 2 inputs"), "{err:#}");
+        assert_eq!(*embedder.calls.lock().expect("lock"), 3, "tried --max-attempts times");
+        assert!(row(&store, "a").await.is_none(), "nothing stored under a guessed key");
+    }
+
+    /// Drift from the fill loop: a reply of another dim was stored, which
+    /// the front refuses and queues again.
+    #[tokio::test]
+    async fn a_vector_of_the_wrong_dim_is_never_stored() {
+        let (_dir, store) = store();
+        let embedder = scripted(vec![Ok(vec![v(2)]), Ok(vec![v(2)])]);
+        let out = backfill_batch(&store, &embedder, "m", 3, keys(&["a"]), &quick(2)).await.expect("batch");
+        assert_eq!((out.embedded, out.transient.as_slice()), (0, ["INTERNAL".to_string()].as_slice()));
+        assert!(row(&store, "a").await.is_none());
+    }
+
+    /// Drift from the fill loop: any stored vector was skipped, so one of
+    /// a stale dim (which the front queues again) was never replaced.
+    #[tokio::test]
+    async fn a_stored_vector_of_another_dim_is_embedded_again() {
+        let (_dir, store) = store();
+        store.put_vectors("m", vec![("stale".into(), vec![9.0; 2]), ("fine".into(), vec![9.0; 3])]).await.expect("put");
+        let embedder = scripted(vec![Ok(vec![v(3)])]);
+        let out = backfill_batch(&store, &embedder, "m", 3, keys(&["stale", "fine"]), &quick(3)).await.expect("batch");
+        assert_eq!((out.embedded, out.already_stored), (1, 1));
+        assert!(matches!(row(&store, "stale").await, Some(StoredRow::Vector { vector, .. }) if vector.len() == 3));
+    }
+
+    /// Drift from the fill loop: one counter per batch counted failed
+    /// calls and failed inputs alike, so an embedder blip used up every
+    /// input's tries.
+    #[tokio::test]
+    async fn a_failed_call_does_not_use_up_the_inputs_tries() {
+        let (_dir, store) = store();
+        let flaky = EmbedOutcome::Failed { code: 14, reason: "busy".into(), transient: true };
+        let embedder = scripted(vec![Err(EmbedError("down".into())), Ok(vec![flaky]), Ok(vec![v(2)])]);
+        let out = backfill_batch(&store, &embedder, "m", 2, keys(&["a"]), &quick(2)).await.expect("batch");
+        assert_eq!((out.embedded, out.transient.len()), (1, 0));
+    }
+
+    /// Deletes the key from the store while embedding it (an Invalidate
+    /// arriving mid-fill), then answers a vector.
+    struct Invalidating(Arc<EmbeddedStore>);
+
+    #[async_trait]
+    impl Embedder for Invalidating {
+        async fn embed(&self, model: &str, inputs: Vec<String>) -> Reply {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.0.delete(model, &inputs).await.expect("delete");
+            Ok(inputs.iter().map(|_| v(2)).collect())
+        }
+    }
+
+    /// Drift from the fill loop: vectors were written unconditionally, so
+    /// an embedding made before an Invalidate brought the deleted key back.
+    #[tokio::test]
+    async fn an_invalidate_during_the_embedding_wins() {
+        let (_dir, store) = store();
+        let store = Arc::new(store);
+        store.put_vectors("m", vec![("a".into(), vec![9.0])]).await.expect("put");
+        let embedder = Invalidating(store.clone());
+        let out = backfill_batch(&*store, &embedder, "m", 2, keys(&["a"]), &quick(3)).await.expect("batch");
+        assert_eq!((out.embedded, out.invalidated), (0, 1));
+        assert!(row(&store, "a").await.is_none(), "the delete stands");
+    }
+
+    #[tokio::test]
+    async fn failure_records_stand_unless_retry_failed() {
+        let (_dir, store) = store();
+        let old = FailureRecord { code: 3, reason: "too long".into(), at_unix_ms: 0 };
+        store.put_failures("m", vec![("f".into(), old)]).await.expect("put");
+        let embedder = scripted(vec![Ok(vec![v(2)])]);
+        let out = backfill_batch(&store, &embedder, "m", 2, keys(&["f"]), &quick(3)).await.expect("batch");
+        assert_eq!((out.already_failed, out.embedded), (1, 0), "an old record stands without --retry-failed");
+        let retry = FillPolicy { failure_ttl: policy(3, true).failure_ttl, ..quick(3) };
+        let out = backfill_batch(&store, &embedder, "m", 2, keys(&["f"]), &retry).await.expect("batch");
+        assert_eq!((out.already_failed, out.embedded), (0, 1));
+    }
 }

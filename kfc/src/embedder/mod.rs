@@ -30,3 +30,30 @@ pub trait Embedder: Send + Sync + 'static {
     /// One outcome per input, in order.
     async fn embed(&self, model: &str, inputs: Vec<String>) -> Result<Vec<EmbedOutcome>, EmbedError>;
 }
+
+/// An embedder call that failed as a whole: every input is retried later.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedCallError {
+    #[error(transparent)]
+    Unavailable(#[from] EmbedError),
+    /// The reply broke the one-outcome-per-input contract. Pairing it with
+    /// the inputs would silently drop keys (or give one key another's
+    /// vector), so none of it is used.
+    #[error("the embedder returned {outcomes} outcomes for {inputs} inputs")]
+    Miscounted { inputs: usize, outcomes: usize },
+}
+
+/// Calls `embedder` and checks that it answered one outcome per input: the
+/// outcomes can then be zipped with the inputs without losing any.
+pub async fn embed_checked<E: Embedder + ?Sized>(
+    embedder: &E,
+    model: &str,
+    inputs: Vec<String>,
+) -> Result<Vec<EmbedOutcome>, EmbedCallError> {
+    let n = inputs.len();
+    let outcomes = embedder.embed(model, inputs).await?;
+    if outcomes.len() != n {
+        return Err(EmbedCallError::Miscounted { inputs: n, outcomes: outcomes.len() });
+    }
+    Ok(outcomes)
+}

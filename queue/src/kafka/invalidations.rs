@@ -19,6 +19,7 @@ use std::{
     time::Duration,
 };
 
+use backon::Retryable;
 use embark_proto::{internal::v1::InvalidationEvent, now_unix_ms};
 use prost::Message as _;
 use rdkafka::{
@@ -31,7 +32,10 @@ use rdkafka::{
 use tokio_util::sync::CancellationToken;
 
 use super::client_config;
-use crate::backoff::Backoff;
+use crate::{
+    QueueError,
+    backoff::{Backoff, StopSleeper},
+};
 
 /// How long an Invalidate waits for Kafka to take its event.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -122,23 +126,19 @@ pub fn follow(
     tokio::spawn(async move {
         let consumer = Arc::new(consumer);
         let backoff = Backoff { base: Duration::from_millis(200), max: Duration::from_secs(10) };
-        let mut attempt = 0;
-        loop {
-            let c = consumer.clone();
-            let t = topic.clone();
-            let assigned = tokio::task::spawn_blocking(move || assign_at_end(&c, &t)).await;
-            match assigned {
-                Ok(Ok(())) => break,
-                other => {
-                    attempt += 1;
-                    let delay = backoff.delay(attempt);
-                    tracing::warn!(result = ?other.map(|r| r.err()), ?delay, topic, "cannot follow the invalidation topic yet");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
-            }
+        let assign = || {
+            let (c, t) = (consumer.clone(), topic.clone());
+            async move { tokio::task::spawn_blocking(move || assign_at_end(&c, &t)).await? }
+        };
+        let assigned = assign
+            .retry(backoff.delays())
+            .sleep(StopSleeper(stop.clone()))
+            .when(|_| !stop.is_cancelled())
+            .notify(|e, delay| tracing::warn!(error = %e, ?delay, topic, "cannot follow the invalidation topic yet"))
+            .await;
+        if let Err(e) = assigned {
+            tracing::info!(error = %e, topic, "stopped before following the invalidation topic");
+            return;
         }
         state.0.store(true, Ordering::Release);
         tracing::info!(topic, "following other replicas' invalidations");
@@ -173,14 +173,14 @@ pub fn follow(
 }
 
 /// Assigns every partition of `topic` at its end (blocking: metadata).
-fn assign_at_end(consumer: &StreamConsumer, topic: &str) -> Result<(), KafkaError> {
+fn assign_at_end(consumer: &StreamConsumer, topic: &str) -> Result<(), QueueError> {
     let metadata = consumer.fetch_metadata(Some(topic), Timeout::After(Duration::from_secs(5)))?;
     let mut tpl = TopicPartitionList::new();
     for p in metadata.topics().iter().filter(|m| m.name() == topic).flat_map(|m| m.partitions()) {
         tpl.add_partition_offset(topic, p.id(), Offset::End)?;
     }
     if tpl.count() == 0 {
-        return Err(KafkaError::Subscription(format!("topic {topic} has no partitions (yet)")));
+        return Err(KafkaError::Subscription(format!("topic {topic} has no partitions (yet)")).into());
     }
-    consumer.assign(&tpl)
+    Ok(consumer.assign(&tpl)?)
 }

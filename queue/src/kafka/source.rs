@@ -30,6 +30,7 @@
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
+use backon::Retryable;
 use embark_proto::{
     internal::v1::{DeadLetter, MissEvent},
     now_unix_ms,
@@ -49,7 +50,7 @@ use tokio_util::{sync::CancellationToken, time::DelayQueue};
 use super::{DEFAULT_DLQ_TOPIC, DEFAULT_MISS_TOPIC, MissToken, OffsetTracker, client_config, is_permanent};
 use crate::{
     MissSource, QueueError,
-    backoff::Backoff,
+    backoff::{Backoff, StopSleeper},
     codec::{MAX_RETRY_DELAY, decode_miss, encode_miss, fit_dead_letter, message_key, retry_wait},
 };
 
@@ -371,7 +372,7 @@ impl KafkaMissSource {
     /// that failed are sent again. Errs only at shutdown, with nothing
     /// settled.
     async fn publish_until_done(&self, retry: &[MissEvent], dead: &[DeadLetter]) -> Result<(), QueueError> {
-        let mut pending: Vec<Outgoing> = retry
+        let records: Vec<Outgoing> = retry
             .iter()
             .map(|e| Outgoing {
                 topic: &self.config.miss_topic,
@@ -392,53 +393,62 @@ impl KafkaMissSource {
                 }
             }))
             .collect();
-        let mut attempt = 0;
-        while !pending.is_empty() {
-            let queue = Timeout::After(Duration::from_secs(5));
-            let sends = pending
-                .iter()
-                .map(|o| self.producer.send(FutureRecord::to(o.topic).key(&o.key).payload(&o.payload), queue));
-            let results = futures::future::join_all(sends).await;
-            let mut failed = Vec::new();
-            let mut last_error = None;
-            for (mut o, result) in pending.into_iter().zip(results) {
-                let Err((e, _)) = result else {
-                    let name = if o.kind == "retry" { "kfc_retries_published_total" } else { "kfc_dead_letters_total" };
+        let pending = std::sync::Mutex::new(records);
+        let pending = &pending;
+        let lock = || pending.lock().unwrap_or_else(|p| p.into_inner());
+        let round = move || async move {
+            let batch = std::mem::take(&mut *lock());
+            let (failed, error) = self.send_once(batch).await;
+            *lock() = failed;
+            error.map_or(Ok(()), Err)
+        };
+        round
+            .retry(self.backoff.delays())
+            .sleep(StopSleeper(self.stop.clone()))
+            .when(|_| !self.stop.is_cancelled())
+            .notify(|e, delay| {
+                let records = lock().len();
+                tracing::warn!(error = %e, ?delay, records, "producing retries or dead letters failed");
+            })
+            .await
+            .map_err(QueueError::ShuttingDown)
+    }
+
+    /// Sends `pending` once; returns the records to send again and the
+    /// last error, if any failed. A record refused for good for the
+    /// [`MAX_PERMANENT_PRODUCE_ATTEMPTS`]th time is dropped and counted.
+    async fn send_once<'a>(&self, pending: Vec<Outgoing<'a>>) -> (Vec<Outgoing<'a>>, Option<KafkaError>) {
+        let queue = Timeout::After(Duration::from_secs(5));
+        let sends = pending
+            .iter()
+            .map(|o| self.producer.send(FutureRecord::to(o.topic).key(&o.key).payload(&o.payload), queue));
+        let results = futures::future::join_all(sends).await;
+        let mut failed = Vec::new();
+        let mut last_error = None;
+        for (mut o, result) in pending.into_iter().zip(results) {
+            let Err((e, _)) = result else {
+                let name = if o.kind == "retry" { "kfc_retries_published_total" } else { "kfc_dead_letters_total" };
+                metrics::counter!(name).increment(1);
+                continue;
+            };
+            metrics::counter!("kfc_produce_errors_total", "kind" => o.kind).increment(1);
+            if is_permanent(&e) {
+                o.permanent_failures += 1;
+                if o.permanent_failures >= MAX_PERMANENT_PRODUCE_ATTEMPTS {
+                    tracing::error!(
+                        error = %e, topic = o.topic, kind = o.kind, bytes = o.payload.len(),
+                        "dropping a record Kafka refuses for good; its offset is settled"
+                    );
+                    let name =
+                        if o.kind == "retry" { "kfc_retries_dropped_total" } else { "kfc_dead_letters_dropped_total" };
                     metrics::counter!(name).increment(1);
                     continue;
-                };
-                metrics::counter!("kfc_produce_errors_total", "kind" => o.kind).increment(1);
-                if is_permanent(&e) {
-                    o.permanent_failures += 1;
-                    if o.permanent_failures >= MAX_PERMANENT_PRODUCE_ATTEMPTS {
-                        tracing::error!(
-                            error = %e, topic = o.topic, kind = o.kind, bytes = o.payload.len(),
-                            "dropping a record Kafka refuses for good; its offset is settled"
-                        );
-                        let name = if o.kind == "retry" {
-                            "kfc_retries_dropped_total"
-                        } else {
-                            "kfc_dead_letters_dropped_total"
-                        };
-                        metrics::counter!(name).increment(1);
-                        continue;
-                    }
-                }
-                last_error = Some(e);
-                failed.push(o);
-            }
-            pending = failed;
-            if let Some(e) = last_error {
-                attempt += 1;
-                let delay = self.backoff.delay(attempt);
-                tracing::warn!(error = %e, ?delay, records = pending.len(), "producing retries or dead letters failed");
-                tokio::select! {
-                    _ = self.stop.cancelled() => return Err(QueueError::ShuttingDown(e)),
-                    _ = tokio::time::sleep(delay) => {}
                 }
             }
+            last_error = Some(e);
+            failed.push(o);
         }
-        Ok(())
+        (failed, last_error)
     }
 }
 
