@@ -140,9 +140,7 @@ impl LocalMissQueue {
     async fn write(&self, batch: Vec<MissEvent>) -> Result<(), StoreError> {
         let pending = self.pending.clone();
         let n = batch.len();
-        tokio::task::spawn_blocking(move || pending.enqueue(&batch))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
+        tokio::task::spawn_blocking(move || pending.enqueue(&batch)).await.map_err(StoreError::Task)??;
         metrics::counter!("embark_misses_queued_total").increment(n as u64);
         self.update_depth();
         self.written.notify_one();

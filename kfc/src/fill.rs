@@ -52,6 +52,18 @@ pub enum FillError {
     Source(#[from] SourceError),
 }
 
+impl FillError {
+    /// Whether the round may pass if tried again with nothing changed. A
+    /// store that refuses (no schema, a bad statement) is not transient;
+    /// the source's errors are taken as transient.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FillError::Store(e) => e.is_transient(),
+            FillError::Source(_) => true,
+        }
+    }
+}
+
 /// What one round did (for logs and tests).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RoundStats {
@@ -137,7 +149,12 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
                 Err(e) => {
                     let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
                     let delay = self.config.backoff.delay(n);
-                    tracing::warn!(error = %e, ?delay, "fill round failed; its misses will be handed out again");
+                    if e.is_transient() {
+                        tracing::warn!(error = %e, ?delay, "fill round failed; its misses will be handed out again");
+                    } else {
+                        // Retried all the same: the misses wait for the fix.
+                        tracing::error!(error = %e, ?delay, "fill round refused; retrying until the store is fixed");
+                    }
                     metrics::counter!("kfc_round_errors_total").increment(1);
                     tokio::select! {
                         _ = cancel.cancelled() => break,
