@@ -31,7 +31,8 @@ impl From<FrontError> for Status {
             FrontError::Unavailable(m) => Status::unavailable(m),
             FrontError::Store(e) => {
                 tracing::warn!(error = %e, "store read failed during a request");
-                metrics::counter!("embark_store_errors_total").increment(1);
+                metrics::counter!("embark_store_errors_total", "kind" => crate::store_guard::error_kind(&e))
+                    .increment(1);
                 Status::unavailable(format!("store unavailable: {e}"))
             }
         }

@@ -207,7 +207,7 @@ impl SimilarIndexes {
                 report.added + report.replaced
             })
             .await
-            .map_err(|e| StoreError::Task(e.to_string()))?;
+            .map_err(StoreError::Task)?;
             match next {
                 Some(c) => cursor = Some(c),
                 None => break,
@@ -275,9 +275,7 @@ impl EmbeddingStore for IndexingStore {
             rows.iter().map(|(k, v)| (storage_key(k).into_owned(), v.clone())).collect();
         self.inner.put_vectors(model, rows).await?;
         let (indexes, model, rows) = (self.indexes.clone(), model.to_owned(), indexed);
-        tokio::task::spawn_blocking(move || indexes.insert(&model, &rows))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))
+        tokio::task::spawn_blocking(move || indexes.insert(&model, &rows)).await.map_err(StoreError::Task)
     }
 
     async fn put_filled(&self, model: &str, rows: Vec<embark_store::FilledRow>) -> Result<Vec<bool>, StoreError> {
@@ -296,7 +294,7 @@ impl EmbeddingStore for IndexingStore {
             indexes.remove(&model, &drop);
         })
         .await
-        .map_err(|e| StoreError::Task(e.to_string()))?;
+        .map_err(StoreError::Task)?;
         Ok(written)
     }
 

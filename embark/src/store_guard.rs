@@ -6,7 +6,10 @@
 //!   out come back unanswered: the front returns them as `OOV_UNAVAILABLE`,
 //!   without queuing them, and the Lookup stays within its budget.
 //! - Only real failures count toward the breaker: a store error, or a
-//!   deadline that passed with nothing answered. A large batch that was
+//!   deadline that passed with nothing answered. A store error counts
+//!   whether it is transient or not (a store that refuses every read, its
+//!   schema missing, cannot serve either); the two are logged and counted
+//!   apart (`embark_store_errors_total{kind}`). A large batch that was
 //!   partly answered in time shows a working store.
 //! - After `failure_threshold` consecutive failed reads the breaker opens:
 //!   reads are skipped at once for `cool_down` instead of piling up on a
@@ -26,7 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use embark_store::{EmbeddingStore, StoredRow};
+use embark_store::{EmbeddingStore, StoreError, StoredRow};
 
 #[derive(Debug, Clone)]
 pub struct GuardConfig {
@@ -209,8 +212,12 @@ impl GuardedStore {
         let read = self.store.get_each(model, keys, &mut sink);
         let in_time = tokio::time::timeout(self.config.deadline, read).await.is_ok();
         if let Some(e) = failed {
-            tracing::warn!(error = %e, "store read failed");
-            metrics::counter!("embark_store_errors_total").increment(1);
+            if e.is_transient() {
+                tracing::warn!(error = %e, "store read failed");
+            } else {
+                tracing::error!(error = %e, "store read refused; retrying will not help until the store is fixed");
+            }
+            metrics::counter!("embark_store_errors_total", "kind" => error_kind(&e)).increment(1);
             admission.record(false);
         } else if in_time || answered > 0 {
             if !in_time {
@@ -225,12 +232,19 @@ impl GuardedStore {
     }
 }
 
+/// The `kind` label of `embark_store_errors_total`: `transient` (a
+/// timeout, too few replicas) or `permanent` (a schema, query or data
+/// error that stays until someone fixes it).
+pub(crate) fn error_kind(e: &StoreError) -> &'static str {
+    if e.is_transient() { "transient" } else { "permanent" }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicBool;
 
     use async_trait::async_trait;
-    use embark_store::{FailureRecord, RowRead, ScanCursor, ScanPage, StoreError};
+    use embark_store::{FailureRecord, RowRead, ScanCursor, ScanPage};
 
     use super::*;
 

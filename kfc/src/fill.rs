@@ -170,6 +170,20 @@ impl FillPolicy {
     }
 }
 
+impl FillError {
+    /// Whether the round may pass if tried again with nothing changed. A
+    /// store that refuses (no schema, a bad statement) is not transient;
+    /// the source's errors are taken as transient.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FillError::Store(e) => e.is_transient(),
+            FillError::Source(_) => true,
+            // A store that breaks its own contract is a bug, not a blip.
+            FillError::StoreMiscounted { .. } => false,
+        }
+    }
+}
+
 /// What one round did (for logs and tests).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RoundStats {
@@ -255,7 +269,12 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
                 Err(e) => {
                     let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
                     let delay = self.config.backoff.delay(n);
-                    tracing::warn!(error = %e, ?delay, "fill round failed; its misses will be handed out again");
+                    if e.is_transient() {
+                        tracing::warn!(error = %e, ?delay, "fill round failed; its misses will be handed out again");
+                    } else {
+                        // Retried all the same: the misses wait for the fix.
+                        tracing::error!(error = %e, ?delay, "fill round refused; retrying until the store is fixed");
+                    }
                     metrics::counter!("kfc_round_errors_total").increment(1);
                     tokio::select! {
                         _ = cancel.cancelled() => break,
@@ -571,7 +590,10 @@ mod tests {
         assert_eq!(p.stands(Some(&vector(2)), 3, now), None, "stale dim: embedded again");
         assert_eq!(p.stands(Some(&failed(1_000)), 3, now), Some(Stands::Failure));
         assert_eq!(p.stands(Some(&failed(61_000)), 3, now), None, "expired");
-        assert_eq!(p.stands(Some(&StoredRow::Corrupt { reason: "torn".into() }), 3, now), None);
+        assert_eq!(
+            p.stands(Some(&StoredRow::Corrupt { reason: embark_store::CorruptRow::TooShort { len: 3 } }), 3, now),
+            None
+        );
         assert_eq!(p.stands(None, 3, now), None);
         let forever = FillPolicy { failure_ttl: Duration::MAX, ..p };
         assert_eq!(forever.stands(Some(&failed(i64::MAX / 2)), 3, now), Some(Stands::Failure));

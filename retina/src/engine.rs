@@ -336,6 +336,8 @@ impl Engine {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(failure(FailureCode::Internal, "not processed", true))))
             .collect();
+        // Failures are counted here only, once per input (the model
+        // thread's included; it does not count them itself).
         for r in &results {
             if let Err(f) = r {
                 metrics::counter!("retina_embed_failures_total", "model" => model.to_owned(), "code" => f.code.as_str_name())
@@ -440,12 +442,9 @@ fn run_model(spec: &'static ModelSpec, model: Box<dyn BatchModel>, rx: Receiver<
                     })
                 })
                 .collect();
-            for r in &res {
-                if let Err(f) = r {
-                    metrics::counter!("retina_embed_failures_total", "model" => name, "code" => f.code.as_str_name())
-                        .increment(1);
-                }
-            }
+            // Failures are counted by `Engine::embed`, which sees every
+            // input's outcome, not here: counted twice otherwise.
+
             // The caller may have gone away (cancelled request): fine.
             let _ = job.reply.send(res);
         }
@@ -456,6 +455,59 @@ fn run_model(spec: &'static ModelSpec, model: Box<dyn BatchModel>, rx: Receiver<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model whose every batch fails.
+    struct Failing;
+
+    impl BatchModel for Failing {
+        fn embed_batch(&self, _: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
+            Err("out of memory".into())
+        }
+    }
+
+    /// An inference failure was counted in `retina_embed_failures_total`
+    /// twice: by the model thread and again by `embed`.
+    #[test]
+    fn an_inference_failure_is_counted_once() {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let spec = catalog::spec("minilm-l6-v2").expect("a text model");
+        let config = EngineConfig::default();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let results = std::thread::scope(|scope| {
+            let (tx, rx) = sync_channel(4);
+            let (recorder, cfg) = (&recorder, config.clone());
+            // The model thread records into the same recorder.
+            scope.spawn(move || metrics::with_local_recorder(recorder, || run_model(spec, Box::new(Failing), rx, cfg)));
+            let _rt = rt.enter();
+            let engine = Engine {
+                workers: BTreeMap::from([(spec.name, Worker { spec, queue: tx })]),
+                fetcher: Fetcher::new(config.fetch.clone()).expect("fetcher"),
+                fetch_slots: Arc::new(Semaphore::new(1)),
+                host_slots: HostSlots::default(),
+                decode_slots: Arc::new(Semaphore::new(1)),
+                config,
+            };
+            let inputs = vec!["a".to_owned(), "b".to_owned()];
+            let results = metrics::with_local_recorder(recorder, || rt.block_on(engine.embed(spec.name, inputs)));
+            // Closes the queue: the model thread stops.
+            drop(engine);
+            results
+        });
+        let results = results.expect("answered");
+        assert!(results.iter().all(|r| r.as_ref().is_err_and(|f| f.code == FailureCode::Internal)), "{results:?}");
+        let counted: u64 = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, ..)| key.key().name() == "retina_embed_failures_total")
+            .map(|(.., value)| match value {
+                metrics_util::debugging::DebugValue::Counter(n) => n,
+                other => panic!("not a counter: {other:?}"),
+            })
+            .sum();
+        assert_eq!(counted, 2, "two inputs failed, each counted once");
+    }
 
     /// Defect 11.10: a slow host held download slots for everyone; now
     /// each host has a few slots of its own, and idle hosts are forgotten.

@@ -20,14 +20,18 @@ use futures::{StreamExt, TryStreamExt, stream};
 pub use scylla::statement::Consistency;
 use scylla::{
     client::{session::Session, session_builder::SessionBuilder},
+    errors::{
+        DbError, DeserializationError, ExecutionError, IntoRowsResultError, MaybeFirstRowError, NewSessionError,
+        PrepareError, RequestAttemptError, RowsError, UseKeyspaceError,
+    },
     response::{PagingState, PagingStateResponse},
     statement::prepared::PreparedStatement,
     value::CqlTimestamp,
 };
 
 use crate::{
-    EmbeddingStore, FailureRecord, Filled, FilledRow, ScanCursor, ScanPage, StoreError, StoredRow, now_unix_ms, row,
-    storage_key,
+    CorruptRow, EmbeddingStore, FailureRecord, Filled, FilledRow, ScanCursor, ScanPage, StoreError, StoredRow,
+    now_unix_ms, row, storage_key,
 };
 
 #[derive(Debug, Clone)]
@@ -106,8 +110,123 @@ pub fn parse_consistency(s: &str) -> Result<Consistency, String> {
     })
 }
 
-fn cql_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Cql(e.to_string())
+/// What failed in the CQL store, with the driver's error. Whether it is
+/// transient decides the [`StoreError`] variant it comes in
+/// ([`StoreError::CqlUnavailable`] or [`StoreError::CqlRejected`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CqlError {
+    #[error("connecting to {nodes:?}: {source}")]
+    Connect {
+        nodes: Vec<String>,
+        #[source]
+        source: NewSessionError,
+    },
+    #[error("preparing {statement:?}: {source} (did `embark migrate` run?)")]
+    Prepare {
+        statement: String,
+        #[source]
+        source: PrepareError,
+    },
+    /// A statement of [`CqlStore::migrate`].
+    #[error("{statement}: {source}")]
+    Migrate {
+        statement: String,
+        #[source]
+        source: ExecutionError,
+    },
+    /// A read or write of the table.
+    #[error("{0}")]
+    Execute(#[from] ExecutionError),
+    /// The answer is not rows, or its metadata does not parse.
+    #[error("reading the result: {0}")]
+    NotRows(#[from] IntoRowsResultError),
+    /// The row's columns are not of the types this version reads.
+    #[error("reading a row: {0}")]
+    Row(#[from] MaybeFirstRowError),
+    /// The columns of a page are not of the types this version reads.
+    #[error("reading rows: {0}")]
+    Rows(#[from] RowsError),
+    /// A row of a page does not deserialize.
+    #[error("reading a row: {0}")]
+    Deserialize(#[from] DeserializationError),
+}
+
+impl CqlError {
+    /// Whether the same request may succeed later with nothing changed
+    /// (see [`StoreError::CqlUnavailable`]).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CqlError::Connect { source, .. } => matches!(
+                source,
+                // No node answered the first metadata fetch, or the names
+                // do not resolve yet (a cluster still starting).
+                NewSessionError::MetadataError(_) | NewSessionError::FailedToResolveAnyHostname(_)
+            ),
+            CqlError::Prepare { source, .. } => prepare_is_transient(source),
+            CqlError::Migrate { source, .. } | CqlError::Execute(source) => execution_is_transient(source),
+            // The schema is not the one `migrate` creates.
+            CqlError::NotRows(_) | CqlError::Row(_) | CqlError::Rows(_) | CqlError::Deserialize(_) => false,
+        }
+    }
+}
+
+fn execution_is_transient(e: &ExecutionError) -> bool {
+    match e {
+        ExecutionError::RequestTimeout(_)
+        | ExecutionError::ConnectionPoolError(_)
+        | ExecutionError::SchemaAgreementError(_)
+        | ExecutionError::MetadataError(_) => true,
+        ExecutionError::LastAttemptError(a) => attempt_is_transient(a),
+        ExecutionError::PrepareError(p) => prepare_is_transient(p),
+        ExecutionError::UseKeyspaceError(UseKeyspaceError::RequestTimeout(_)) => true,
+        ExecutionError::UseKeyspaceError(UseKeyspaceError::RequestError(a)) => attempt_is_transient(a),
+        // A bad statement or bound values, an empty load-balancing plan (a
+        // datacenter that does not exist), and what later drivers add.
+        _ => false,
+    }
+}
+
+fn prepare_is_transient(e: &PrepareError) -> bool {
+    match e {
+        PrepareError::ConnectionPoolError(_) => true,
+        PrepareError::AllAttemptsFailed { first_attempt } => attempt_is_transient(first_attempt),
+        _ => false,
+    }
+}
+
+fn attempt_is_transient(e: &RequestAttemptError) -> bool {
+    match e {
+        RequestAttemptError::UnableToAllocStreamId | RequestAttemptError::BrokenConnectionError(_) => true,
+        RequestAttemptError::DbError(db, _) => db_is_transient(db),
+        _ => false,
+    }
+}
+
+/// The server's errors that say "not now" rather than "not this": a
+/// syntax error, an invalid query (an unknown table), a missing
+/// permission or a configuration problem is the same on every try.
+fn db_is_transient(e: &DbError) -> bool {
+    matches!(
+        e,
+        DbError::Unavailable { .. }
+            | DbError::Overloaded
+            | DbError::IsBootstrapping
+            | DbError::ReadTimeout { .. }
+            | DbError::WriteTimeout { .. }
+            | DbError::ReadFailure { .. }
+            | DbError::WriteFailure { .. }
+            | DbError::RateLimitReached { .. }
+            | DbError::TruncateError
+            | DbError::ServerError
+            | DbError::Unprepared { .. }
+    )
+}
+
+/// The [`StoreError`] of a CQL failure, by whether it is transient.
+fn cql_err(e: impl Into<CqlError>) -> StoreError {
+    let e = e.into();
+    let e = Box::new(e);
+    if e.is_transient() { StoreError::CqlUnavailable(e) } else { StoreError::CqlRejected(e) }
 }
 
 pub struct CqlStore {
@@ -136,7 +255,7 @@ async fn session(config: &CqlConfig) -> Result<Session, StoreError> {
         .auto_await_schema_agreement(false)
         .build()
         .await
-        .map_err(|e| StoreError::Cql(format!("connecting to {:?}: {e}", config.nodes)))
+        .map_err(|source| cql_err(CqlError::Connect { nodes: config.nodes.clone(), source }))
 }
 
 impl CqlStore {
@@ -153,12 +272,14 @@ impl CqlStore {
             ),
         ];
         for stmt in statements {
-            if let Err(e) = s.query_unpaged(stmt.as_str(), &[]).await {
-                let text = e.to_string();
+            match s.query_unpaged(stmt.as_str(), &[]).await {
+                Ok(_) => {}
                 // Already there (from an earlier migrate): fine.
-                if !text.to_ascii_lowercase().contains("already exist") {
-                    return Err(StoreError::Cql(format!("{stmt}: {text}")));
-                }
+                Err(ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+                    DbError::AlreadyExists { .. },
+                    _,
+                ))) => {}
+                Err(source) => return Err(cql_err(CqlError::Migrate { statement: stmt, source })),
             }
         }
         Ok(())
@@ -173,7 +294,7 @@ impl CqlStore {
                 let mut p = session
                     .prepare(q.as_str())
                     .await
-                    .map_err(|e| StoreError::Cql(format!("preparing {q:?}: {e} (did `embark migrate` run?)")))?;
+                    .map_err(|source| cql_err(CqlError::Prepare { statement: q, source }))?;
                 p.set_consistency(c);
                 p.set_request_timeout(Some(config.request_timeout));
                 p.set_is_idempotent(true);
@@ -233,33 +354,28 @@ impl CqlStore {
             return Ok(None);
         };
         let at = created.map(|t| t.0).unwrap_or(0);
-        let corrupt = |reason: String| Ok(Some(StoredRow::Corrupt { reason }));
-        match status.unwrap_or(row::STATUS_VECTOR as i32) as u8 {
-            row::STATUS_VECTOR => {
-                let bytes = vector.unwrap_or_default();
-                let dim = dim.unwrap_or(0).max(0) as usize;
-                if bytes.len() != dim * 4 {
-                    return corrupt(format!("dim {dim} but {} vector bytes", bytes.len()));
-                }
-                let vector = embark_proto::f32_from_le(&bytes).unwrap_or_default();
-                Ok(Some(StoredRow::Vector { vector, created_at_ms: at }))
-            }
-            row::STATUS_FAILED => Ok(Some(StoredRow::Failed(FailureRecord {
+        let row = match status.unwrap_or(row::STATUS_VECTOR.into()) {
+            s if s == i32::from(row::STATUS_VECTOR) => match vector_of(dim, vector.unwrap_or_default()) {
+                Ok(vector) => StoredRow::Vector { vector, created_at_ms: at },
+                Err(reason) => StoredRow::Corrupt { reason },
+            },
+            s if s == i32::from(row::STATUS_FAILED) => StoredRow::Failed(FailureRecord {
                 code: code.unwrap_or(0),
                 reason: reason.unwrap_or_default(),
                 at_unix_ms: at,
-            }))),
-            s => corrupt(format!("unknown status {s}")),
-        }
+            }),
+            s => StoredRow::Corrupt { reason: CorruptRow::UnknownStatus(s.into()) },
+        };
+        Ok(Some(row))
     }
 
-    /// Writes rows, each with its CQL write timestamp (microseconds): the
-    /// newest timestamp wins, deletes included, which is how a stale fill
-    /// loses to an Invalidate (see `put_filled`).
-    async fn write_all(&self, model: &str, rows: Vec<(String, Filled, i64)>) -> Result<(), StoreError> {
+    /// Writes rows, each with its CQL write timestamp: the newest
+    /// timestamp wins, deletes included, which is how a stale fill loses
+    /// to an Invalidate (see `put_filled`).
+    async fn write_all(&self, model: &str, rows: Vec<Write>) -> Result<(), StoreError> {
         let now = now_unix_ms();
         stream::iter(rows)
-            .map(|(key, value, write_ts)| async move {
+            .map(|Write { key, value, write_ts_micros: write_ts }| async move {
                 let skey = storage_key(&key).into_owned();
                 let done = match value {
                     Filled::Vector(v) => {
@@ -283,6 +399,25 @@ impl CqlStore {
             .await
             .map(|_| ())
     }
+}
+
+/// One row for [`CqlStore::write_all`].
+struct Write {
+    key: String,
+    /// A vector row or a failure record.
+    value: Filled,
+    /// The CQL write timestamp (microseconds since the epoch).
+    write_ts_micros: i64,
+}
+
+/// A vector column as floats, if it holds `dim` of them.
+fn vector_of(dim: Option<i32>, bytes: Vec<u8>) -> Result<Vec<f32>, CorruptRow> {
+    let dim = dim.unwrap_or(0);
+    let mismatch = || CorruptRow::DimMismatch { dim: dim.into(), bytes: bytes.len() };
+    if usize::try_from(dim).ok().and_then(|d| d.checked_mul(4)) != Some(bytes.len()) {
+        return Err(mismatch());
+    }
+    embark_proto::f32_from_le(&bytes).ok_or_else(mismatch)
 }
 
 /// `statement` with an explicit write timestamp (microseconds).
@@ -323,12 +458,14 @@ impl EmbeddingStore for CqlStore {
 
     async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
         let ts = now_micros();
-        self.write_all(model, rows.into_iter().map(|(k, v)| (k, Filled::Vector(v), ts)).collect()).await
+        let rows = rows.into_iter().map(|(key, v)| Write { key, value: Filled::Vector(v), write_ts_micros: ts });
+        self.write_all(model, rows.collect()).await
     }
 
     async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
         let ts = now_micros();
-        self.write_all(model, rows.into_iter().map(|(k, f)| (k, Filled::Failure(f), ts)).collect()).await
+        let rows = rows.into_iter().map(|(key, f)| Write { key, value: Filled::Failure(f), write_ts_micros: ts });
+        self.write_all(model, rows.collect()).await
     }
 
     /// Each row is written with the time its input was seen (the end of
@@ -336,9 +473,12 @@ impl EmbeddingStore for CqlStore {
     /// has a newer timestamp and wins, with no read before the write.
     async fn put_filled(&self, model: &str, rows: Vec<FilledRow>) -> Result<Vec<bool>, StoreError> {
         let n = rows.len();
-        let rows =
-            rows.into_iter().map(|r| (r.key, r.value, r.seen_at_ms.saturating_mul(1000).saturating_add(999))).collect();
-        self.write_all(model, rows).await?;
+        let rows = rows.into_iter().map(|r| Write {
+            key: r.key,
+            value: r.value,
+            write_ts_micros: r.seen_at_ms.saturating_mul(1000).saturating_add(999),
+        });
+        self.write_all(model, rows.collect()).await?;
         // Whether the store kept a row is settled by timestamps on the
         // replicas; the caller counts it as written.
         Ok(vec![true; n])
@@ -360,12 +500,10 @@ impl EmbeddingStore for CqlStore {
             if m != model || status.unwrap_or(row::STATUS_VECTOR as i32) != row::STATUS_VECTOR as i32 {
                 continue;
             }
-            let bytes = vector.unwrap_or_default();
-            if bytes.len() != dim.unwrap_or(0).max(0) as usize * 4 {
-                crate::skip_corrupt(model, &key, &format!("dim {dim:?} but {} vector bytes", bytes.len()));
-                continue;
+            match vector_of(dim, vector.unwrap_or_default()) {
+                Ok(vector) => out.rows.push((key, vector)),
+                Err(reason) => crate::skip_corrupt(model, &key, &reason),
             }
-            out.rows.push((key, embark_proto::f32_from_le(&bytes).unwrap_or_default()));
         }
         out.next = match paging {
             PagingStateResponse::HasMorePages { state } => state.as_bytes_slice().map(|b| ScanCursor(b.to_vec())),
@@ -386,5 +524,136 @@ impl EmbeddingStore for CqlStore {
             .try_collect::<Vec<()>>()
             .await
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cql_test_server::CqlTestServer;
+    use scylla::errors::BadQuery;
+
+    use super::*;
+
+    fn attempt(db: DbError) -> ExecutionError {
+        ExecutionError::LastAttemptError(RequestAttemptError::DbError(db, "from the server".into()))
+    }
+
+    #[test]
+    fn timeouts_and_unavailable_replicas_are_transient_schema_and_query_errors_are_not() {
+        let unavailable = [
+            ExecutionError::RequestTimeout(Duration::from_millis(500)),
+            attempt(DbError::Unavailable { consistency: Consistency::LocalQuorum, required: 2, alive: 1 }),
+            attempt(DbError::ReadTimeout {
+                consistency: Consistency::LocalOne,
+                received: 0,
+                required: 1,
+                data_present: false,
+            }),
+            attempt(DbError::Overloaded),
+            ExecutionError::LastAttemptError(RequestAttemptError::UnableToAllocStreamId),
+        ];
+        for e in unavailable {
+            let text = e.to_string();
+            let e = cql_err(e);
+            assert!(
+                matches!(&e, StoreError::CqlUnavailable(c) if matches!(**c, CqlError::Execute(_))),
+                "{text}: {e:?}"
+            );
+            assert!(e.is_transient(), "{text}");
+        }
+        let rejected = [
+            attempt(DbError::Invalid),
+            attempt(DbError::SyntaxError),
+            attempt(DbError::Unauthorized),
+            ExecutionError::BadQuery(BadQuery::PartitionKeyExtraction),
+            ExecutionError::EmptyPlan,
+        ];
+        for e in rejected {
+            let text = e.to_string();
+            let e = cql_err(e);
+            assert!(matches!(&e, StoreError::CqlRejected(c) if matches!(**c, CqlError::Execute(_))), "{text}: {e:?}");
+            assert!(!e.is_transient(), "{text}");
+        }
+        // A statement that does not prepare because the table is missing,
+        // against one that does not prepare because no node answers.
+        let missing_table = PrepareError::AllAttemptsFailed {
+            first_attempt: RequestAttemptError::DbError(DbError::Invalid, "unconfigured table embeddings".into()),
+        };
+        let e = cql_err(CqlError::Prepare { statement: "SELECT".into(), source: missing_table });
+        assert!(
+            matches!(&e, StoreError::CqlRejected(c) if matches!(**c, CqlError::Prepare { .. })) && !e.is_transient(),
+            "{e:?}"
+        );
+        let no_stream = PrepareError::AllAttemptsFailed { first_attempt: RequestAttemptError::UnableToAllocStreamId };
+        let e = cql_err(CqlError::Prepare { statement: "SELECT".into(), source: no_stream });
+        assert!(
+            matches!(&e, StoreError::CqlUnavailable(c) if matches!(**c, CqlError::Prepare { .. })) && e.is_transient(),
+            "{e:?}"
+        );
+        // The driver's error stays reachable as the source.
+        let e = cql_err(ExecutionError::RequestTimeout(Duration::from_millis(500)));
+        let source = std::error::Error::source(&e).and_then(|s| s.source());
+        assert!(source.is_some_and(|s| s.downcast_ref::<ExecutionError>().is_some()), "{e:?}");
+    }
+
+    fn config(server: &CqlTestServer) -> CqlConfig {
+        CqlConfig {
+            nodes: vec![server.addr.to_string()],
+            keyspace: "embark_errors".into(),
+            replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+            request_timeout: Duration::from_millis(300),
+            connect_timeout: Duration::from_secs(2),
+            ..CqlConfig::default()
+        }
+    }
+
+    /// Through the real driver: no schema is a rejection, a server that
+    /// stops answering is unavailability, and a second migrate is fine.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_driver_s_errors_are_classified() {
+        let server = CqlTestServer::start().expect("server");
+        let cfg = config(&server);
+        let no_schema = CqlStore::connect(&cfg).await.expect_err("no table to prepare against");
+        assert!(
+            matches!(&no_schema, StoreError::CqlRejected(c) if matches!(**c, CqlError::Prepare { .. })),
+            "{no_schema:?}"
+        );
+        assert!(!no_schema.is_transient());
+
+        CqlStore::migrate(&cfg).await.expect("migrate");
+        CqlStore::migrate(&cfg).await.expect("a second migrate finds the schema there");
+        let store = CqlStore::connect(&cfg).await.expect("connect");
+        store.put_vectors("m", vec![("k".into(), vec![1.0])]).await.expect("put");
+        server.pause();
+        let timeout = store.get_many("m", &["k".into()]).await.expect_err("the server does not answer");
+        assert!(
+            matches!(&timeout, StoreError::CqlUnavailable(c) if matches!(**c, CqlError::Execute(_))),
+            "{timeout:?}"
+        );
+        assert!(timeout.is_transient());
+        server.resume();
+        let rows = store.get_many("m", &["k".into()]).await.expect("answered again");
+        assert!(matches!(&rows[0], Some(StoredRow::Vector { vector, .. }) if vector == &[1.0]));
+    }
+
+    #[tokio::test]
+    async fn no_node_listening_is_transient() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+        let cfg = CqlConfig {
+            nodes: vec![format!("127.0.0.1:{port}")],
+            connect_timeout: Duration::from_secs(1),
+            ..CqlConfig::default()
+        };
+        let e = CqlStore::connect(&cfg).await.expect_err("nothing listens");
+        assert!(matches!(&e, StoreError::CqlUnavailable(c) if matches!(**c, CqlError::Connect { .. })), "{e:?}");
+        assert!(e.is_transient());
+    }
+
+    #[test]
+    fn a_row_of_the_wrong_dim_or_status_is_corrupt() {
+        assert_eq!(vector_of(Some(1), 1f32.to_le_bytes().to_vec()), Ok(vec![1.0]));
+        assert_eq!(vector_of(Some(2), vec![0; 4]), Err(CorruptRow::DimMismatch { dim: 2, bytes: 4 }));
+        assert_eq!(vector_of(Some(-1), vec![]), Err(CorruptRow::DimMismatch { dim: -1, bytes: 0 }));
+        assert_eq!(vector_of(None, vec![]), Ok(vec![]));
     }
 }

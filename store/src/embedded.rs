@@ -79,24 +79,14 @@ impl EmbeddedStore {
             .collect()
     }
 
-    fn write_blocking(
-        &self,
-        model: &str,
-        rows: impl Iterator<Item = (String, Option<Vec<u8>>)>,
-    ) -> Result<(), StoreError> {
+    /// Stores encoded values (rows, or delete records), in one transaction.
+    fn write_blocking(&self, model: &str, rows: impl Iterator<Item = (String, Vec<u8>)>) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
             let mut table = txn.open_table(EMBEDDINGS).map_err(db_err)?;
             for (key, value) in rows {
                 let skey = storage_key(&key);
-                match value {
-                    Some(v) => {
-                        table.insert((model, skey.as_ref()), v.as_slice()).map_err(db_err)?;
-                    }
-                    None => {
-                        table.remove((model, skey.as_ref())).map_err(db_err)?;
-                    }
-                }
+                table.insert((model, skey.as_ref()), value.as_slice()).map_err(db_err)?;
             }
         }
         txn.commit().map_err(db_err)
@@ -141,7 +131,7 @@ impl EmbeddedStore {
         f: impl FnOnce(&EmbeddedStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || f(&this)).await.map_err(|e| StoreError::Task(e.to_string()))?
+        tokio::task::spawn_blocking(move || f(&this)).await?
     }
 }
 
@@ -156,7 +146,7 @@ impl EmbeddingStore for EmbeddedStore {
         let model = model.to_owned();
         let now = crate::now_unix_ms();
         self.blocking(move |s| {
-            s.write_blocking(&model, rows.into_iter().map(|(k, v)| (k, Some(row::encode_vector(&v, now)))))
+            s.write_blocking(&model, rows.into_iter().map(|(k, v)| (k, row::encode_vector(&v, now))))
         })
         .await
     }
@@ -165,19 +155,15 @@ impl EmbeddingStore for EmbeddedStore {
         let model = model.to_owned();
         let after = match cursor {
             None => None,
-            Some(c) => Some(
-                String::from_utf8(c.0).map_err(|_| StoreError::Config("scan cursor is not from this store".into()))?,
-            ),
+            Some(c) => Some(String::from_utf8(c.0).map_err(StoreError::BadCursor)?),
         };
         self.blocking(move |s| s.scan_blocking(&model, after.as_deref(), page)).await
     }
 
     async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
         let model = model.to_owned();
-        self.blocking(move |s| {
-            s.write_blocking(&model, rows.into_iter().map(|(k, f)| (k, Some(row::encode_failure(&f)))))
-        })
-        .await
+        self.blocking(move |s| s.write_blocking(&model, rows.into_iter().map(|(k, f)| (k, row::encode_failure(&f)))))
+            .await
     }
 
     /// Records each delete (a small row) rather than removing the key, so
@@ -186,8 +172,7 @@ impl EmbeddingStore for EmbeddedStore {
     async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
         let (model, keys) = (model.to_owned(), keys.to_vec());
         let now = crate::now_unix_ms();
-        self.blocking(move |s| s.write_blocking(&model, keys.into_iter().map(|k| (k, Some(row::encode_deleted(now))))))
-            .await
+        self.blocking(move |s| s.write_blocking(&model, keys.into_iter().map(|k| (k, row::encode_deleted(now))))).await
     }
 
     async fn put_filled(&self, model: &str, rows: Vec<crate::FilledRow>) -> Result<Vec<bool>, StoreError> {
@@ -286,11 +271,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
         s.put_vectors("m", vec![("a".into(), vec![1.0]), ("c".into(), vec![3.0])]).await.expect("put");
-        s.write_blocking(
-            "m",
-            std::iter::once(("b".to_owned(), Some(vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]))),
-        )
-        .expect("raw write");
+        s.write_blocking("m", std::iter::once(("b".to_owned(), vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13])))
+            .expect("raw write");
         let keys: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
         let rows = s.get_many("m", &keys).await.expect("the batch is answered");
         assert!(matches!(&rows[0], Some(StoredRow::Vector { vector, .. }) if vector == &[1.0]));

@@ -22,7 +22,7 @@ use std::borrow::Cow;
 
 use async_trait::async_trait;
 
-pub use row::{FailureRecord, StoredRow};
+pub use row::{CorruptRow, FailureRecord, StoredRow};
 
 /// Keys up to this many bytes are stored as they are; longer ones (long
 /// URLs, long texts) under `storage_key`'s hash.
@@ -54,18 +54,54 @@ pub fn storage_key(key: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Why a store call failed. [`StoreError::is_transient`] tells a failure
+/// that may pass if the same call is made again later (a timeout, too few
+/// replicas) from one that will not until someone changes something (a
+/// missing table, a bad statement, a damaged file).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The embedded store's redb file failed: I/O, a damaged file, a file
+    /// another process holds.
     #[error("embedded store: {0}")]
     Embedded(#[from] redb::Error),
-    #[error("stored row for model {model:?} is corrupt: {reason}")]
-    Corrupt { model: String, reason: String },
+    /// The blocking task that ran the call panicked or was cancelled.
     #[error("store task failed: {0}")]
-    Task(String),
-    #[error("CQL store: {0}")]
-    Cql(String),
+    Task(#[from] tokio::task::JoinError),
+    /// The CQL cluster could not serve the request now: a client or
+    /// server timeout, too few live replicas, an overloaded or
+    /// bootstrapping node, a broken connection, no node reachable.
+    /// Transient.
+    #[error("CQL store unavailable: {0}")]
+    CqlUnavailable(#[source] Box<cql::CqlError>),
+    /// The CQL cluster refused the request itself: a missing keyspace or
+    /// table (`embark migrate` has not run), a statement that does not
+    /// prepare, a bad query, rows of other types than this version reads.
+    /// Not transient: the same request fails until the schema or the
+    /// deployment is fixed.
+    #[error("CQL store refused the request: {0}")]
+    CqlRejected(#[source] Box<cql::CqlError>),
+    /// A scan cursor this store did not hand out.
+    #[error("scan cursor is not from this store")]
+    BadCursor(#[source] std::string::FromUtf8Error),
+    /// Bad store settings (a malformed `--store` URL).
     #[error("store configuration: {0}")]
     Config(String),
+}
+
+impl StoreError {
+    /// Whether the same call may succeed if made again later, with nothing
+    /// changed: CQL timeouts and unavailability, and the embedded store's
+    /// I/O errors (a full disk may be freed). Schema, query, configuration
+    /// and data errors, and a panicked task, are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::CqlUnavailable(_) => true,
+            StoreError::Embedded(e) => matches!(e, redb::Error::Io(_)),
+            StoreError::Task(_) | StoreError::CqlRejected(_) | StoreError::BadCursor(_) | StoreError::Config(_) => {
+                false
+            }
+        }
+    }
 }
 
 /// What a fill writes for one key ([`EmbeddingStore::put_filled`]).
@@ -181,8 +217,8 @@ pub struct ScanPage {
 
 /// A scan meets a row that does not decode: it is skipped (a scan feeds an
 /// index or an export, and one bad row must not stop it), logged, counted.
-fn skip_corrupt(model: &str, key: &str, reason: &str) {
-    tracing::warn!(model, key, reason, "skipping a corrupt stored row");
+fn skip_corrupt(model: &str, key: &str, reason: &row::CorruptRow) {
+    tracing::warn!(model, key, %reason, "skipping a corrupt stored row");
     metrics::counter!("embark_store_corrupt_rows_total").increment(1);
 }
 
@@ -215,6 +251,16 @@ mod tests {
         assert!(storage_key(&hashed).starts_with(HASHED_KEY_PREFIX));
         // Short keys that merely contain the prefix later are inline.
         assert_eq!(storage_key("a/h256:b"), "a/h256:b");
+    }
+
+    #[test]
+    fn embedded_io_errors_are_transient_a_damaged_file_or_bad_settings_are_not() {
+        let io = StoreError::from(redb::Error::Io(std::io::Error::other("disk full")));
+        assert!(io.is_transient());
+        assert!(!StoreError::from(redb::Error::Corrupted("bad page".into())).is_transient());
+        assert!(!StoreError::Config("cql://".into()).is_transient());
+        let cursor = String::from_utf8(vec![0xff]).map_err(StoreError::BadCursor).expect_err("not UTF-8");
+        assert!(!cursor.is_transient());
     }
 
     #[test]

@@ -18,8 +18,22 @@ pub enum StoredRow {
     /// one bad row does not fail a batch; readers treat it as absent and
     /// the next fill overwrites it.
     Corrupt {
-        reason: String,
+        reason: CorruptRow,
     },
+}
+
+/// Why a stored value does not decode ([`StoredRow::Corrupt`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CorruptRow {
+    /// Shorter than the fixed header.
+    #[error("value of {len} bytes is too short")]
+    TooShort { len: usize },
+    /// A vector whose bytes are not `dim` float32s.
+    #[error("dim {dim} but {bytes} vector bytes")]
+    DimMismatch { dim: i64, bytes: usize },
+    /// A status byte (or CQL `status`) that is no row kind this version knows.
+    #[error("unknown status {0}")]
+    UnknownStatus(i64),
 }
 
 /// Why an input could not be embedded, and when that was found out. Only
@@ -82,19 +96,17 @@ pub fn decode_or_corrupt(bytes: &[u8]) -> StoredRow {
     decode(bytes).unwrap_or_else(|reason| StoredRow::Corrupt { reason })
 }
 
-/// Decodes a stored value; `Err` names what is wrong.
-pub fn decode(bytes: &[u8]) -> Result<StoredRow, String> {
-    if bytes.len() < HEADER + 4 {
-        return Err(format!("value of {} bytes is too short", bytes.len()));
-    }
-    let at = i64::from_le_bytes(bytes[1..9].try_into().map_err(|_| "header")?);
-    let word = <[u8; 4]>::try_from(&bytes[9..13]).map_err(|_| "header")?;
-    let rest = &bytes[13..];
-    match bytes[0] {
+/// Decodes a stored value; `Err` says what is wrong.
+pub fn decode(bytes: &[u8]) -> Result<StoredRow, CorruptRow> {
+    let too_short = || CorruptRow::TooShort { len: bytes.len() };
+    let (header, rest) = bytes.split_first_chunk::<{ HEADER + 4 }>().ok_or_else(too_short)?;
+    let at = i64::from_le_bytes(header[1..9].try_into().map_err(|_| too_short())?);
+    let word = <[u8; 4]>::try_from(&header[9..13]).map_err(|_| too_short())?;
+    match header[0] {
         STATUS_VECTOR => {
             let dim = u32::from_le_bytes(word) as usize;
             if rest.len() != dim * 4 {
-                return Err(format!("dim {dim} but {} payload bytes", rest.len()));
+                return Err(CorruptRow::DimMismatch { dim: dim as i64, bytes: rest.len() });
             }
             let vector = rest.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             Ok(StoredRow::Vector { vector, created_at_ms: at })
@@ -104,7 +116,7 @@ pub fn decode(bytes: &[u8]) -> Result<StoredRow, String> {
             reason: String::from_utf8_lossy(rest).into_owned(),
             at_unix_ms: at,
         })),
-        s => Err(format!("unknown status {s}")),
+        s => Err(CorruptRow::UnknownStatus(s.into())),
     }
 }
 
@@ -118,9 +130,13 @@ mod tests {
         assert_eq!(decode(&encode_vector(&v, 42)), Ok(StoredRow::Vector { vector: v, created_at_ms: 42 }));
         let f = FailureRecord { code: 3, reason: "not an image".into(), at_unix_ms: 7 };
         assert_eq!(decode(&encode_failure(&f)), Ok(StoredRow::Failed(f)));
-        assert!(decode(&[0, 1, 2]).is_err());
+        assert_eq!(decode(&[0, 1, 2]), Err(CorruptRow::TooShort { len: 3 }));
         let mut bad = encode_vector(&[1.0], 0);
         bad.pop();
-        assert!(decode(&bad).is_err());
+        assert_eq!(decode(&bad), Err(CorruptRow::DimMismatch { dim: 1, bytes: 3 }));
+        let mut unknown = encode_vector(&[1.0], 0);
+        unknown[0] = 9;
+        assert_eq!(decode(&unknown), Err(CorruptRow::UnknownStatus(9)));
+        assert!(matches!(decode_or_corrupt(&unknown), StoredRow::Corrupt { reason: CorruptRow::UnknownStatus(9) }));
     }
 }
