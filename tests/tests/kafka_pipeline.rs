@@ -255,14 +255,16 @@ async fn a_backlog_survives_kill_9_of_kfc() -> anyhow::Result<()> {
         assert!(sources(&r.sources).iter().all(|s| *s == Source::OovPending));
     }
     eventually(Duration::from_secs(30), "5,000 misses acknowledged by the broker", || async {
-        Ok((stack.embark.metric("embark_misses_delivered_total").await? >= 5000.0).then_some(()))
+        // Appears with the first delivery.
+        Ok((stack.embark.metric_or_zero("embark_misses_delivered_total").await? >= 5000.0).then_some(()))
     })
     .await?;
 
     let mut kfc = stack.start_kfc().await?;
     let series = format!("kfc_filled_total{{model=\"{MODEL}\",outcome=\"vector\"}}");
     let before_kill = eventually(Duration::from_secs(120), "KFC to be mid-flight", || async {
-        let n = kfc.metric(&series).await?;
+        // Appears with the first fill.
+        let n = kfc.metric_or_zero(&series).await?;
         Ok((n >= 1000.0).then_some(n))
     })
     .await?;
