@@ -138,6 +138,10 @@ impl Front {
         let similar = SimilarIndexes::new(&[], &embark_index::IndexConfig { max_vectors: 0, ..Default::default() });
         let slots = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         let similar_slots = Arc::new(tokio::sync::Semaphore::new(slots));
+        // At 0 from the start, so a scrape tells "no miss yet" (0) from a
+        // series that does not exist (a renamed metric, a broken wiring).
+        metrics::counter!("embark_misses_published_total").increment(0);
+        metrics::counter!("embark_misses_deduplicated_total").increment(0);
         Self {
             models,
             tier,
@@ -519,6 +523,330 @@ mod tests {
         fn publish(&self, _: MissEvent) -> bool {
             true
         }
+    }
+
+    /// Records the misses published to it; while `refuse` is set it drops
+    /// them (a full buffer) and counts the refusals.
+    #[derive(Default)]
+    struct Recorder {
+        published: std::sync::Mutex<Vec<MissEvent>>,
+        refused: std::sync::atomic::AtomicUsize,
+        refuse: AtomicBool,
+    }
+
+    impl MissPublisher for Recorder {
+        fn publish(&self, event: MissEvent) -> bool {
+            if self.refuse.load(Ordering::SeqCst) {
+                self.refused.fetch_add(1, Ordering::SeqCst);
+                return false;
+            }
+            self.published.lock().unwrap_or_else(|p| p.into_inner()).push(event);
+            true
+        }
+    }
+
+    impl Recorder {
+        fn published(&self) -> Vec<MissEvent> {
+            self.published.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        }
+
+        fn keys(&self) -> Vec<String> {
+            self.published().into_iter().map(|e| e.key).collect()
+        }
+    }
+
+    /// Key prefix whose store read never answers (a store that stopped).
+    const STALL: &str = "stall:";
+
+    /// The embedded store, recording the keys of every read that reaches
+    /// it; keys starting with [`STALL`] are never answered.
+    struct Instrumented {
+        inner: EmbeddedStore,
+        reads: std::sync::Mutex<Vec<Vec<String>>>,
+    }
+
+    impl Instrumented {
+        fn reads(&self) -> Vec<Vec<String>> {
+            self.reads.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        }
+    }
+
+    #[async_trait]
+    impl EmbeddingStore for Instrumented {
+        async fn get_many(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError> {
+            self.reads.lock().unwrap_or_else(|p| p.into_inner()).push(keys.to_vec());
+            self.inner.get_many(model, keys).await
+        }
+        async fn get_each(&self, model: &str, keys: &[String], sink: &mut (dyn FnMut(usize, RowRead) + Send)) {
+            self.reads.lock().unwrap_or_else(|p| p.into_inner()).push(keys.to_vec());
+            let answered: Vec<usize> = (0..keys.len()).filter(|&i| !keys[i].starts_with(STALL)).collect();
+            let wanted: Vec<String> = answered.iter().map(|&i| keys[i].clone()).collect();
+            match self.inner.get_many(model, &wanted).await {
+                Ok(rows) => answered.iter().zip(rows).for_each(|(&i, r)| sink(i, Ok(r))),
+                Err(e) => panic!("{e}"),
+            }
+            if answered.len() < keys.len() {
+                std::future::pending::<()>().await;
+            }
+        }
+        async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
+            self.inner.put_vectors(model, rows).await
+        }
+        async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
+            self.inner.put_failures(model, rows).await
+        }
+        async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
+            self.inner.delete(model, keys).await
+        }
+        async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError> {
+            self.inner.scan(model, cursor, page).await
+        }
+    }
+
+    /// A front on a real embedded store in a temporary directory.
+    struct Fixture {
+        front: Front,
+        store: Arc<Instrumented>,
+        publisher: Arc<Recorder>,
+        _dir: tempfile::TempDir,
+    }
+
+    struct Options {
+        limits: Limits,
+        dedup_window: Duration,
+        failure_ttl: Duration,
+        /// Generous by default: a read of the embedded store on a loaded
+        /// machine must not turn into `OOV_UNAVAILABLE` by accident.
+        deadline: Duration,
+    }
+
+    impl Default for Options {
+        fn default() -> Self {
+            Self {
+                limits: Limits::default(),
+                dedup_window: Duration::from_secs(60),
+                failure_ttl: Duration::from_secs(3600),
+                deadline: Duration::from_secs(10),
+            }
+        }
+    }
+
+    fn fixture(o: Options) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inner = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
+        let store = Arc::new(Instrumented { inner, reads: Default::default() });
+        let publisher = Arc::new(Recorder::default());
+        let spec = retina::catalog::spec(MODEL).expect("a known model");
+        let front = Front::new(
+            ModelRegistry::new(&[spec], &[]).expect("registry"),
+            VectorCache::new(64 << 20, None),
+            GuardedStore::new(store.clone(), GuardConfig { deadline: o.deadline, ..GuardConfig::default() }),
+            publisher.clone(),
+            MissDedup::new(o.dedup_window, 1000),
+            o.limits,
+            o.failure_ttl,
+        );
+        Fixture { front, store, publisher, _dir: dir }
+    }
+
+    const DIM: usize = 384;
+
+    fn strings(k: &[&str]) -> Vec<String> {
+        k.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A row of `DIM` copies of `x`, as the response carries it.
+    fn wire(x: f32) -> Vec<u8> {
+        le_bytes(&[x; DIM]).to_vec()
+    }
+
+    /// The OOV row (zeros by default), as the response carries it.
+    fn oov() -> Vec<u8> {
+        vec![0; DIM * 4]
+    }
+
+    #[tokio::test]
+    async fn a_tier_hit_is_served_without_reading_the_store() {
+        let f = fixture(Options::default());
+        f.store.put_vectors(MODEL, vec![("k".into(), vec![0.5; DIM])]).await.expect("put");
+        f.front.tier().insert(key_hash(MODEL, "k"), CachedRow::Vector(le_bytes(&[0.25; DIM])));
+        let a = f.front.lookup(MODEL, &strings(&["k"])).await.expect("lookup");
+        assert_eq!((a.dim, a.sources), (DIM, vec![Source::Cache]));
+        assert_eq!(a.vectors, wire(0.25), "the tier's row, not the store's");
+        assert_eq!(f.store.reads(), Vec::<Vec<String>>::new());
+        assert_eq!(f.publisher.published(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn a_store_hit_is_served_then_answered_from_the_tier() {
+        let f = fixture(Options::default());
+        f.store.put_vectors(MODEL, vec![("k".into(), vec![0.5; DIM])]).await.expect("put");
+        let first = f.front.lookup(MODEL, &strings(&["k"])).await.expect("lookup");
+        assert_eq!((first.sources, first.vectors), (vec![Source::Store], wire(0.5)));
+        // Gone from the store behind the front's back: the tier answers.
+        f.store.inner.delete(MODEL, &strings(&["k"])).await.expect("delete");
+        let second = f.front.lookup(MODEL, &strings(&["k"])).await.expect("lookup");
+        assert_eq!((second.sources, second.vectors), (vec![Source::Cache], wire(0.5)));
+        assert_eq!(f.store.reads(), vec![strings(&["k"])], "read once");
+        assert_eq!(f.publisher.published(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_key_is_oov_pending_and_queued_once_per_dedup_window() {
+        let window = Duration::from_millis(300);
+        let f = fixture(Options { dedup_window: window, ..Options::default() });
+        let before = now_unix_ms();
+        let a = f.front.lookup(MODEL, &strings(&["new"])).await.expect("lookup");
+        let after = now_unix_ms();
+        assert_eq!((a.dim, a.sources, a.vectors), (DIM, vec![Source::OovPending], oov()));
+        let published = f.publisher.published();
+        assert_eq!(published.len(), 1, "{published:?}");
+        let seen = published[0].first_seen_unix_ms;
+        assert!((before..=after).contains(&seen), "first seen at {seen}, Lookup ran {before}..={after}");
+        let want = MissEvent {
+            model: MODEL.into(),
+            key: "new".into(),
+            first_seen_unix_ms: seen,
+            attempts: 0,
+            not_before_unix_ms: 0,
+            dim: DIM as u32,
+        };
+        assert_eq!(published, vec![want]);
+        // Within the window: still OOV_PENDING, not queued again.
+        for _ in 0..3 {
+            let again = f.front.lookup(MODEL, &strings(&["new"])).await.expect("lookup");
+            assert_eq!((again.sources, again.vectors), (vec![Source::OovPending], oov()));
+        }
+        assert_eq!(f.publisher.keys(), strings(&["new"]));
+        // The next window queues it again: the key is still unknown.
+        tokio::time::sleep(window + Duration::from_millis(200)).await;
+        f.front.lookup(MODEL, &strings(&["new"])).await.expect("lookup");
+        assert_eq!(f.publisher.keys(), strings(&["new", "new"]));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_miss_is_queued_by_the_next_lookup() {
+        let f = fixture(Options::default());
+        f.publisher.refuse.store(true, Ordering::SeqCst);
+        for refused in 1..=2 {
+            let a = f.front.lookup(MODEL, &strings(&["k"])).await.expect("lookup");
+            assert_eq!(a.sources, vec![Source::OovPending]);
+            assert_eq!(f.publisher.refused.load(Ordering::SeqCst), refused, "a dropped miss is not deduplicated");
+        }
+        f.publisher.refuse.store(false, Ordering::SeqCst);
+        f.front.lookup(MODEL, &strings(&["k"])).await.expect("lookup");
+        f.front.lookup(MODEL, &strings(&["k"])).await.expect("lookup");
+        assert_eq!(f.publisher.keys(), strings(&["k"]), "queued once it was taken, then deduplicated");
+    }
+
+    #[tokio::test]
+    async fn duplicate_keys_in_one_request_are_resolved_once_and_answered_alike() {
+        let f = fixture(Options::default());
+        f.store.put_vectors(MODEL, vec![("s".into(), vec![0.5; DIM])]).await.expect("put");
+        f.front.tier().insert(key_hash(MODEL, "c"), CachedRow::Vector(le_bytes(&[0.25; DIM])));
+        let a = f.front.lookup(MODEL, &strings(&["s", "u", "c", "s", "u", "c"])).await.expect("lookup");
+        use Source::{Cache, OovPending, Store};
+        assert_eq!(a.sources, vec![Store, OovPending, Cache, Store, OovPending, Cache]);
+        let want: Vec<u8> = [wire(0.5), oov(), wire(0.25), wire(0.5), oov(), wire(0.25)].concat();
+        assert_eq!(a.vectors, want);
+        assert_eq!(f.store.reads(), vec![strings(&["s", "u"])], "one read of the distinct non-tier keys");
+        assert_eq!(f.publisher.keys(), strings(&["u"]), "one miss for the twice-asked unknown key");
+    }
+
+    #[tokio::test]
+    async fn a_stored_row_of_another_dim_is_queued_again_and_not_cached() {
+        let f = fixture(Options::default());
+        // Output of another model version: 10 values for a 384-d model.
+        f.store.put_vectors(MODEL, vec![("stale".into(), vec![0.5; 10])]).await.expect("put");
+        for _ in 0..2 {
+            let a = f.front.lookup(MODEL, &strings(&["stale"])).await.expect("lookup");
+            assert_eq!((a.sources, a.vectors), (vec![Source::OovPending], oov()));
+        }
+        assert!(f.front.tier().get(&key_hash(MODEL, "stale")).is_none(), "the stale row is not cached");
+        assert_eq!(f.store.reads().len(), 2, "each Lookup read the store again");
+        let published = f.publisher.published();
+        assert_eq!(published.len(), 1, "queued once per window: {published:?}");
+        assert_eq!((published[0].key.as_str(), published[0].dim), ("stale", DIM as u32));
+
+        // A tier row of another dim is not served either: the store's is.
+        f.front.tier().insert(key_hash(MODEL, "t"), CachedRow::Vector(le_bytes(&[1.0; 10])));
+        f.store.put_vectors(MODEL, vec![("t".into(), vec![0.5; DIM])]).await.expect("put");
+        let a = f.front.lookup(MODEL, &strings(&["t"])).await.expect("lookup");
+        assert_eq!((a.sources, a.vectors), (vec![Source::Store], wire(0.5)));
+    }
+
+    #[tokio::test]
+    async fn a_fresh_failure_record_is_oov_failed_and_an_expired_one_is_queued() {
+        let f = fixture(Options::default());
+        let failure = |at_unix_ms| FailureRecord { code: 5, reason: "404".into(), at_unix_ms };
+        let hour = 3_600_000;
+        f.store
+            .put_failures(
+                MODEL,
+                vec![("bad".into(), failure(now_unix_ms())), ("old".into(), failure(now_unix_ms() - 2 * hour))],
+            )
+            .await
+            .expect("put");
+        let a = f.front.lookup(MODEL, &strings(&["bad", "old"])).await.expect("lookup");
+        assert_eq!((a.sources, a.vectors), (vec![Source::OovFailed, Source::OovPending], [oov(), oov()].concat()));
+        assert_eq!(f.publisher.keys(), strings(&["old"]), "only the expired failure is tried again");
+        // The fresh failure is answered from the tier now.
+        let again = f.front.lookup(MODEL, &strings(&["bad"])).await.expect("lookup");
+        assert_eq!(again.sources, vec![Source::OovFailed]);
+        assert_eq!(f.store.reads(), vec![strings(&["bad", "old"])]);
+    }
+
+    #[tokio::test]
+    async fn rows_the_store_does_not_answer_in_time_are_oov_unavailable_and_not_queued() {
+        let f = fixture(Options { deadline: Duration::from_secs(1), ..Options::default() });
+        f.store.put_vectors(MODEL, vec![("a".into(), vec![0.5; DIM])]).await.expect("put");
+        let stalled = format!("{STALL}b");
+        let a = f.front.lookup(MODEL, &["a".to_string(), stalled.clone()]).await.expect("lookup");
+        assert_eq!(a.sources, vec![Source::Store, Source::OovUnavailable]);
+        assert_eq!(a.vectors, [wire(0.5), oov()].concat(), "the row that came in time is kept");
+        assert_eq!(f.publisher.published(), vec![], "an unanswered key may well be stored: not queued");
+        assert!(f.front.tier().get(&key_hash(MODEL, &stalled)).is_none());
+        assert!(!f.front.store_breaker_open(), "a partly answered read is no failure");
+    }
+
+    #[tokio::test]
+    async fn invalid_requests_are_refused_before_anything_is_read_or_queued() {
+        let limits = Limits { max_batch_keys: 4, max_key_bytes: 8 };
+        let f = fixture(Options { limits, ..Options::default() });
+        f.front.tier().insert(key_hash(MODEL, "cached"), CachedRow::Vector(le_bytes(&[0.25; DIM])));
+        let cases: [(&str, Vec<String>, &str); 5] = [
+            ("", strings(&["fresh"]), "model is required; this EmbArk serves [\"minilm-l6-v2\"]"),
+            ("nope", strings(&["fresh"]), "unknown model \"nope\"; this EmbArk serves [\"minilm-l6-v2\"]"),
+            (MODEL, strings(&["fresh", ""]), "keys[1] is empty; every key must be non-empty"),
+            (
+                MODEL,
+                strings(&["fresh", "cached", "123456789"]),
+                "keys[2] is 9 bytes; the limit is 8 bytes (--max-key-bytes)",
+            ),
+            (
+                MODEL,
+                strings(&["fresh", "a", "b", "c", "d"]),
+                "5 keys in one request; the limit is 4 (--max-batch-keys): split the batch",
+            ),
+        ];
+        for (model, keys, message) in cases {
+            let e = f.front.lookup(model, &keys).await.expect_err("refused");
+            let kind_ok = match model {
+                "" => matches!(e, FrontError::InvalidArgument(_)),
+                "nope" => matches!(e, FrontError::NotFound(_)),
+                _ if keys.len() > 4 => matches!(e, FrontError::ResourceExhausted(_)),
+                _ => matches!(e, FrontError::InvalidArgument(_)),
+            };
+            assert!(kind_ok, "{model:?} {keys:?}: {e:?}");
+            assert_eq!(e.to_string(), message);
+        }
+        assert_eq!(f.store.reads(), Vec::<Vec<String>>::new(), "nothing was read");
+        assert_eq!(f.publisher.published(), vec![], "nothing was queued");
+        // At the limits it is fine; an empty batch is an empty answer.
+        let ok = f.front.lookup(MODEL, &strings(&["12345678", "cached", "c", "d"])).await.expect("lookup");
+        assert_eq!(ok.sources.len(), 4);
+        let empty = f.front.lookup(MODEL, &[]).await.expect("lookup");
+        assert_eq!((empty.dim, empty.vectors.len(), empty.sources.len()), (DIM, 0, 0));
     }
 
     /// Defect 11.11: `Similar` had no concurrency bound: searches queued on

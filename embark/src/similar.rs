@@ -378,4 +378,163 @@ mod tests {
         assert_eq!(&*hits[0].key, "a");
         stop.cancel();
     }
+
+    /// The embedded store, whose scans wait until `open` gets a permit.
+    struct GatedScans {
+        inner: EmbeddedStore,
+        open: tokio::sync::Semaphore,
+    }
+
+    #[async_trait]
+    impl EmbeddingStore for GatedScans {
+        async fn get_many(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError> {
+            self.inner.get_many(model, keys).await
+        }
+        async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
+            self.inner.put_vectors(model, rows).await
+        }
+        async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
+            self.inner.put_failures(model, rows).await
+        }
+        async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
+            self.inner.delete(model, keys).await
+        }
+        async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError> {
+            let _open = self.open.acquire().await.expect("the test never closes the gate");
+            self.inner.scan(model, cursor, page).await
+        }
+    }
+
+    fn open_store(dir: &tempfile::TempDir) -> EmbeddedStore {
+        EmbeddedStore::open(&dir.path().join("s.redb")).expect("open")
+    }
+
+    /// (key, score) of each hit, scores to 4 decimals.
+    fn found(hits: &[Hit]) -> Vec<(String, f32)> {
+        hits.iter().map(|h| (h.key.to_string(), (h.score * 1e4).round() / 1e4)).collect()
+    }
+
+    fn owned(rows: &[(&str, f32)]) -> Vec<(String, f32)> {
+        rows.iter().map(|(k, s)| (k.to_string(), *s)).collect()
+    }
+
+    /// Waits (bounded) until `model` has finished loading.
+    async fn until_loaded(indexes: &SimilarIndexes, model: &str, dim: usize) {
+        let mut probe = vec![0.0; dim];
+        probe[0] = 1.0;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while let Err(SimilarError::Loading { .. }) = indexes.search(model, &probe, 1, -1.0, None) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the index loads");
+    }
+
+    #[tokio::test]
+    async fn a_model_answers_loading_until_its_index_is_loaded_from_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inner = open_store(&dir);
+        let rows = vec![("a".into(), vec![1.0, 0.0]), ("b".into(), vec![0.0, 1.0]), ("c".into(), vec![0.6, 0.8])];
+        inner.put_vectors("m", rows).await.expect("put");
+        let store = Arc::new(GatedScans { inner, open: tokio::sync::Semaphore::new(0) });
+        let indexes = SimilarIndexes::new(&[("m".into(), 2)], &IndexConfig::default());
+        let loading = |i: &SimilarIndexes| match i.search("m", &[1.0, 0.0], 3, -1.0, None) {
+            Err(SimilarError::Loading { model, loaded }) => Some((model, loaded)),
+            _ => None,
+        };
+        assert_eq!(loading(&indexes), Some(("m".to_string(), 0)), "not loaded before the load starts");
+        let stop = CancellationToken::new();
+        indexes.spawn_load(store.clone(), stop.clone());
+        // The load is under way but cannot finish while the scan waits.
+        tokio::task::yield_now().await;
+        assert_eq!(loading(&indexes), Some(("m".to_string(), 0)), "no partial answers while loading");
+        store.open.add_permits(1);
+        until_loaded(&indexes, "m", 2).await;
+
+        let (hits, exact) = indexes.search("m", &[1.0, 0.0], 3, -1.0, None).expect("search");
+        assert!(exact, "3 vectors are searched exactly");
+        assert_eq!(found(&hits), owned(&[("a", 1.0), ("c", 0.6), ("b", 0.0)]));
+        let (hits, _) = indexes.search("m", &[1.0, 0.0], 3, 0.5, Some("a")).expect("search");
+        assert_eq!(found(&hits), owned(&[("c", 0.6)]), "the excluded key and low scores are left out");
+        let e = indexes.search("m", &[1.0, 0.0, 0.0], 3, 0.0, None).expect_err("wrong dim");
+        assert!(matches!(e, SimilarError::Query(IndexError::Dimension { expected: 2, got: 3 })), "{e}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn inserts_and_removes_keep_a_loaded_index_current() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn EmbeddingStore> = Arc::new(open_store(&dir));
+        let indexes = SimilarIndexes::new(&[("m".into(), 2)], &IndexConfig::default());
+        let stop = CancellationToken::new();
+        indexes.spawn_load(store, stop.clone());
+        until_loaded(&indexes, "m", 2).await;
+        let search = |min_score| indexes.search("m", &[1.0, 0.0], 5, min_score, None).map(|(h, _)| found(&h));
+        assert_eq!(search(-1.0).expect("search"), owned(&[]), "an empty store loads an empty index");
+
+        indexes.insert("m", &[("x".into(), vec![2.0, 0.0]), ("y".into(), vec![0.0, 3.0])]);
+        assert_eq!(search(-1.0).expect("search"), owned(&[("x", 1.0), ("y", 0.0)]), "vectors are normalised");
+        // Inserting a key again replaces its vector.
+        indexes.insert("m", &[("y".into(), vec![0.8, 0.6])]);
+        assert_eq!(search(-1.0).expect("search"), owned(&[("x", 1.0), ("y", 0.8)]));
+        indexes.remove("m", &["x".into(), "never indexed".into()]);
+        assert_eq!(search(-1.0).expect("search"), owned(&[("y", 0.8)]));
+        // Another model's rows go nowhere.
+        indexes.insert("other", &[("z".into(), vec![1.0, 0.0])]);
+        indexes.remove("other", &["y".into()]);
+        assert_eq!(search(-1.0).expect("search"), owned(&[("y", 0.8)]));
+        assert!(
+            matches!(indexes.search("other", &[1.0, 0.0], 1, 0.0, None), Err(SimilarError::Off(m)) if m == "other")
+        );
+        stop.cancel();
+    }
+
+    #[test]
+    fn similarity_search_is_off_without_an_index() {
+        let config = IndexConfig { max_vectors: 0, ..IndexConfig::default() };
+        let indexes = SimilarIndexes::new(&[("m".into(), 2)], &config);
+        let e = indexes.search("m", &[1.0, 0.0], 1, 0.0, None).expect_err("off");
+        assert!(matches!(e, SimilarError::Off(ref m) if m == "m"), "{e:?}");
+        assert_eq!(e.to_string(), "similarity search is off for model \"m\" (--similar-max-vectors 0)");
+    }
+
+    #[tokio::test]
+    async fn the_indexing_store_indexes_what_it_writes_and_forgets_what_it_deletes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inner: Arc<dyn EmbeddingStore> = Arc::new(open_store(&dir));
+        let indexes = SimilarIndexes::new(&[("m".into(), 2)], &IndexConfig::default());
+        let stop = CancellationToken::new();
+        indexes.spawn_load(inner.clone(), stop.clone());
+        until_loaded(&indexes, "m", 2).await;
+        let store = IndexingStore::new(inner.clone(), indexes.clone());
+        let keys = || indexes.search("m", &[1.0, 0.0], 10, -1.0, None).map(|(h, _)| found(&h)).expect("search");
+
+        let long = "u".repeat(embark_store::MAX_INLINE_KEY_BYTES + 1);
+        let hashed = storage_key(&long).into_owned();
+        store.put_vectors("m", vec![("a".into(), vec![1.0, 0.0]), (long.clone(), vec![0.0, 1.0])]).await.expect("put");
+        assert_eq!(keys(), owned(&[("a", 1.0), (hashed.as_str(), 0.0)]), "long keys are indexed as stored");
+        assert!(matches!(inner.get_many("m", &["a".into()]).await.expect("get")[..], [Some(StoredRow::Vector { .. })]));
+
+        let failure = FailureRecord { code: 1, reason: "bad".into(), at_unix_ms: 0 };
+        store.put_failures("m", vec![("a".into(), failure.clone())]).await.expect("put");
+        assert_eq!(keys(), owned(&[(hashed.as_str(), 0.0)]), "a key that failed has no vector to find");
+        store.delete("m", std::slice::from_ref(&long)).await.expect("delete");
+        assert_eq!(keys(), owned(&[]));
+
+        use embark_store::{Filled, FilledRow};
+        let filled = |key: &str, value| FilledRow { key: key.into(), seen_at_ms: embark_store::now_unix_ms(), value };
+        let written = store
+            .put_filled(
+                "m",
+                vec![filled("b", Filled::Vector(vec![0.6, 0.8])), filled("c", Filled::Vector(vec![1.0, 0.0]))],
+            )
+            .await
+            .expect("put");
+        assert_eq!(written, vec![true, true]);
+        assert_eq!(keys(), owned(&[("c", 1.0), ("b", 0.6)]));
+        store.put_filled("m", vec![filled("c", Filled::Failure(failure))]).await.expect("put");
+        assert_eq!(keys(), owned(&[("b", 0.6)]), "a fill that failed removes the key");
+        stop.cancel();
+    }
 }

@@ -249,10 +249,12 @@ mod tests {
     use super::*;
 
     /// A store whose keys answer after their own delay (`slow:<ms>` keys)
-    /// and which fails every read while `down` is set.
+    /// and which fails every read while `down` is set; `reads` counts the
+    /// batch reads that reached it.
     #[derive(Default)]
     struct TestStore {
         down: AtomicBool,
+        reads: std::sync::atomic::AtomicUsize,
     }
 
     fn delay_of(key: &str) -> Duration {
@@ -269,6 +271,7 @@ mod tests {
             Ok(keys.iter().map(|_| Some(StoredRow::Vector { vector: vec![1.0], created_at_ms: 0 })).collect())
         }
         async fn get_each(&self, model: &str, keys: &[String], sink: &mut (dyn FnMut(usize, RowRead) + Send)) {
+            self.reads.fetch_add(1, Ordering::SeqCst);
             let mut reads: futures::stream::FuturesUnordered<_> = keys
                 .iter()
                 .enumerate()
@@ -300,6 +303,19 @@ mod tests {
             cool_down: Duration::from_millis(50),
         };
         GuardedStore::new(store.clone(), config)
+    }
+
+    /// A guard whose cool-down is long enough that a read right after the
+    /// breaker opened is, even on a loaded machine, still inside it.
+    fn slow_cooling_guard(store: &Arc<TestStore>) -> GuardedStore {
+        let config = GuardConfig { deadline: Duration::from_secs(2), failure_threshold: 2, cool_down: COOL_DOWN };
+        GuardedStore::new(store.clone(), config)
+    }
+
+    const COOL_DOWN: Duration = Duration::from_millis(300);
+
+    fn reads(store: &TestStore) -> usize {
+        store.reads.load(Ordering::SeqCst)
     }
 
     fn keys(k: &[&str]) -> Vec<String> {
@@ -388,5 +404,86 @@ mod tests {
             assert_eq!(g.get_many("m", &keys(&["slow:1000"])).await, vec![Err(Unavailable::Timeout)]);
         }
         assert!(g.is_open());
+    }
+
+    #[tokio::test]
+    async fn only_consecutive_failures_open_the_breaker() {
+        let store = Arc::new(TestStore::default());
+        let g = slow_cooling_guard(&store);
+        let (a, down) = (keys(&["a"]), |d: bool| store.down.store(d, Ordering::SeqCst));
+        down(true);
+        assert_eq!(g.get_many("m", &a).await, vec![Err(Unavailable::Error)]);
+        down(false);
+        assert!(matches!(g.get_many("m", &a).await[..], [Ok(Some(_))]));
+        down(true);
+        assert_eq!(g.get_many("m", &a).await, vec![Err(Unavailable::Error)]);
+        assert!(!g.is_open(), "a success in between starts the count again");
+        assert_eq!(g.get_many("m", &a).await, vec![Err(Unavailable::Error)]);
+        assert!(g.is_open(), "two failures in a row");
+        assert_eq!(reads(&store), 4);
+    }
+
+    #[tokio::test]
+    async fn an_open_breaker_skips_the_store_until_a_probe_after_the_cool_down_closes_it() {
+        let store = Arc::new(TestStore::default());
+        let g = slow_cooling_guard(&store);
+        store.down.store(true, Ordering::SeqCst);
+        g.get_many("m", &keys(&["a"])).await;
+        g.get_many("m", &keys(&["a"])).await;
+        assert!(g.is_open());
+        store.down.store(false, Ordering::SeqCst);
+        // Open: every key of every read is unavailable at once, and the
+        // store is not touched, though it would answer now.
+        for _ in 0..3 {
+            assert_eq!(g.get_many("m", &keys(&["a", "b"])).await, vec![Err(Unavailable::BreakerOpen); 2]);
+        }
+        assert_eq!(reads(&store), 2);
+        tokio::time::sleep(COOL_DOWN + Duration::from_millis(50)).await;
+        // The first read after the cool-down is the probe; it succeeds.
+        assert!(matches!(g.get_many("m", &keys(&["a"])).await[..], [Ok(Some(_))]));
+        assert!(!g.is_open());
+        assert!(matches!(g.get_many("m", &keys(&["a"])).await[..], [Ok(Some(_))]));
+        assert_eq!(reads(&store), 4);
+    }
+
+    #[tokio::test]
+    async fn a_failed_probe_opens_the_breaker_for_another_cool_down() {
+        let store = Arc::new(TestStore::default());
+        let g = slow_cooling_guard(&store);
+        store.down.store(true, Ordering::SeqCst);
+        g.get_many("m", &keys(&["a"])).await;
+        g.get_many("m", &keys(&["a"])).await;
+        tokio::time::sleep(COOL_DOWN + Duration::from_millis(50)).await;
+        // The probe reaches the store, which still fails.
+        assert_eq!(g.get_many("m", &keys(&["a"])).await, vec![Err(Unavailable::Error)]);
+        assert_eq!(reads(&store), 3);
+        // One failed probe is enough to open it again (not `failure_threshold`).
+        assert!(g.is_open());
+        assert_eq!(g.get_many("m", &keys(&["a"])).await, vec![Err(Unavailable::BreakerOpen)]);
+        assert_eq!(reads(&store), 3, "skipped during the new cool-down");
+        store.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(COOL_DOWN + Duration::from_millis(50)).await;
+        assert!(matches!(g.get_many("m", &keys(&["a"])).await[..], [Ok(Some(_))]));
+        assert!(!g.is_open());
+        assert_eq!(reads(&store), 4);
+    }
+
+    #[tokio::test]
+    async fn a_half_open_breaker_lets_one_probe_through_at_a_time() {
+        let store = Arc::new(TestStore::default());
+        let g = slow_cooling_guard(&store);
+        store.down.store(true, Ordering::SeqCst);
+        g.get_many("m", &keys(&["a"])).await;
+        g.get_many("m", &keys(&["a"])).await;
+        store.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(COOL_DOWN + Duration::from_millis(50)).await;
+        // The probe is admitted on its first poll and is still reading.
+        let slow = keys(&["slow:200"]);
+        let mut probe = Box::pin(g.get_many("m", &slow));
+        assert!(futures::poll!(&mut probe).is_pending());
+        assert_eq!(g.get_many("m", &keys(&["a"])).await, vec![Err(Unavailable::BreakerOpen)], "half-open");
+        assert!(matches!(probe.await[..], [Ok(Some(_))]));
+        assert!(!g.is_open(), "the probe's success closes it");
+        assert_eq!(reads(&store), 3, "two failures and the probe; the read beside the probe was skipped");
     }
 }

@@ -230,7 +230,7 @@ impl Engine {
     /// Loads the named models from `<models_dir>/<name>/` and starts their
     /// threads. Fails on an unknown name or a missing or bad file.
     pub fn load(models_dir: &Path, names: &[String], config: EngineConfig) -> Result<Self, EngineError> {
-        let mut workers = BTreeMap::new();
+        let mut models: Vec<(&'static ModelSpec, Box<dyn BatchModel>)> = Vec::new();
         for name in names {
             let spec = catalog::spec(name).ok_or_else(|| EngineError::UnknownModel {
                 name: name.clone(),
@@ -250,12 +250,31 @@ impl Engine {
                 ModelKind::Image => Box::new(EfficientNetLite0::load(&dir).map_err(|e| load_err(&e))?),
             };
             tracing::info!(model = spec.name, dim = spec.dim, elapsed = ?started.elapsed(), "model loaded");
+            models.push((spec, model));
+        }
+        Self::start(models, config)
+    }
+
+    /// Starts one thread per model (the seam the batching tests use, with
+    /// models that need no weights).
+    fn start(
+        models: Vec<(&'static ModelSpec, Box<dyn BatchModel>)>,
+        config: EngineConfig,
+    ) -> Result<Self, EngineError> {
+        let mut workers = BTreeMap::new();
+        for (spec, model) in models {
             let (tx, rx) = sync_channel(config.queue_capacity.max(1));
             let cfg = config.clone();
             std::thread::Builder::new()
                 .name(format!("retina-{}", spec.name))
                 .spawn(move || run_model(spec, model, rx, cfg))
-                .map_err(|e| EngineError::Load { name: name.clone(), reason: format!("spawning its thread: {e}") })?;
+                .map_err(|e| EngineError::Load {
+                    name: spec.name.into(),
+                    reason: format!("spawning its thread: {e}"),
+                })?;
+            // At 0 from the start, so a scrape tells "nothing embedded yet"
+            // from a series that does not exist.
+            metrics::counter!("retina_embedded_inputs_total", "model" => spec.name).increment(0);
             workers.insert(spec.name, Worker { spec, queue: tx });
         }
         let fetcher = Fetcher::new(config.fetch.clone())
@@ -454,6 +473,13 @@ fn run_model(spec: &'static ModelSpec, model: Box<dyn BatchModel>, rx: Receiver<
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{
+        Mutex,
+        mpsc::{Receiver, Sender, channel},
+    };
+
+    use futures::FutureExt;
+
     use super::*;
 
     /// A model whose every batch fails.
@@ -509,6 +535,162 @@ mod tests {
         assert_eq!(counted, 2, "two inputs failed, each counted once");
     }
 
+    const MODEL: &str = "minilm-l6-v2";
+
+    /// Each input's vector: its bytes, as numbers.
+    fn vector_of(text: &str) -> Vec<f32> {
+        text.bytes().map(f32::from).collect()
+    }
+
+    /// A text model that needs no weights. It records the inputs of each
+    /// batch, says so on `entered`, and then runs the batch only once the
+    /// test sends a permit on `proceed`.
+    struct GatedModel {
+        batches: Arc<Mutex<Vec<Vec<String>>>>,
+        entered: Sender<()>,
+        proceed: Receiver<()>,
+    }
+
+    impl BatchModel for GatedModel {
+        fn embed_batch(&self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
+            let texts: Vec<String> = inputs
+                .iter()
+                .map(|p| match p {
+                    Prepared::Text(t) => t.clone(),
+                    Prepared::Pixels(_) => "pixels".into(),
+                })
+                .collect();
+            self.batches.lock().unwrap_or_else(|p| p.into_inner()).push(texts.clone());
+            let _ = self.entered.send(());
+            self.proceed.recv_timeout(Duration::from_secs(30)).map_err(|e| format!("no permit: {e}"))?;
+            Ok(texts.iter().map(|t| vector_of(t)).collect())
+        }
+    }
+
+    struct Harness {
+        engine: Engine,
+        batches: Arc<Mutex<Vec<Vec<String>>>>,
+        entered: Receiver<()>,
+        proceed: Sender<()>,
+    }
+
+    impl Harness {
+        /// An engine over one [`GatedModel`]. The first input of a batch
+        /// waits 30 s for company, so a batch that closes early closed at
+        /// the batch limit.
+        fn new(config: EngineConfig) -> Self {
+            let (entered_tx, entered) = channel();
+            let (proceed, proceed_rx) = channel();
+            let batches = Arc::new(Mutex::new(Vec::new()));
+            let model: Box<dyn BatchModel> =
+                Box::new(GatedModel { batches: batches.clone(), entered: entered_tx, proceed: proceed_rx });
+            let spec = catalog::spec(MODEL).expect("a known model");
+            let config = EngineConfig { max_wait: Duration::from_secs(30), ..config };
+            let engine = Engine::start(vec![(spec, model)], config).expect("start");
+            Self { engine, batches, entered, proceed }
+        }
+
+        fn batches(&self) -> Vec<Vec<String>> {
+            self.batches.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        }
+
+        /// Waits (bounded) until the model thread is inside a batch.
+        fn wait_entered(&self) {
+            self.entered.recv_timeout(Duration::from_secs(10)).expect("the model thread runs a batch");
+        }
+
+        fn permit(&self, batches: usize) {
+            for _ in 0..batches {
+                self.proceed.send(()).expect("the model thread is alive");
+            }
+        }
+    }
+
+    fn strings(k: &[&str]) -> Vec<String> {
+        k.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn embedded(k: &[&str]) -> Vec<InputResult> {
+        k.iter().map(|t| Ok(vector_of(t))).collect()
+    }
+
+    #[tokio::test]
+    async fn requests_that_queue_together_coalesce_up_to_the_batch_limit() {
+        let h = Harness::new(EngineConfig { max_batch: 4, ..EngineConfig::default() });
+        let first_inputs = ["g1", "g2", "g3", "g4"];
+        let mut first = Box::pin(h.engine.embed(MODEL, strings(&first_inputs)));
+        // The first poll queues the request (text needs no preparation).
+        assert!(futures::poll!(&mut first).is_pending());
+        h.wait_entered();
+        // While the model is busy, five requests queue up in this order.
+        let later: [&[&str]; 5] = [&["a1", "a2"], &["b1"], &["c1"], &["d1", "d2", "d3"], &["e1"]];
+        let mut queued = Vec::new();
+        for inputs in later {
+            let mut f = Box::pin(h.engine.embed(MODEL, strings(inputs)));
+            assert!(futures::poll!(&mut f).is_pending());
+            queued.push(f);
+        }
+        h.permit(3);
+        assert_eq!(first.await.expect("embedded"), embedded(&first_inputs));
+        let results = futures::future::join_all(queued).await;
+        for (r, inputs) in results.into_iter().zip(later) {
+            assert_eq!(r.expect("embedded"), embedded(inputs), "each caller gets its own rows, in order");
+        }
+        // Whole requests fill a batch up to the limit of 4 inputs and no
+        // further; the next batch starts with the next request.
+        let want: Vec<Vec<String>> =
+            vec![strings(&first_inputs), strings(&["a1", "a2", "b1", "c1"]), strings(&["d1", "d2", "d3", "e1"])];
+        assert_eq!(h.batches(), want);
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_batch_limit_is_split_shortest_inputs_first() {
+        let h = Harness::new(EngineConfig { max_batch: 4, ..EngineConfig::default() });
+        h.permit(2);
+        let inputs = ["cccc", "a", "bbb", "dd", "eeeee", "f"];
+        assert_eq!(h.engine.embed(MODEL, strings(&inputs)).await.expect("embedded"), embedded(&inputs));
+        assert_eq!(h.batches(), vec![strings(&["a", "f", "dd", "bbb"]), strings(&["cccc", "eeeee"])]);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once_and_takes_requests_again_once_drained() {
+        let h = Harness::new(EngineConfig { max_batch: 1, queue_capacity: 1, ..EngineConfig::default() });
+        let mut running = Box::pin(h.engine.embed(MODEL, strings(&["r"])));
+        assert!(futures::poll!(&mut running).is_pending());
+        h.wait_entered();
+        let mut waiting = Box::pin(h.engine.embed(MODEL, strings(&["w"])));
+        assert!(futures::poll!(&mut waiting).is_pending(), "it takes the one place in the queue");
+        // Refused on its first poll: not queued, not waited for.
+        let refused = h.engine.embed(MODEL, strings(&["x"])).now_or_never().expect("answered at once");
+        assert!(matches!(&refused, Err(EngineError::Overloaded(m)) if m == MODEL), "{refused:?}");
+        h.permit(2);
+        assert_eq!(running.await.expect("embedded"), embedded(&["r"]));
+        assert_eq!(waiting.await.expect("embedded"), embedded(&["w"]));
+        h.permit(1);
+        assert_eq!(h.engine.embed(MODEL, strings(&["y"])).await.expect("embedded"), embedded(&["y"]));
+        assert_eq!(h.batches(), vec![strings(&["r"]), strings(&["w"]), strings(&["y"])], "x never reached the model");
+    }
+
+    #[tokio::test]
+    async fn bad_requests_and_inputs_never_reach_the_model() {
+        let h = Harness::new(EngineConfig { max_batch: 1, max_input_bytes: 4, ..EngineConfig::default() });
+        let e = h.engine.embed("nope", strings(&["x"])).await.expect_err("unknown model");
+        assert!(
+            matches!(&e, EngineError::UnknownModel { name, available } if name == "nope" && available == &[MODEL]),
+            "{e}"
+        );
+        assert_eq!(h.engine.embed(MODEL, Vec::new()).await.expect("empty"), Vec::<InputResult>::new());
+        h.permit(1);
+        let r = h.engine.embed(MODEL, strings(&["ok", "too long"])).await.expect("embedded");
+        let too_long = InputFailure {
+            code: FailureCode::InvalidInput,
+            reason: "input of 8 bytes is over the limit of 4 bytes".into(),
+            transient: false,
+        };
+        assert_eq!(r, vec![Ok(vector_of("ok")), Err(too_long)]);
+        assert_eq!(h.batches(), vec![strings(&["ok"])]);
+    }
+
     /// Defect 11.10: a slow host held download slots for everyone; now
     /// each host has a few slots of its own, and idle hosts are forgotten.
     #[tokio::test]
@@ -516,11 +698,12 @@ mod tests {
         let slots = HostSlots { per_host: 2, ..HostSlots::default() };
         let a1 = slots.acquire("slow.example").await.expect("slot");
         let a2 = slots.acquire("slow.example").await.expect("slot");
-        let third = tokio::time::timeout(Duration::from_millis(50), slots.acquire("slow.example")).await;
-        assert!(third.is_err(), "a third download from the slow host waits");
-        let other = tokio::time::timeout(Duration::from_millis(50), slots.acquire("fast.example")).await;
-        assert!(other.is_ok_and(|s| s.is_some()), "another host is not held up");
-        drop((a1, a2));
+        // One poll each, no timed wait: a free slot is taken at once, a
+        // taken one leaves the future pending.
+        assert!(slots.acquire("slow.example").now_or_never().is_none(), "a third download from the slow host waits");
+        let other = slots.acquire("fast.example").now_or_never();
+        assert!(other.as_ref().is_some_and(|s| s.is_some()), "another host is not held up");
+        drop((a1, a2, other));
         assert!(slots.hosts.lock().expect("lock").is_empty(), "idle hosts leave the map");
     }
 }

@@ -139,10 +139,19 @@ impl Server {
         Ok(reqwest::get(format!("http://{}/metrics", self.metrics)).await?.text().await?)
     }
 
-    /// The value of the sample whose line starts with `series` (name plus
-    /// labels exactly as rendered), or 0 if absent.
+    /// The value of `series` (name plus labels exactly as rendered) in a
+    /// scrape of `/metrics`. Panics if the scrape has no such series: a
+    /// renamed metric must fail the test, not read as 0 (see [`metric_value`]).
     pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
         Ok(metric_value(&self.metrics_text().await?, series))
+    }
+
+    /// Like [`Server::metric`], but 0 while the series does not exist yet:
+    /// for polling a counter with labels, which appears only once it is
+    /// first incremented, until it reaches a positive target (a missing
+    /// series then times the wait out instead of passing).
+    pub async fn metric_or_zero(&self, series: &str) -> anyhow::Result<f64> {
+        Ok(metric_value_or_zero(&self.metrics_text().await?, series))
     }
 
     /// SIGTERM, then wait (bounded) for a clean exit; returns the status.
@@ -174,12 +183,58 @@ impl Drop for Server {
     }
 }
 
+/// The value of the sample `series` (name plus labels exactly as rendered,
+/// e.g. `kfc_filled_total{model="m",outcome="vector"}`) in Prometheus text.
+///
+/// Panics, naming the series and the metrics the scrape does have, when the
+/// series is absent or its value does not parse: an assertion that a
+/// counter is 0 must not pass because the counter was renamed. For a series
+/// that may legitimately not exist yet, use [`metric_value_or_zero`].
 pub fn metric_value(text: &str, series: &str) -> f64 {
+    match find_sample(text, series) {
+        Some(Ok(v)) => v,
+        Some(Err(raw)) => panic!("series {series} has the value {raw:?}, not a number"),
+        None => panic!("{}", missing_series(text, series)),
+    }
+}
+
+/// Like [`metric_value`], but 0 when the series is absent: only for a
+/// series that appears on its first increment (a counter with labels) and
+/// is polled until it reaches a positive target. A value that does not
+/// parse still panics.
+pub fn metric_value_or_zero(text: &str, series: &str) -> f64 {
+    match find_sample(text, series) {
+        Some(Ok(v)) => v,
+        Some(Err(raw)) => panic!("series {series} has the value {raw:?}, not a number"),
+        None => 0.0,
+    }
+}
+
+/// The sample line of exactly `series`: its parsed value, or the raw text
+/// when it does not parse.
+fn find_sample<'t>(text: &'t str, series: &str) -> Option<Result<f64, &'t str>> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+        .map(|v| v.trim().parse().map_err(|_| v.trim()))
+}
+
+/// Why `series` was not found: the series of the same metric name (other
+/// labels), and every metric name in the scrape.
+fn missing_series(text: &str, series: &str) -> String {
+    let name_of = |s: &str| s.split(['{', ' ']).next().unwrap_or_default().to_owned();
+    let name = name_of(series);
+    let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).collect();
+    let same_name: Vec<&str> =
+        samples.iter().filter_map(|l| l.rsplit_once(' ').map(|(s, _)| s)).filter(|s| name_of(s) == name).collect();
+    let mut names: Vec<String> = samples.iter().map(|l| name_of(l)).collect();
+    names.sort();
+    names.dedup();
+    format!(
+        "series {series} is not in the scrape; series named {name}: [{}]; metrics in the scrape: [{}]",
+        same_name.join(", "),
+        names.join(", ")
+    )
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, for at most `limit`.
@@ -312,4 +367,50 @@ pub async fn similar_once_loaded(
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCRAPE: &str = "\
+# TYPE embark_misses_published_total counter
+embark_misses_published_total 0
+# TYPE kfc_filled_total counter
+kfc_filled_total{model=\"m\",outcome=\"vector\"} 3
+kfc_filled_total{model=\"m\",outcome=\"failure\"} 1
+embark_similar_vectors{model=\"m\"} 1.5e3
+";
+
+    #[test]
+    fn metric_value_reads_the_exact_series() {
+        assert_eq!(metric_value(SCRAPE, "embark_misses_published_total"), 0.0);
+        assert_eq!(metric_value(SCRAPE, "kfc_filled_total{model=\"m\",outcome=\"vector\"}"), 3.0);
+        assert_eq!(metric_value(SCRAPE, "kfc_filled_total{model=\"m\",outcome=\"failure\"}"), 1.0);
+        assert_eq!(metric_value(SCRAPE, "embark_similar_vectors{model=\"m\"}"), 1500.0);
+    }
+
+    #[test]
+    fn a_missing_series_panics_naming_it_and_what_the_scrape_has() {
+        let panic = std::panic::catch_unwind(|| metric_value(SCRAPE, "kfc_filled_total{model=\"other\"}"))
+            .expect_err("a missing series is an error, not 0");
+        let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(message.contains("series kfc_filled_total{model=\"other\"} is not in the scrape"), "{message}");
+        assert!(message.contains("kfc_filled_total{model=\"m\",outcome=\"vector\"}"), "{message}");
+        assert!(
+            message.contains(
+                "metrics in the scrape: [embark_misses_published_total, embark_similar_vectors, kfc_filled_total]"
+            ),
+            "{message}"
+        );
+        // A prefix of a series is not the series.
+        assert!(std::panic::catch_unwind(|| metric_value(SCRAPE, "embark_misses_published")).is_err());
+    }
+
+    #[test]
+    fn or_zero_reads_a_missing_series_as_zero_only() {
+        assert_eq!(metric_value_or_zero(SCRAPE, "kfc_filled_total{model=\"other\"}"), 0.0);
+        assert_eq!(metric_value_or_zero(SCRAPE, "kfc_filled_total{model=\"m\",outcome=\"vector\"}"), 3.0);
+        assert!(std::panic::catch_unwind(|| metric_value_or_zero("x NaNa\n", "x")).is_err(), "garbage is no 0");
+    }
 }

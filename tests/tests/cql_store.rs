@@ -1,14 +1,11 @@
 //! `embark serve` on the CQL store (served in-process by this test with
 //! kassandra, reached through the real `scylla` driver): Lookups end to
-//! end, and a store that stops answering: Lookups stay within their
-//! deadline, unanswered rows are OOV_UNAVAILABLE and not queued, cached
+//! end, and a store that stops answering: Lookups end at their deadline,
+//! unanswered rows are OOV_UNAVAILABLE and not queued, cached
 //! rows keep flowing, the breaker opens and closes again (seen in /metrics);
 //! and `Similar` indexes the CQL store and picks up vectors written later.
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{process::Command, time::Duration};
 
 use cql_test_server::CqlTestServer;
 use embark_proto::embark::v1::{LookupRequest, Source};
@@ -22,8 +19,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 const MODEL: &str = "minilm-l6-v2";
 const REPLICATION: &str = "{'class': 'SimpleStrategy', 'replication_factor': 1}";
 
-/// One test at a time: the first measures deadlines, which a neighbour
-/// test sharing the 2 cores would skew.
+/// One test at a time: the first reads the store under a 200 ms deadline,
+/// which a neighbour test sharing the 2 cores could make real reads miss.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn sources(raw: &[i32]) -> Vec<Source> {
@@ -78,23 +75,26 @@ async fn serve_answers_from_cql_and_survives_a_store_that_stops_answering() -> a
     assert_eq!(sources(&r.sources), vec![Source::Cache]);
     let published = embark.metric("embark_misses_published_total").await?;
 
-    // The store stops answering.
+    // The store stops answering. Each Lookup returns, without its store
+    // row, while the store is paused: the deadline ended the read (the
+    // timeout counter below says so; how long it took is not asserted, on
+    // 2 shared cores that measures the machine).
     cql.pause();
     for i in 2..6 {
-        let started = Instant::now();
         let r = client.lookup(lookup(vec!["stored text 1".into(), format!("stored text {i}")])).await?.into_inner();
-        let took = started.elapsed();
         assert_eq!(sources(&r.sources), vec![Source::Cache, Source::OovUnavailable], "lookup {i}");
-        assert!(took < Duration::from_millis(600), "lookup {i} took {took:?}, deadline 200 ms");
     }
     assert_eq!(embark.metric("embark_store_breaker_open").await?, 1.0, "3 late reads open the breaker");
     assert!(embark.metric("embark_store_breaker_opens_total").await? >= 1.0);
+    // At least: the background prober may have timed out a probe too.
     assert!(embark.metric("embark_store_timeouts_total").await? >= 3.0);
-    // While open, the store is skipped at once; cached rows still flow.
-    let started = Instant::now();
+    // While open, the store is skipped (not read and waited for); cached
+    // rows still flow. The 5th Lookup above was skipped already.
+    let skipped = embark.metric("embark_store_skipped_reads_total").await?;
+    assert!(skipped >= 1.0, "the Lookup after the third late read skipped the store");
     let r = client.lookup(lookup(vec!["stored text 1".into(), "stored text 9".into()])).await?.into_inner();
     assert_eq!(sources(&r.sources), vec![Source::Cache, Source::OovUnavailable]);
-    assert!(started.elapsed() < Duration::from_millis(100), "an open breaker answers at once: {:?}", started.elapsed());
+    assert!(embark.metric("embark_store_skipped_reads_total").await? > skipped, "an open breaker skips the store");
     let series = format!("embark_lookup_keys_total{{model=\"{MODEL}\",source=\"oov_unavailable\"}}");
     assert_eq!(embark.metric(&series).await?, 5.0);
     assert_eq!(embark.metric("embark_misses_published_total").await?, published, "unavailable rows are not queued");

@@ -127,7 +127,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await?;
     let series = format!("kfc_filled_total{{model=\"{MODEL}\",outcome=\"vector\"}}");
     loop {
-        if kfc.metric(&series).await? as usize >= texts.len() {
+        // Appears with the first fill.
+        if kfc.metric_or_zero(&series).await? as usize >= texts.len() {
             break;
         }
         anyhow::ensure!(started.elapsed() < Duration::from_secs(1800), "KFC did not finish within 30 minutes");
