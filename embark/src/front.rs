@@ -472,7 +472,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use async_trait::async_trait;
-    use embark_store::{EmbeddingStore, FailureRecord, RowRead, ScanCursor, ScanPage, embedded::EmbeddedStore};
+    use embark_store::{EmbeddingStore, FailureRecord, RowRead, embedded::EmbeddedStore};
 
     use super::*;
     use crate::store_guard::GuardConfig;
@@ -489,7 +489,10 @@ mod tests {
     }
 
     #[async_trait]
-    impl EmbeddingStore for GatedStore {
+    impl embark_store::wrap::StoreWrapper for GatedStore {
+        fn inner(&self) -> &dyn EmbeddingStore {
+            &self.inner
+        }
         async fn get_many(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError> {
             let rows = self.inner.get_many(model, keys).await;
             if self.armed.swap(false, Ordering::SeqCst) {
@@ -499,22 +502,10 @@ mod tests {
             rows
         }
         async fn get_each(&self, model: &str, keys: &[String], sink: &mut (dyn FnMut(usize, RowRead) + Send)) {
-            match self.get_many(model, keys).await {
+            match EmbeddingStore::get_many(self, model, keys).await {
                 Ok(rows) => rows.into_iter().enumerate().for_each(|(i, r)| sink(i, Ok(r))),
                 Err(e) => panic!("{e}"),
             }
-        }
-        async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
-            self.inner.put_vectors(model, rows).await
-        }
-        async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
-            self.inner.put_failures(model, rows).await
-        }
-        async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
-            self.inner.delete(model, keys).await
-        }
-        async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError> {
-            self.inner.scan(model, cursor, page).await
         }
     }
 
@@ -572,7 +563,10 @@ mod tests {
     }
 
     #[async_trait]
-    impl EmbeddingStore for Instrumented {
+    impl embark_store::wrap::StoreWrapper for Instrumented {
+        fn inner(&self) -> &dyn EmbeddingStore {
+            &self.inner
+        }
         async fn get_many(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError> {
             self.reads.lock().unwrap_or_else(|p| p.into_inner()).push(keys.to_vec());
             self.inner.get_many(model, keys).await
@@ -588,18 +582,6 @@ mod tests {
             if answered.len() < keys.len() {
                 std::future::pending::<()>().await;
             }
-        }
-        async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
-            self.inner.put_vectors(model, rows).await
-        }
-        async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
-            self.inner.put_failures(model, rows).await
-        }
-        async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
-            self.inner.delete(model, keys).await
-        }
-        async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError> {
-            self.inner.scan(model, cursor, page).await
         }
     }
 

@@ -24,7 +24,7 @@ use std::{
 use async_trait::async_trait;
 use backon::Retryable;
 use embark_index::{Hit, IndexConfig, IndexError, InsertReport, SimilarityIndex};
-use embark_store::{EmbeddingStore, FailureRecord, ScanCursor, ScanPage, StoreError, StoredRow, storage_key};
+use embark_store::{EmbeddingStore, FailureRecord, ScanCursor, ScanPage, StoreError, storage_key};
 use tokio_util::sync::CancellationToken;
 
 /// Rows per store page while loading.
@@ -253,19 +253,12 @@ impl IndexingStore {
     }
 }
 
+/// Reads and scans go straight to the inner store; writes and deletes
+/// also update the indexes.
 #[async_trait]
-impl EmbeddingStore for IndexingStore {
-    async fn get_many(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError> {
-        self.inner.get_many(model, keys).await
-    }
-
-    async fn get_each(
-        &self,
-        model: &str,
-        keys: &[String],
-        sink: &mut (dyn FnMut(usize, embark_store::RowRead) + Send),
-    ) {
-        self.inner.get_each(model, keys, sink).await
+impl embark_store::wrap::StoreWrapper for IndexingStore {
+    fn inner(&self) -> &dyn EmbeddingStore {
+        &*self.inner
     }
 
     async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
@@ -311,17 +304,13 @@ impl EmbeddingStore for IndexingStore {
         self.indexes.remove(model, &keys);
         Ok(())
     }
-
-    async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError> {
-        self.inner.scan(model, cursor, page).await
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
 
-    use embark_store::embedded::EmbeddedStore;
+    use embark_store::{StoredRow, embedded::EmbeddedStore};
 
     use super::*;
 
@@ -333,18 +322,9 @@ mod tests {
     }
 
     #[async_trait]
-    impl EmbeddingStore for FlakyScans {
-        async fn get_many(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError> {
-            self.inner.get_many(model, keys).await
-        }
-        async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
-            self.inner.put_vectors(model, rows).await
-        }
-        async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
-            self.inner.put_failures(model, rows).await
-        }
-        async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
-            self.inner.delete(model, keys).await
+    impl embark_store::wrap::StoreWrapper for FlakyScans {
+        fn inner(&self) -> &dyn EmbeddingStore {
+            &self.inner
         }
         async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError> {
             if self.fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
@@ -386,18 +366,9 @@ mod tests {
     }
 
     #[async_trait]
-    impl EmbeddingStore for GatedScans {
-        async fn get_many(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError> {
-            self.inner.get_many(model, keys).await
-        }
-        async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
-            self.inner.put_vectors(model, rows).await
-        }
-        async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
-            self.inner.put_failures(model, rows).await
-        }
-        async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
-            self.inner.delete(model, keys).await
+    impl embark_store::wrap::StoreWrapper for GatedScans {
+        fn inner(&self) -> &dyn EmbeddingStore {
+            &self.inner
         }
         async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError> {
             let _open = self.open.acquire().await.expect("the test never closes the gate");

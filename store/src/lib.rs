@@ -10,6 +10,8 @@
 //!   the distributed deployment; schema by [`cql::CqlStore::migrate`].
 //! - [`args`]: the store flags `embark` and `kfc` share.
 //! - [`row`]: the row types and their compact binary encoding.
+//! - [`wrap::StoreWrapper`]: a store over another that changes only some
+//!   calls and forwards the rest.
 //! - [`storage_key`]: keys longer than [`MAX_INLINE_KEY_BYTES`] are stored under
 //!   a stable hash, so a store never sees unbounded keys.
 
@@ -17,6 +19,7 @@ pub mod args;
 pub mod cql;
 pub mod embedded;
 pub mod row;
+pub mod wrap;
 
 use std::borrow::Cow;
 

@@ -159,7 +159,7 @@ pub(crate) mod testing {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use async_trait::async_trait;
-    use embark_store::{FailureRecord, ScanCursor, ScanPage, StoreError, StoredRow, embedded::EmbeddedStore};
+    use embark_store::{ScanCursor, ScanPage, StoreError, embedded::EmbeddedStore};
     use tokio_util::sync::CancellationToken;
 
     use super::*;
@@ -173,18 +173,9 @@ pub(crate) mod testing {
     }
 
     #[async_trait]
-    impl EmbeddingStore for StopAfterScans {
-        async fn get_many(&self, model: &str, keys: &[String]) -> Result<Vec<Option<StoredRow>>, StoreError> {
-            self.inner.get_many(model, keys).await
-        }
-        async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
-            self.inner.put_vectors(model, rows).await
-        }
-        async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
-            self.inner.put_failures(model, rows).await
-        }
-        async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
-            self.inner.delete(model, keys).await
+    impl embark_store::wrap::StoreWrapper for StopAfterScans {
+        fn inner(&self) -> &dyn EmbeddingStore {
+            &self.inner
         }
         async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError> {
             if self.left.fetch_sub(1, Ordering::SeqCst) == 1 {
