@@ -190,3 +190,37 @@ fn read_all<T: prost::Message + Default>(
     }
     Ok(out)
 }
+
+/// Where a test's `kfc` reads and writes.
+#[derive(Debug, Clone, Copy)]
+pub struct KfcTarget<'a> {
+    pub brokers: &'a str,
+    pub miss_topic: &'a str,
+    pub dlq_topic: &'a str,
+    pub group: &'a str,
+    pub store_url: &'a str,
+    pub retina: SocketAddr,
+}
+
+/// The flags of a `kfc` tuned for tests and drills: a short session
+/// timeout and commit interval so rebalances and replays happen within
+/// seconds, a quick Retina re-resolve, and backoff capped at
+/// `max_backoff_ms`. `miss_topic_partitions` 0 creates no topic.
+pub fn kfc_args(target: KfcTarget<'_>, miss_topic_partitions: u32, max_backoff_ms: u64) -> Vec<String> {
+    let flags: [(&str, String); 11] = [
+        ("--kafka-brokers", target.brokers.to_owned()),
+        ("--miss-topic", target.miss_topic.to_owned()),
+        ("--dlq-topic", target.dlq_topic.to_owned()),
+        ("--group", target.group.to_owned()),
+        ("--miss-topic-partitions", miss_topic_partitions.to_string()),
+        ("--session-timeout-ms", "6000".into()),
+        ("--commit-interval-ms", "200".into()),
+        ("--store", target.store_url.to_owned()),
+        ("--retina", format!("http://{}", target.retina)),
+        ("--retina-timeout-ms", "10000".into()),
+        ("--retina-resolve-secs", "1".into()),
+    ];
+    let mut args: Vec<String> = flags.into_iter().flat_map(|(k, v)| [k.to_owned(), v]).collect();
+    args.extend(["--max-backoff-ms".to_owned(), max_backoff_ms.to_string()]);
+    args
+}

@@ -26,7 +26,7 @@ use embark_store::{
 };
 use embark_tests::{
     Server, binary, cosine, eventually, free_port,
-    kafka::{Broker, create_topics, produce, read_dead_letters, read_misses},
+    kafka::{Broker, KfcTarget, create_topics, kfc_args, produce, read_dead_letters, read_misses},
     minilm_reference, rows,
 };
 use tonic::transport::Channel;
@@ -94,34 +94,17 @@ impl Stack {
     }
 
     async fn start_kfc_with(&self, extra: &[&str]) -> anyhow::Result<Server> {
-        let retina = format!("http://{}", self.retina_addr);
         let brokers = self.broker.brokers();
-        let mut args = vec![
-            "--kafka-brokers",
-            &brokers,
-            "--miss-topic",
-            &self.miss_topic,
-            "--dlq-topic",
-            &self.dlq_topic,
-            "--group",
-            &self.group,
-            "--miss-topic-partitions",
-            "0",
-            "--session-timeout-ms",
-            "6000",
-            "--commit-interval-ms",
-            "200",
-            "--store",
-            &self.store_url,
-            "--retina",
-            &retina,
-            "--retina-timeout-ms",
-            "10000",
-            "--retina-resolve-secs",
-            "1",
-            "--max-backoff-ms",
-            "2000",
-        ];
+        let target = KfcTarget {
+            brokers: &brokers,
+            miss_topic: &self.miss_topic,
+            dlq_topic: &self.dlq_topic,
+            group: &self.group,
+            store_url: &self.store_url,
+            retina: self.retina_addr,
+        };
+        let owned = kfc_args(target, 0, 2000);
+        let mut args: Vec<&str> = owned.iter().map(String::as_str).collect();
         args.extend_from_slice(extra);
         Server::start_on(&binary("kfc"), &args, None).await
     }

@@ -33,7 +33,7 @@ use embark_store::{
 };
 use embark_tests::{
     Server, free_port,
-    kafka::{Broker, create_topics, produce},
+    kafka::{Broker, KfcTarget, create_topics, kfc_args, produce},
 };
 use prost::Message as _;
 use tonic::transport::Channel;
@@ -214,33 +214,17 @@ async fn start_kfc(
     store_url: &str,
     retina: SocketAddr,
 ) -> anyhow::Result<Server> {
-    let (brokers, retina) = (broker.brokers(), format!("http://{retina}"));
-    let args = [
-        "--kafka-brokers",
-        &brokers,
-        "--miss-topic",
-        &topics.0,
-        "--dlq-topic",
-        &topics.1,
-        "--group",
-        &topics.2,
-        "--miss-topic-partitions",
-        "4",
-        "--session-timeout-ms",
-        "6000",
-        "--commit-interval-ms",
-        "200",
-        "--store",
+    let brokers = broker.brokers();
+    let target = KfcTarget {
+        brokers: &brokers,
+        miss_topic: &topics.0,
+        dlq_topic: &topics.1,
+        group: &topics.2,
         store_url,
-        "--retina",
-        &retina,
-        "--retina-timeout-ms",
-        "10000",
-        "--retina-resolve-secs",
-        "1",
-        "--max-backoff-ms",
-        "1000",
-    ];
+        retina,
+    };
+    let args = kfc_args(target, 4, 1000);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Server::start_on(&bin.join("kfc"), &args, None).await
 }
 
