@@ -44,7 +44,11 @@ struct ScriptedEmbedder {
 impl Embedder for ScriptedEmbedder {
     async fn embed(&self, _model: &str, inputs: Vec<String>) -> Result<Vec<EmbedOutcome>, EmbedError> {
         self.calls.lock().expect("lock").push(inputs);
-        self.script.lock().expect("lock").pop_front().unwrap_or_else(|| Err(EmbedError("script exhausted".into())))
+        self.script
+            .lock()
+            .expect("lock")
+            .pop_front()
+            .unwrap_or_else(|| Err(EmbedError::Other("script exhausted".into())))
     }
 }
 
@@ -125,7 +129,7 @@ async fn permanent_failures_are_recorded_transient_ones_retried_then_given_up() 
 
 #[tokio::test]
 async fn an_unavailable_embedder_delays_every_miss_and_records_nothing() {
-    let r = rig(vec![Err(EmbedError("connection refused".into()))]);
+    let r = rig(vec![Err(EmbedError::Other("connection refused".into()))]);
     let stats = r.fill.round(vec![(1, miss("a", 0)), (2, miss("b", 4))]).await.expect("round");
     assert_eq!((stats.embedded, stats.failed, stats.retried), (0, 0, 2));
     assert!(stats.embedder_down, "the loop backs off before its next round");

@@ -40,7 +40,7 @@ impl Embedder for InProcessRetina {
                     transient: false,
                 })
                 .collect()),
-            Err(e) => Err(EmbedError(e.to_string())),
+            Err(e) => Err(EmbedError::Engine(e)),
         }
     }
 }

@@ -22,8 +22,27 @@ pub enum EmbedOutcome {
 /// The whole call failed (worker unreachable, overloaded...): every input
 /// is retried later.
 #[derive(Debug, thiserror::Error)]
-#[error("embedder unavailable: {0}")]
-pub struct EmbedError(pub String);
+pub enum EmbedError {
+    /// Retina's engine in this process refused the call (its queue full,
+    /// shutting down).
+    #[error("embedder unavailable: {0}")]
+    Engine(#[from] retina::EngineError),
+    /// Retina over gRPC answered with an error (unreachable, overloaded).
+    #[error("Retina: {:?}: {}", .0.code(), .0.message())]
+    Remote(Box<tonic::Status>),
+    /// Retina over gRPC did not answer within the call's deadline.
+    #[error("Retina did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// Retina's reply does not fit its request (rows, dim, failure index).
+    #[error("Retina's reply is malformed: {0}")]
+    BadReply(String),
+    /// The embedder is not set up to be called (a bad Retina URL, none).
+    #[error("embedder configuration: {0}")]
+    Config(String),
+    /// Another embedder's failure (tests, embedders of other crates).
+    #[error("embedder unavailable: {0}")]
+    Other(String),
+}
 
 #[async_trait]
 pub trait Embedder: Send + Sync + 'static {

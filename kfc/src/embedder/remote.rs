@@ -61,7 +61,7 @@ impl RemoteRetina {
     pub fn start(config: RetinaClientConfig, stop: CancellationToken) -> Result<Self, EmbedError> {
         let targets = config.urls.iter().map(|u| parse_target(u)).collect::<Result<Vec<_>, _>>()?;
         if targets.is_empty() {
-            return Err(EmbedError("no Retina URL given".into()));
+            return Err(EmbedError::Config("no Retina URL given".into()));
         }
         let (channel, changes) = Channel::balance_channel::<SocketAddr>(64);
         let endpoint_for = {
@@ -123,7 +123,7 @@ impl RemoteRetina {
 
 /// `http://host:port` -> `host:port` (the form `lookup_host` takes).
 fn parse_target(url: &str) -> Result<String, EmbedError> {
-    let bad = |why: &str| EmbedError(format!("Retina URL {url:?}: {why} (expected http://host:port)"));
+    let bad = |why: &str| EmbedError::Config(format!("Retina URL {url:?}: {why} (expected http://host:port)"));
     let rest = url.strip_prefix("http://").ok_or_else(|| bad("only http:// is supported"))?;
     let hostport = rest.trim_end_matches('/');
     if hostport.is_empty() || hostport.contains('/') {
@@ -148,7 +148,7 @@ impl Embedder for RemoteRetina {
         let mut client = self.client.clone();
         let call = tokio::time::timeout(self.timeout + Duration::from_millis(500), client.embed(request));
         let reply = match call.await {
-            Err(_) => return Err(EmbedError(format!("Retina did not answer within {:?}", self.timeout))),
+            Err(_) => return Err(EmbedError::Timeout(self.timeout)),
             Ok(Ok(reply)) => reply.into_inner(),
             // The request itself is wrong for Retina (a model it does not
             // serve, too many inputs): retrying cannot help, so every input
@@ -163,18 +163,17 @@ impl Embedder for RemoteRetina {
                     })
                     .collect());
             }
-            Ok(Err(status)) => return Err(EmbedError(format!("Retina: {:?}: {}", status.code(), status.message()))),
+            Ok(Err(status)) => return Err(EmbedError::Remote(Box::new(status))),
         };
         let dim = reply.dim as usize;
-        let values =
-            embark_proto::f32_from_le(&reply.vectors).filter(|v| v.len() == n * dim && dim > 0).ok_or_else(|| {
-                EmbedError(format!("Retina sent {} bytes for {n} rows of dim {dim}", reply.vectors.len()))
-            })?;
+        let values = embark_proto::f32_from_le(&reply.vectors)
+            .filter(|v| v.len() == n * dim && dim > 0)
+            .ok_or_else(|| EmbedError::BadReply(format!("{} bytes for {n} rows of dim {dim}", reply.vectors.len())))?;
         let mut out: Vec<EmbedOutcome> =
             values.chunks_exact(dim).map(|row| EmbedOutcome::Vector(row.to_vec())).collect();
         for f in reply.failures {
             let Some(slot) = out.get_mut(f.index as usize) else {
-                return Err(EmbedError(format!("Retina reported a failure for input {} of {n}", f.index)));
+                return Err(EmbedError::BadReply(format!("a failure for input {} of {n}", f.index)));
             };
             *slot = EmbedOutcome::Failed { code: f.code, reason: f.reason, transient: f.transient };
         }
