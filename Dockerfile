@@ -32,6 +32,8 @@ USER embark
 WORKDIR /var/lib/embark
 ENV EMBARK_MODELS_DIR=/models \
     EMBARK_DATA_DIR=/var/lib/embark \
-    EMBARK_LOG_JSON=true
+    EMBARK_LOG_JSON=true \
+    KFC_LOG_JSON=true \
+    RETINA_LOG_JSON=true
 # Each service's command is set in docker-compose.yml.
 CMD ["embark", "--help"]

@@ -22,7 +22,9 @@
 //! - [`service`]: `embark.v1.EmbArk` over gRPC.
 //!
 //! - [`app`]: the deployments, wired from their flags: `embark up` runs
-//!   front, fill loop and Retina in one process on the embedded store;
+//!   front, fill loop and Retina in one process, on the embedded store by
+//!   default (with `--store cql://`, vectors in CQL and the miss queue in
+//!   `--data-dir`);
 //!   `embark serve` runs the front alone, publishing misses to Kafka for the
 //!   `kfc` binary (or to the local queue). The `embark` binary
 //!   (`src/main.rs`) parses the command line and calls [`app::run`].

@@ -1,7 +1,8 @@
 //! `embark`: the cache front, or the whole system in one process.
 //!
-//! - `embark up`: front + fill loop + in-process Retina on the embedded
-//!   store, no external service.
+//! - `embark up`: front + fill loop + in-process Retina, on the embedded
+//!   store by default (no external service); with `--store cql://` the
+//!   vectors are in CQL and the miss queue stays in `--data-dir`.
 //! - `embark serve`: the front alone; misses go to Kafka for `kfc`
 //!   (`--kafka-brokers`), or wait in the durable queue.
 //! - `embark migrate`: creates the CQL schema.
@@ -30,7 +31,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Everything in one process: front, fill loop and Retina, on the
-    /// embedded store in --data-dir.
+    /// embedded store in --data-dir by default (with --store cql://, vectors
+    /// in CQL and the miss queue in --data-dir).
     Up {
         #[command(flatten)]
         front: FrontArgs,

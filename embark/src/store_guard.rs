@@ -1,10 +1,12 @@
 //! Protects Lookups from a slow or failing store: a deadline on every
 //! store read and a circuit breaker.
 //!
-//! - Each key is read on its own ([`EmbeddingStore::get_each`]); what has
-//!   arrived when the deadline passes is kept, and only the keys still
-//!   out come back unanswered: the front returns them as `OOV_UNAVAILABLE`,
-//!   without queuing them, and the Lookup stays within its budget.
+//! - Rows are read through [`EmbeddingStore::get_each`]; what has arrived
+//!   when the deadline passes is kept, and only the keys still out come
+//!   back unanswered: the front returns them as `OOV_UNAVAILABLE`, without
+//!   queuing them, and the Lookup stays within its budget. Only CQL answers
+//!   key by key; the embedded store uses the trait default (one `get_many`
+//!   in one read transaction), so a late embedded batch is all or nothing.
 //! - Only real failures count toward the breaker: a store error, or a
 //!   deadline that passed with nothing answered. A store error counts
 //!   whether it is transient or not (a store that refuses every read, its

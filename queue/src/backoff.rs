@@ -38,9 +38,18 @@ impl Backoff {
     }
 
     /// The delays before retry 1, 2, ... of an operation, for `backon`'s
-    /// retry loop (every retry of the workspace goes through it):
-    /// `delay(1)`, `delay(2)`, ... Practically endless (`u32::MAX`
-    /// retries); `.take(n)` bounds it.
+    /// retry loop: `delay(1)`, `delay(2)`, ... Practically endless
+    /// (`u32::MAX` retries); `.take(n)` bounds it.
+    ///
+    /// The retry loops that use it: the local queue's flusher
+    /// (`local::LocalMissQueue`), KFC's produce of retries and dead letters
+    /// (`kafka::KafkaMissSource`), assigning the invalidation topic
+    /// (`kafka::invalidations::follow`), `Similar`'s start-up load, and
+    /// `embark backfill`'s embedder calls. Not every pause goes through it:
+    /// the fill loop calls [`Backoff::delay`] directly (a retried miss's
+    /// not-before time, and a worker's pause after a failed round or
+    /// embedder call), the gRPC accept loop has its own doubling pause, and
+    /// the Kafka read loops pause a fixed 500 ms after a read error.
     ///
     /// ```
     /// # async fn call() -> Result<(), std::io::Error> { Ok(()) }

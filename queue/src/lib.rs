@@ -11,7 +11,8 @@
 //! - [`codec`]: the one encoding of a miss on a queue: the Kafka message key
 //!   (model, newline, key) and its parser, the payload, the not-before wait,
 //!   and dead letters cut to fit a message.
-//! - [`backoff`]: the jittered exponential backoff of every retry here.
+//! - [`backoff`]: the jittered exponential backoff of the retry loops
+//!   (`Backoff::delays` lists which) and of the fill loop's retry times.
 //! - [`local`]: one machine's durable queue: [`local::PendingMisses`] (a
 //!   table in the embedded store's redb file) and [`local::LocalMissQueue`]
 //!   (its buffered publisher and its source, with the flusher between them).

@@ -1,6 +1,8 @@
 //! One machine's durable miss queue: [`PendingMisses`], a table in the
-//! embedded store's redb file, and [`LocalMissQueue`], the front's
-//! [`MissPublisher`] and the fill loop's [`MissSource`] over it.
+//! redb file of `--data-dir` (the embedded store's file; with `--store
+//! cql://` the vectors are in CQL and the file holds only this queue), and
+//! [`LocalMissQueue`], the front's [`MissPublisher`] and the fill loop's
+//! [`MissSource`] over it.
 //!
 //! Publishing never blocks a Lookup: `publish` only hands the event to a
 //! bounded buffer, and a flusher task writes the buffer to the table in
@@ -142,8 +144,8 @@ fn append(table: &mut redb::Table<'_, u64, &[u8]>, events: &[MissEvent]) -> Resu
     Ok(())
 }
 
-/// The durable in-process miss queue of `embark up` / `embark serve` on the
-/// embedded store.
+/// The durable in-process miss queue of `embark up`, and of `embark serve`
+/// without Kafka, on either store (its file is the one in `--data-dir`).
 pub struct LocalMissQueue {
     pending: PendingMisses,
     buffer: mpsc::Sender<MissEvent>,

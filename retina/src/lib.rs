@@ -3,9 +3,17 @@
 //! - [`catalog`]: the models EmbArk knows (name, kind, dim, version, files).
 //!   Static, so the front can validate requests without loading weights.
 //! - [`text`]: `minilm-l6-v2`, BERT on candle with mean pooling and L2 norm.
+//! - [`image_model`]: `efficientnet-lite0`, EfficientNet-Lite0 on candle
+//!   (NHWC, BatchNorm folded at load), returning the 1280-d pooled vector.
+//! - [`fetch`]: SSRF-safe downloads of untrusted image URLs (public
+//!   addresses only, checked on every redirect; bounded size and time).
+//! - [`preprocess`]: untrusted bytes to the model's input tensor as Pillow
+//!   makes it (format sniffing, decode limits, Pillow-exact resize, crop).
 //! - [`engine`]: one inference thread per loaded model, fed by a bounded
 //!   queue; requests arriving together are batched (max batch, max wait).
 //!   Async callers never run inference on the runtime's worker threads.
+//! - [`config`]: the engine's flags, shared by the `retina` binary and
+//!   `embark up`.
 //! - [`service`]: the `retina.v1.Retina` gRPC service over an [`engine::Engine`].
 //!
 //! The `retina` binary serves that service; `embark up` embeds the engine

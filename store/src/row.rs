@@ -2,8 +2,10 @@
 //!
 //! Layout (little-endian): `status u8 | created_at_ms i64 | payload`, where
 //! a vector's payload is `dim u32 | dim x f32` and a failure's is
-//! `code i32 | reason (UTF-8, rest of the value)`. The status byte matches
-//! the CQL table's `status tinyint` (0 vector, 1 failure).
+//! `code i32 | reason (UTF-8, rest of the value)`. Statuses 0 (vector) and
+//! 1 (failure) match the CQL table's `status int` column; status 2 is the
+//! embedded store's delete record ([`STATUS_DELETED`]), which CQL does not
+//! have (it deletes the row and relies on write timestamps).
 
 /// What the store holds for one (model, key).
 #[derive(Debug, Clone, PartialEq)]

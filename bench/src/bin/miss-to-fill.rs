@@ -8,8 +8,9 @@
 //! the same weights (images are served from the test fixtures over loopback
 //! HTTP in both cases).
 //!
-//! Run with `scripts/bench-lookup.sh --miss-to-fill` or directly after a
-//! release build.
+//! `scripts/bench-lookup.sh` runs it (with its defaults) after the Lookup
+//! benchmark; the script's arguments go to `lookup-bench`, not here. Or run
+//! it directly after a release build.
 
 use std::{
     path::PathBuf,

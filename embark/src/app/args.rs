@@ -47,7 +47,7 @@ pub struct FrontArgs {
     #[arg(long, env = "EMBARK_CACHE_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
     pub cache_bytes: u64,
     /// Expire tier entries this many seconds after insertion (none by default:
-    /// size-bounded LFU eviction only).
+    /// only quick_cache's size-bounded S3-FIFO eviction).
     #[arg(long, env = "EMBARK_CACHE_TTL_SECS")]
     pub cache_ttl_secs: Option<u64>,
     /// A key missed many times within this window is queued once.
@@ -91,7 +91,8 @@ pub struct FrontArgs {
     /// its tier and similarity index.
     #[arg(long, env = "EMBARK_INVALIDATION_TOPIC", default_value = embark_queue::kafka::DEFAULT_INVALIDATION_TOPIC)]
     pub invalidation_topic: String,
-    /// Replication factor of the miss topic when EmbArk creates it.
+    /// Replication factor of the miss topic and the invalidation topic when
+    /// EmbArk creates them.
     #[arg(long, env = "EMBARK_TOPIC_REPLICATION", default_value_t = 1)]
     pub topic_replication: i32,
     /// A miss the brokers have not acknowledged within this time is dropped
@@ -126,9 +127,11 @@ pub struct FrontArgs {
 /// The similarity indexes behind `Similar` (see docs/similarity.md).
 #[derive(Debug, Args)]
 pub struct SimilarArgs {
-    /// Vectors each model's index holds at most (0: no index, `Similar`
-    /// off). Memory is about this x (dim x 4 + 3.3 KiB) bytes per model:
-    /// 1.2 GiB at 384-d, 2 GiB at 1280-d for the default.
+    /// Vectors (live keys) each model's index holds at most (0: no index,
+    /// `Similar` off). Memory is about this x (dim x 4 + 3.3 KiB) bytes per
+    /// model: 1.2 GiB at 384-d, 2 GiB at 1280-d for the default; up to
+    /// twice that with tombstones (replaced or invalidated keys) until a
+    /// restart.
     #[arg(long, env = "EMBARK_SIMILAR_MAX_VECTORS", default_value_t = 250_000)]
     pub similar_max_vectors: usize,
     /// Below this many vectors a model is searched exactly; from it on

@@ -10,10 +10,16 @@
 //!
 //! What is skipped, stored, retried or recorded is decided by the fill
 //! loop's own [`FillPolicy`], so a backfilled key ends as KFC would leave
-//! it. Two choices are the tool's: a failure record stands for good unless
-//! `--retry-failed` (KFC trusts one for `--failure-ttl-secs`), and an input
+//! it. Three choices are the tool's: a failure record stands for good unless
+//! `--retry-failed` (KFC trusts one for `--failure-ttl-secs`); an input
 //! still failing transiently after `--max-attempts` is left unrecorded for
-//! the next run (KFC records it).
+//! the next run (KFC records it); and a whole embedder call that keeps
+//! failing is made `--max-attempts` times, then the run aborts with an
+//! error (KFC retries such calls forever).
+//!
+//! A key deleted by an Invalidate while it was embedded is not written
+//! back; only the embedded store reports it (`invalidated` in the summary),
+//! while on CQL the delete wins by write timestamp without being counted.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -352,7 +358,11 @@ mod tests {
     impl Embedder for Scripted {
         async fn embed(&self, _model: &str, _inputs: Vec<String>) -> Reply {
             *self.calls.lock().expect("lock") += 1;
-            self.replies.lock().expect("lock").pop_front().unwrap_or_else(|| Err(EmbedError("script exhausted".into())))
+            self.replies
+                .lock()
+                .expect("lock")
+                .pop_front()
+                .unwrap_or_else(|| Err(EmbedError::Other("script exhausted".into())))
         }
     }
 
@@ -435,7 +445,7 @@ mod tests {
     async fn a_failed_call_does_not_use_up_the_inputs_tries() {
         let (_dir, store) = store();
         let flaky = EmbedOutcome::Failed { code: 14, reason: "busy".into(), transient: true };
-        let embedder = scripted(vec![Err(EmbedError("down".into())), Ok(vec![flaky]), Ok(vec![v(2)])]);
+        let embedder = scripted(vec![Err(EmbedError::Other("down".into())), Ok(vec![flaky]), Ok(vec![v(2)])]);
         let out = backfill_batch(&store, &embedder, "m", 2, keys(&["a"]), &quick(2)).await.expect("batch");
         assert_eq!((out.embedded, out.transient.len()), (1, 0));
     }

@@ -1,4 +1,5 @@
-//! The distributed queue on Kafka: every librdkafka client of EmbArk.
+//! The distributed queue on Kafka: every production librdkafka client of
+//! EmbArk (the test harness `embark-tests` has its own, for test messages).
 //!
 //! - [`publisher`]: [`KafkaMissPublisher`], the front's misses to the miss
 //!   topic, never in a Lookup's way.
