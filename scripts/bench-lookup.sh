@@ -7,10 +7,7 @@
 #   scripts/bench-lookup.sh [--keys 100000] [--clients 32] [--batch 64]
 #                           [--dist zipf|uniform] [--seconds 10] [--out DIR]
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
-export EMBARK_CACHE="${EMBARK_CACHE:-$HOME/.cache/embark}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$EMBARK_CACHE/target}"
+source "$(cd "$(dirname "$0")" && pwd)/common.sh"
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)

@@ -4,10 +4,7 @@
 # a venv under the cache on first use (large: PyPI's Linux wheel).
 #   scripts/bench-retina.sh [--batches 1,8,16,32] [--seconds 5] [--threads 2]
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
-export EMBARK_CACHE="${EMBARK_CACHE:-$HOME/.cache/embark}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$EMBARK_CACHE/target}"
+source "$(cd "$(dirname "$0")" && pwd)/common.sh"
 scripts/setup-models.sh
 VENV="$EMBARK_CACHE/venv-torch"
 if ! "$VENV/bin/python" -c 'import torch, numpy, PIL' 2>/dev/null; then

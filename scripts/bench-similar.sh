@@ -3,10 +3,7 @@
 # NumPy on 100k clustered vectors: recall@10, queries/s, build time, memory.
 #   scripts/bench-similar.sh [--vectors 100000] [--dim 384] [--queries 1000] [--out FILE]
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
-export EMBARK_CACHE="${EMBARK_CACHE:-$HOME/.cache/embark}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$EMBARK_CACHE/target}"
+source "$(cd "$(dirname "$0")" && pwd)/common.sh"
 # The NumPy peer runs in the Python client's venv (numpy only).
 examples/python/setup.sh >/dev/null
 export EMBARK_BENCH_PYTHON="${EMBARK_BENCH_PYTHON:-$EMBARK_CACHE/venv-client/bin/python}"

@@ -7,8 +7,5 @@
 # rebuild (building only `-p embark`, or only some `--bin`s, resolves other
 # features and rebuilt for minutes each way).
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
-export EMBARK_CACHE="${EMBARK_CACHE:-$HOME/.cache/embark}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$EMBARK_CACHE/target}"
+source "$(cd "$(dirname "$0")" && pwd)/common.sh"
 cargo build --release --locked --workspace --bins

@@ -6,10 +6,7 @@
 # Build output goes to $CARGO_TARGET_DIR (default ~/.cache/embark/target) so a
 # rerun, or a fresh clone, reuses it.
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
-export EMBARK_CACHE="${EMBARK_CACHE:-$HOME/.cache/embark}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$EMBARK_CACHE/target}"
+source "$(cd "$(dirname "$0")" && pwd)/common.sh"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # No incremental caches: a CI build from scratch gains nothing from them,
 # and they grow the build cache by gigabytes per run.

@@ -3,10 +3,7 @@
 # release binary and starts `embark up` in the foreground (Ctrl-C stops it).
 # Extra arguments go to `embark up` (see `embark up --help`).
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
-export EMBARK_CACHE="${EMBARK_CACHE:-$HOME/.cache/embark}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$EMBARK_CACHE/target}"
+source "$(cd "$(dirname "$0")" && pwd)/common.sh"
 scripts/setup-models.sh
 scripts/build-release.sh
 exec "$CARGO_TARGET_DIR/release/embark" up "$@"

@@ -23,6 +23,17 @@ const REPLICATION: &str = "{'class': 'SimpleStrategy', 'replication_factor': 1}"
 /// which a neighbour test sharing the 2 cores could make real reads miss.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// `embark serve` of [`MODEL`] on the CQL store at `url` (its own data
+/// directory, returned first so it outlives the server), with `extra` flags.
+async fn serve_on(url: &str, extra: &[&str]) -> anyhow::Result<(tempfile::TempDir, Server)> {
+    let data = tempfile::tempdir()?;
+    let dir = data.path().to_str().expect("utf-8");
+    let mut args = vec!["serve", "--data-dir", dir, "--store", url, "--models", MODEL];
+    args.extend_from_slice(extra);
+    let server = Server::start(&binary("embark"), &args).await?;
+    Ok((data, server))
+}
+
 fn sources(raw: &[i32]) -> Vec<Source> {
     raw.iter().map(|s| Source::try_from(*s).expect("known source")).collect()
 }
@@ -45,24 +56,9 @@ async fn serve_answers_from_cql_and_survives_a_store_that_stops_answering() -> a
         (0..20).map(|i| (format!("stored text {i}"), vec![i as f32 / 10.0; 384])).collect();
     writer.put_vectors(MODEL, stored).await?;
 
-    let data = tempfile::tempdir()?;
-    let embark = Server::start(
-        &binary("embark"),
-        &[
-            "serve",
-            "--data-dir",
-            data.path().to_str().expect("utf-8"),
-            "--store",
-            &url,
-            "--models",
-            MODEL,
-            "--store-deadline-ms",
-            "200",
-            "--store-breaker-failures",
-            "3",
-            "--store-breaker-cool-down-ms",
-            "1000",
-        ],
+    let (_data, embark) = serve_on(
+        &url,
+        &["--store-deadline-ms", "200", "--store-breaker-failures", "3", "--store-breaker-cool-down-ms", "1000"],
     )
     .await?;
     let mut client = embark.embark_client().await?;
@@ -152,22 +148,7 @@ async fn serve_indexes_the_cql_store_and_picks_up_vectors_written_later() -> any
     let axis = |i: usize| (0..384).map(|j| if j == i { 1.0 } else { 0.0 }).collect::<Vec<f32>>();
     writer.put_vectors(MODEL, (0..50).map(|i| (format!("axis {i}"), axis(i))).collect()).await?;
 
-    let data = tempfile::tempdir()?;
-    let embark = Server::start(
-        &binary("embark"),
-        &[
-            "serve",
-            "--data-dir",
-            data.path().to_str().expect("utf-8"),
-            "--store",
-            &url,
-            "--models",
-            MODEL,
-            "--similar-refresh-secs",
-            "1",
-        ],
-    )
-    .await?;
+    let (_data, embark) = serve_on(&url, &["--similar-refresh-secs", "1"]).await?;
     let client = embark.embark_client().await?;
     let query = |v: Vec<f32>| SimilarRequest {
         model: MODEL.into(),
