@@ -14,7 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(version, about = "KFC: fills EmbArk's misses from Kafka with Retina, at least once")]
 struct Args {
     /// Kafka bootstrap servers, `host:port[,host:port]`.
-    #[arg(long, env = "KFC_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    #[arg(long, env = "KFC_KAFKA_BROKERS", default_value = embark_queue::kafka::DEFAULT_BROKERS)]
     kafka_brokers: String,
     /// The topic EmbArk publishes misses to.
     #[arg(long, env = "KFC_MISS_TOPIC", default_value = embark_queue::kafka::DEFAULT_MISS_TOPIC)]
@@ -23,7 +23,7 @@ struct Args {
     #[arg(long, env = "KFC_DLQ_TOPIC", default_value = embark_queue::kafka::DEFAULT_DLQ_TOPIC)]
     dlq_topic: String,
     /// Consumer group; instances in one group split the partitions.
-    #[arg(long, env = "KFC_GROUP", default_value = "kfc")]
+    #[arg(long, env = "KFC_GROUP", default_value = embark_queue::kafka::DEFAULT_GROUP)]
     group: String,
     /// Create the miss topic with this many partitions if it is missing
     /// (0: do not create topics).
@@ -33,10 +33,10 @@ struct Args {
     #[arg(long, env = "KFC_TOPIC_REPLICATION", default_value_t = 1)]
     topic_replication: i32,
     /// Group session timeout: how soon a dead instance's partitions move.
-    #[arg(long, env = "KFC_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "KFC_SESSION_TIMEOUT_MS", default_value_t = KafkaSourceConfig::default().session_timeout.as_millis() as u64)]
     session_timeout_ms: u64,
     /// How often settled offsets are committed.
-    #[arg(long, env = "KFC_COMMIT_INTERVAL_MS", default_value_t = 1000)]
+    #[arg(long, env = "KFC_COMMIT_INTERVAL_MS", default_value_t = KafkaSourceConfig::default().commit_interval.as_millis() as u64)]
     commit_interval_ms: u64,
     /// Extra librdkafka properties, `key=value` (repeat or comma-separate).
     #[arg(long, env = "KFC_KAFKA_PROPERTY", value_delimiter = ',')]
@@ -44,13 +44,13 @@ struct Args {
 
     /// Retina services, `http://host:port` (comma-separated); every address
     /// each name resolves to is used, balanced.
-    #[arg(long, env = "KFC_RETINA", value_delimiter = ',', default_value = "http://127.0.0.1:50061")]
+    #[arg(long, env = "KFC_RETINA", value_delimiter = ',', default_value = kfc::DEFAULT_RETINA_URL)]
     retina: Vec<String>,
     /// Deadline of one Retina call.
-    #[arg(long, env = "KFC_RETINA_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(long, env = "KFC_RETINA_TIMEOUT_MS", default_value_t = RetinaClientConfig::default().timeout.as_millis() as u64)]
     retina_timeout_ms: u64,
     /// How often Retina names are resolved again (new replicas).
-    #[arg(long, env = "KFC_RETINA_RESOLVE_SECS", default_value_t = 5)]
+    #[arg(long, env = "KFC_RETINA_RESOLVE_SECS", default_value_t = RetinaClientConfig::default().resolve_every.as_secs())]
     retina_resolve_secs: u64,
 
     #[command(flatten)]
@@ -60,22 +60,22 @@ struct Args {
     #[arg(long, env = "KFC_WORKERS", default_value_t = 4)]
     workers: usize,
     /// Misses per fill round.
-    #[arg(long, env = "KFC_FILL_BATCH", default_value_t = 64)]
+    #[arg(long, env = "KFC_FILL_BATCH", default_value_t = FillConfig::default().max_batch)]
     fill_batch: usize,
     /// Inputs per Retina call.
-    #[arg(long, env = "KFC_EMBED_BATCH", default_value_t = 32)]
+    #[arg(long, env = "KFC_EMBED_BATCH", default_value_t = FillConfig::default().embed_batch)]
     embed_batch: usize,
     /// Transient failures of one input before it is recorded as failed.
-    #[arg(long, env = "KFC_MAX_ATTEMPTS", default_value_t = 5)]
+    #[arg(long, env = "KFC_MAX_ATTEMPTS", default_value_t = FillConfig::default().max_attempts)]
     max_attempts: u32,
     /// A failure record younger than this is trusted (the key is skipped).
-    #[arg(long, env = "KFC_FAILURE_TTL_SECS", default_value_t = 3600)]
+    #[arg(long, env = "KFC_FAILURE_TTL_SECS", default_value_t = FillConfig::default().failure_ttl.as_secs())]
     failure_ttl_secs: u64,
     /// Longest backoff between retries, in milliseconds.
     #[arg(long, env = "KFC_MAX_BACKOFF_MS", default_value_t = Backoff::default().max.as_millis() as u64)]
     max_backoff_ms: u64,
     /// Misses held in memory until their retry time; reading pauses beyond.
-    #[arg(long, env = "KFC_MAX_DELAYED", default_value_t = 100_000)]
+    #[arg(long, env = "KFC_MAX_DELAYED", default_value_t = KafkaSourceConfig::default().max_delayed)]
     max_delayed: usize,
 
     /// Operator HTTP address: /metrics, /healthz, /readyz.

@@ -7,8 +7,12 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::Args;
+use embark_index::IndexConfig;
 use embark_ops::grpc::ServerLimits;
 use embark_store::args::parse_bytes;
+use kfc::FillConfig;
+
+use crate::{front::Limits, store_guard::GuardConfig};
 
 #[derive(Debug, Args)]
 pub struct FrontArgs {
@@ -18,13 +22,13 @@ pub struct FrontArgs {
     pub embedded: embark_store::args::EmbeddedArgs,
     /// A Lookup waits this long for the store; rows it has not answered by
     /// then come back OOV_UNAVAILABLE (not queued).
-    #[arg(long, env = "EMBARK_STORE_DEADLINE_MS", default_value_t = 50)]
+    #[arg(long, env = "EMBARK_STORE_DEADLINE_MS", default_value_t = GuardConfig::default().deadline.as_millis() as u64)]
     pub store_deadline_ms: u64,
     /// Consecutive failed or late store reads that open the breaker.
-    #[arg(long, env = "EMBARK_STORE_BREAKER_FAILURES", default_value_t = 5)]
+    #[arg(long, env = "EMBARK_STORE_BREAKER_FAILURES", default_value_t = GuardConfig::default().failure_threshold)]
     pub store_breaker_failures: u32,
     /// How long an open breaker skips the store before one probe read.
-    #[arg(long, env = "EMBARK_STORE_BREAKER_COOL_DOWN_MS", default_value_t = 2000)]
+    #[arg(long, env = "EMBARK_STORE_BREAKER_COOL_DOWN_MS", default_value_t = GuardConfig::default().cool_down.as_millis() as u64)]
     pub store_breaker_cool_down_ms: u64,
     /// gRPC listen address.
     #[arg(long, env = "EMBARK_LISTEN", default_value = "127.0.0.1:50051")]
@@ -63,13 +67,13 @@ pub struct FrontArgs {
     pub max_queued_misses: u64,
     /// An input that could not be embedded is answered OOV_FAILED, and not
     /// queued again, for this long.
-    #[arg(long, env = "EMBARK_FAILURE_TTL_SECS", default_value_t = 3600)]
+    #[arg(long, env = "EMBARK_FAILURE_TTL_SECS", default_value_t = FillConfig::default().failure_ttl.as_secs())]
     pub failure_ttl_secs: u64,
     /// Most keys in one Lookup or Invalidate.
-    #[arg(long, env = "EMBARK_MAX_BATCH_KEYS", default_value_t = 4096)]
+    #[arg(long, env = "EMBARK_MAX_BATCH_KEYS", default_value_t = Limits::default().max_batch_keys)]
     pub max_batch_keys: usize,
     /// Longest key, in bytes.
-    #[arg(long, env = "EMBARK_MAX_KEY_BYTES", default_value_t = 8192)]
+    #[arg(long, env = "EMBARK_MAX_KEY_BYTES", default_value_t = Limits::default().max_key_bytes)]
     pub max_key_bytes: usize,
     /// Misses buffered in memory before the durable queue (or Kafka); beyond
     /// it they are dropped (counted) and queued again by the next Lookup.
@@ -132,14 +136,14 @@ pub struct SimilarArgs {
     /// model: 1.2 GiB at 384-d, 2 GiB at 1280-d for the default; up to
     /// twice that with tombstones (replaced or invalidated keys) until a
     /// restart.
-    #[arg(long, env = "EMBARK_SIMILAR_MAX_VECTORS", default_value_t = 250_000)]
+    #[arg(long, env = "EMBARK_SIMILAR_MAX_VECTORS", default_value_t = IndexConfig::default().max_vectors)]
     pub similar_max_vectors: usize,
     /// Below this many vectors a model is searched exactly; from it on
     /// through an HNSW graph.
-    #[arg(long, env = "EMBARK_SIMILAR_EXACT_BELOW", default_value_t = 20_000)]
+    #[arg(long, env = "EMBARK_SIMILAR_EXACT_BELOW", default_value_t = IndexConfig::default().exact_below)]
     pub similar_exact_below: usize,
     /// HNSW candidate list per search: higher is slower with better recall.
-    #[arg(long, env = "EMBARK_SIMILAR_EF_SEARCH", default_value_t = 96)]
+    #[arg(long, env = "EMBARK_SIMILAR_EF_SEARCH", default_value_t = IndexConfig::default().ef_search)]
     pub similar_ef_search: usize,
     /// The largest k a Similar call may ask for.
     #[arg(long, env = "EMBARK_SIMILAR_MAX_K", default_value_t = 1000)]
@@ -166,10 +170,10 @@ pub struct FillArgs {
     #[command(flatten)]
     pub models_dir: retina::config::ModelsDirArg,
     /// Misses taken from the queue per fill round.
-    #[arg(long, env = "EMBARK_FILL_BATCH", default_value_t = 64)]
+    #[arg(long, env = "EMBARK_FILL_BATCH", default_value_t = FillConfig::default().max_batch)]
     pub fill_batch: usize,
     /// Transient failures of one input before it is recorded as failed.
-    #[arg(long, env = "EMBARK_FILL_MAX_ATTEMPTS", default_value_t = 5)]
+    #[arg(long, env = "EMBARK_FILL_MAX_ATTEMPTS", default_value_t = FillConfig::default().max_attempts)]
     pub fill_max_attempts: u32,
     #[command(flatten)]
     pub engine: retina::config::EngineArgs,

@@ -24,6 +24,9 @@ use tonic::{
 
 use super::{EmbedError, EmbedOutcome, Embedder};
 
+/// Retina's default gRPC address (`retina --listen`).
+pub const DEFAULT_RETINA_URL: &str = "http://127.0.0.1:50061";
+
 #[derive(Debug, Clone)]
 pub struct RetinaClientConfig {
     /// `http://host:port` of each Retina service (each may resolve to many
@@ -39,7 +42,7 @@ pub struct RetinaClientConfig {
 impl Default for RetinaClientConfig {
     fn default() -> Self {
         Self {
-            urls: vec!["http://127.0.0.1:50061".into()],
+            urls: vec![DEFAULT_RETINA_URL.into()],
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
             resolve_every: Duration::from_secs(5),

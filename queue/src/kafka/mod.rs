@@ -36,6 +36,10 @@ pub use publisher::{KafkaMissPublisher, KafkaPublisherConfig};
 pub use rdkafka::error::KafkaError;
 pub use source::{KafkaMissSource, KafkaSourceConfig};
 
+/// Where a client looks for Kafka when told nothing.
+pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
+/// KFC's consumer group.
+pub const DEFAULT_GROUP: &str = "kfc";
 pub const DEFAULT_MISS_TOPIC: &str = "embark.misses";
 pub const DEFAULT_DLQ_TOPIC: &str = "embark.misses.dlq";
 pub const DEFAULT_INVALIDATION_TOPIC: &str = "embark.invalidations";

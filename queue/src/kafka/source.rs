@@ -83,10 +83,10 @@ pub struct KafkaSourceConfig {
 impl Default for KafkaSourceConfig {
     fn default() -> Self {
         Self {
-            brokers: "127.0.0.1:9092".into(),
+            brokers: super::DEFAULT_BROKERS.into(),
             miss_topic: DEFAULT_MISS_TOPIC.into(),
             dlq_topic: DEFAULT_DLQ_TOPIC.into(),
-            group: "kfc".into(),
+            group: super::DEFAULT_GROUP.into(),
             session_timeout: Duration::from_secs(10),
             commit_interval: Duration::from_secs(1),
             ready_buffer: 1024,
