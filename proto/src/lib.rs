@@ -67,3 +67,34 @@ pub fn f32_from_le(bytes: &[u8]) -> Option<Vec<f32>> {
 pub fn now_unix_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holds(set: &[u8], name: &str) -> bool {
+        set.windows(name.len()).any(|w| w == name.as_bytes())
+    }
+
+    /// The internal messages (misses, dead letters, invalidations) sat in
+    /// `embark.v1`, so the front's reflection listed them as its API.
+    #[test]
+    fn reflection_lists_only_the_served_api() {
+        assert!(holds(EMBARK_DESCRIPTOR_SET, "embark.v1"));
+        assert!(holds(RETINA_DESCRIPTOR_SET, "retina.v1"));
+        for set in [EMBARK_DESCRIPTOR_SET, RETINA_DESCRIPTOR_SET] {
+            for internal in ["embark.internal", "MissEvent", "DeadLetter", "InvalidationEvent"] {
+                assert!(!holds(set, internal), "{internal} is in a server's reflection");
+            }
+        }
+    }
+
+    #[test]
+    fn the_internal_messages_keep_their_wire_format() {
+        use prost::Message as _;
+        // Field numbers are the contract on the topics: a MissEvent written
+        // before the package moved decodes the same.
+        let e = internal::v1::MissEvent { model: "m".into(), key: "k".into(), attempts: 3, ..Default::default() };
+        assert_eq!(e.encode_to_vec(), [0x0a, 1, b'm', 0x12, 1, b'k', 0x20, 3]);
+    }
+}
