@@ -62,6 +62,9 @@ pub struct Server {
     pub metrics: SocketAddr,
     log: PathBuf,
     _logdir: tempfile::TempDir,
+    /// Whether the test stopped it (terminate, kill): a server that exits
+    /// otherwise is reported when dropped.
+    stopped: bool,
 }
 
 impl Server {
@@ -94,7 +97,7 @@ impl Server {
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        let mut server = Self { child, grpc, metrics, log, _logdir: logdir };
+        let mut server = Self { child, grpc, metrics, log, _logdir: logdir, stopped: false };
         server.wait_ready(Duration::from_secs(60)).await?;
         Ok(server)
     }
@@ -156,6 +159,7 @@ impl Server {
 
     /// SIGTERM, then wait (bounded) for a clean exit; returns the status.
     pub fn terminate(&mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        self.stopped = true;
         let ok = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status()?.success();
         anyhow::ensure!(ok, "kill -TERM failed");
         let started = Instant::now();
@@ -172,13 +176,25 @@ impl Server {
 
     /// SIGKILL: a crash.
     pub fn kill(&mut self) {
+        self.stopped = true;
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
 impl Drop for Server {
+    /// Kills the server. One that had exited on its own before the test
+    /// stopped it (a crash the test did not cause) says so, with the end
+    /// of its log, so a failure in CI shows why.
     fn drop(&mut self) {
+        if !self.stopped
+            && let Ok(Some(status)) = self.child.try_wait()
+        {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!("server on {} exited by itself ({status}); its log ends:\n{}", self.grpc, tail.join("\n"));
+        }
         self.kill();
     }
 }
