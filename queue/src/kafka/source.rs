@@ -396,10 +396,22 @@ impl KafkaMissSource {
         let pending = std::sync::Mutex::new(records);
         let pending = &pending;
         let lock = || pending.lock().unwrap_or_else(|p| p.into_inner());
+        // The first round always runs; a retry does not once the stop has
+        // come (the wait before it ends early at the stop): a round against
+        // brokers that are down can take librdkafka's whole message timeout.
+        let tried = std::sync::atomic::AtomicBool::new(false);
+        let tried = &tried;
+        let last_error = std::sync::Mutex::new(None);
+        let last_error = &last_error;
         let round = move || async move {
+            if tried.swap(true, std::sync::atomic::Ordering::Relaxed) && self.stop.is_cancelled() {
+                let last = last_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+                return Err(last.unwrap_or(KafkaError::Canceled));
+            }
             let batch = std::mem::take(&mut *lock());
             let (failed, error) = self.send_once(batch).await;
             *lock() = failed;
+            *last_error.lock().unwrap_or_else(|p| p.into_inner()) = error.clone();
             error.map_or(Ok(()), Err)
         };
         round
