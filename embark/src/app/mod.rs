@@ -258,7 +258,7 @@ pub async fn run(args: FrontArgs, mode: Mode) -> anyhow::Result<()> {
         failure_ttl,
     )
     .with_similar(indexes, args.similar.similar_max_k.max(1));
-    let front = follow_other_replicas(front, &args, &misses, &properties, &op)?;
+    let front = follow_other_replicas(front, &args, &properties, &op)?;
 
     // The fill loop stops on its own token, after the front has stopped
     // and the last misses were flushed.
@@ -319,11 +319,10 @@ pub async fn run(args: FrontArgs, mode: Mode) -> anyhow::Result<()> {
 fn follow_other_replicas(
     front: Front,
     args: &FrontArgs,
-    misses: &Misses,
     properties: &[(String, String)],
     op: &Operator,
 ) -> anyhow::Result<Arc<Front>> {
-    let (Misses::Kafka(_), Some(brokers)) = (misses, &args.kafka_brokers) else {
+    let Some(brokers) = &args.kafka_brokers else {
         return Ok(Arc::new(front));
     };
     let replica = replica_id();
