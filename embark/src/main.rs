@@ -57,6 +57,9 @@ enum Command {
     Export(cli::export::ExportArgs),
     /// Write the near-duplicate pairs of a model's keys as CSV; resumable.
     Dedup(cli::dedup::DedupArgs),
+    /// Write a development CA, server and client certificates, and bearer
+    /// tokens with their principals file (keeps what is there).
+    DevCerts(cli::dev_certs::DevCertsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,6 +80,7 @@ fn main() -> anyhow::Result<()> {
             Command::Backfill(args) => tool(cli::backfill::run(args)).await,
             Command::Export(args) => tool(cli::export::run(args)).await,
             Command::Dedup(args) => tool(cli::dedup::run(args)).await,
+            Command::DevCerts(args) => cli::dev_certs::run(args),
         }
     })
 }

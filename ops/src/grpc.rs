@@ -146,6 +146,18 @@ pub struct LimitedIo<T> {
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
+impl<T> LimitedIo<T> {
+    /// The connection and its slot, to wrap the connection (in TLS) while
+    /// the slot stays held.
+    pub(crate) fn into_parts(self) -> (T, tokio::sync::OwnedSemaphorePermit) {
+        (self.io, self._slot)
+    }
+
+    pub(crate) fn from_parts(io: T, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Self { io, _slot: slot }
+    }
+}
+
 impl<T: Connected> Connected for LimitedIo<T> {
     type ConnectInfo = T::ConnectInfo;
     fn connect_info(&self) -> Self::ConnectInfo {

@@ -5,13 +5,20 @@
 //! - [`http`]: the operator port: Prometheus `/metrics`, `/healthz`, `/readyz`.
 //! - [`budget`]: a memory budget for request bodies across connections (a tower layer).
 //! - [`grpc`]: what every gRPC server adds: health service, reflection, transport tuning.
+//! - [`tls`]: TLS for servers (rotated files, handshakes off the accept loop) and clients.
+//! - [`auth`]: principals (bearer tokens, client certificates), roles per
+//!   method, and the layer that refuses a call before a service sees it.
+//! - [`reload`]: configuration files swapped in place on change or SIGHUP.
 //! - [`shutdown`]: SIGTERM/SIGINT -> a `CancellationToken` every task watches.
 //! - [`operator`]: [`operator::Operator`], all of the above started in one
 //!   call, the same way by every binary, and stopped in one call.
 
+pub mod auth;
 pub mod budget;
 pub mod grpc;
 pub mod http;
 pub mod operator;
+pub mod reload;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;

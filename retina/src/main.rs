@@ -26,6 +26,10 @@ struct Args {
     #[arg(long, env = "RETINA_METRICS_LISTEN", default_value = "127.0.0.1:9465")]
     metrics_listen: SocketAddr,
     #[command(flatten)]
+    tls: embark_ops::tls::TlsServerArgs,
+    #[command(flatten)]
+    auth: embark_ops::auth::AuthArgs,
+    #[command(flatten)]
     models_dir: ModelsDirArg,
     /// Models to load, comma-separated.
     #[arg(long, env = "RETINA_MODELS", value_delimiter = ',', default_value = "minilm-l6-v2,efficientnet-lite0")]
@@ -60,31 +64,46 @@ async fn main() -> anyhow::Result<()> {
         op.stop.clone(),
     );
     let (reflection_v1, reflection_v1alpha) = embark_ops::grpc::reflection(embark_proto::RETINA_DESCRIPTOR_SET)?;
+    let tls = args.tls.start(&op.stop).context("--tls-cert/--tls-key/--tls-client-ca")?;
+    let auth = args
+        .auth
+        .start(retina::service::access, Duration::from_secs(args.tls.tls_reload_secs), &op.stop)
+        .context("--auth-tokens")?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let grpc_addr = listener.local_addr()?;
     let service = RetinaService::new(engine, args.max_request_inputs);
     op.ready.set(true);
-    tracing::info!(grpc = %grpc_addr, metrics = %op.addr, models = ?args.models, "retina serving");
+    if !grpc_addr.ip().is_loopback() && tls.is_none() {
+        tracing::warn!(%grpc_addr, "Retina listens beyond loopback without TLS (--tls-cert, --tls-client-ca): see docs/security.md");
+    }
+    tracing::info!(grpc = %grpc_addr, metrics = %op.addr, models = ?args.models, tls = tls.is_some(), auth = auth.is_some(), "retina serving");
     let limits = embark_ops::grpc::ServerLimits::default();
     // No request is larger than a full batch of the longest inputs, and
     // none carries more fields than a full batch: bounded memory per request.
     let decode_limit =
         args.max_request_inputs.saturating_mul(args.engine.max_input_bytes.saturating_add(4)).saturating_add(64 << 10);
     embark_proto::codec::set_max_fields_per_message(args.max_request_inputs.saturating_add(16));
-    embark_ops::grpc::server_builder(&limits, Duration::from_secs(60))
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+    let router = embark_ops::grpc::server_builder(&limits, Duration::from_secs(60))
+        .layer(tower::util::option_layer(auth))
+        .add_optional_service((!args.auth.disable_grpc_health).then_some(health))
+        .add_optional_service((!args.auth.disable_reflection).then_some(reflection_v1))
+        .add_optional_service((!args.auth.disable_reflection).then_some(reflection_v1alpha))
         .add_service(
             RetinaServer::new(service).max_decoding_message_size(decode_limit).max_encoding_message_size(64 << 20),
-        )
-        .serve_with_incoming_shutdown(
-            embark_ops::grpc::incoming(listener, limits.max_connections),
-            op.shutdown.clone().cancelled_owned(),
-        )
-        .await
-        .context("gRPC server")?;
+        );
+    let shutdown = op.shutdown.clone().cancelled_owned();
+    match tls {
+        Some(tls) => {
+            let incoming = embark_ops::tls::tls_incoming(listener, limits.max_connections, tls);
+            router.serve_with_incoming_shutdown(incoming, shutdown).await
+        }
+        None => {
+            let incoming = embark_ops::grpc::incoming(listener, limits.max_connections);
+            router.serve_with_incoming_shutdown(incoming, shutdown).await
+        }
+    }
+    .context("gRPC server")?;
     op.stop().await;
     tracing::info!("retina stopped");
     Ok(())

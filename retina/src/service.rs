@@ -10,6 +10,17 @@ use tonic::{Request, Response, Status};
 
 use crate::{Engine, EngineError, ModelKind};
 
+/// The role each method needs (the auth layer's policy): embedding and
+/// listing models are reads; no Retina method changes state.
+pub fn access(path: &str) -> embark_ops::auth::Access {
+    use embark_ops::auth::{Access, Role, is_public_path};
+    match path.strip_prefix("/retina.v1.Retina/") {
+        Some("Embed" | "Models") => Access::Requires(Role::Read),
+        _ if is_public_path(path) => Access::Public,
+        _ => Access::Requires(Role::Admin),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RetinaService {
     engine: Arc<Engine>,

@@ -385,6 +385,40 @@ pub async fn similar_once_loaded(
     .await
 }
 
+/// Runs `embark dev-certs --out dir` with `args` (certificates and tokens
+/// for a test; see the command's help).
+pub fn dev_certs(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(binary("embark")).arg("dev-certs").arg("--out").arg(dir).args(args).output()?;
+    anyhow::ensure!(out.status.success(), "dev-certs: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// A gRPC channel over TLS to `addr`, checking the server's certificate
+/// against `ca` for the name `localhost`, presenting `identity` (certificate
+/// and key files) if given. Connects at once, so a refused handshake is
+/// this call's error.
+pub async fn tls_channel(addr: SocketAddr, ca: &Path, identity: Option<(&Path, &Path)>) -> anyhow::Result<Channel> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(ca)?)).domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?));
+    }
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30));
+    Ok(endpoint.connect().await?)
+}
+
+/// A request carrying `authorization: Bearer <token>`.
+pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {}", token.trim()).parse().expect("an ASCII token");
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,6 +37,14 @@ pub struct FrontArgs {
     /// skips TCP). The file is replaced at start and removed at exit.
     #[arg(long, env = "EMBARK_UDS")]
     pub uds: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: embark_ops::tls::TlsServerArgs,
+    #[command(flatten)]
+    pub auth: embark_ops::auth::AuthArgs,
+    /// Keys one principal (or, without --auth-tokens, one peer address) may
+    /// invalidate per second; past it Invalidate answers RESOURCE_EXHAUSTED.
+    #[arg(long, env = "EMBARK_INVALIDATE_KEYS_PER_SECOND", default_value_t = crate::service::DEFAULT_INVALIDATE_KEYS_PER_SECOND)]
+    pub invalidate_keys_per_second: u32,
     /// Operator HTTP address: /metrics, /healthz, /readyz.
     #[arg(long, env = "EMBARK_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     pub metrics_listen: SocketAddr,

@@ -356,6 +356,15 @@ fn spawn_tier_gauges(tier: VectorCache, stop: CancellationToken) {
     });
 }
 
+/// Says so when a server listens beyond loopback with no TLS or no
+/// principals: anyone who reaches the port may then call everything.
+pub(crate) fn warn_if_exposed(addr: std::net::SocketAddr, tls: bool, auth: bool) {
+    let protected = tls && auth;
+    if !(addr.ip().is_loopback() || protected) {
+        tracing::warn!(%addr, tls, auth, "gRPC listens beyond loopback without TLS and principals (--tls-cert, --auth-tokens): see docs/security.md");
+    }
+}
+
 /// Serves `embark.v1.EmbArk`, health and reflection on TCP (and a Unix
 /// socket if asked) until `shutdown`; gRPC health follows `ready`.
 async fn serve_grpc(
@@ -373,9 +382,15 @@ async fn serve_grpc(
         stop.clone(),
     );
     let (reflection_v1, reflection_v1alpha) = embark_ops::grpc::reflection(embark_proto::EMBARK_DESCRIPTOR_SET)?;
+    let tls = args.tls.start(stop).context("--tls-cert/--tls-key/--tls-client-ca")?;
+    let auth = args
+        .auth
+        .start(crate::service::access, Duration::from_secs(args.tls.tls_reload_secs), stop)
+        .context("--auth-tokens")?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let grpc_addr = listener.local_addr()?;
+    warn_if_exposed(grpc_addr, tls.is_some(), auth.is_some());
     let uds = match &args.uds {
         Some(path) => {
             // A socket file left by a crash would make bind fail.
@@ -387,7 +402,7 @@ async fn serve_grpc(
         None => None,
     };
     ready.set(true);
-    tracing::info!(grpc = %grpc_addr, uds = ?args.uds, "embark serving");
+    tracing::info!(grpc = %grpc_addr, uds = ?args.uds, tls = tls.is_some(), auth = auth.is_some(), "embark serving");
     let limits = ServerLimits {
         max_connections: args.max_connections,
         max_streams_per_connection: args.concurrency_per_connection,
@@ -399,23 +414,37 @@ async fn serve_grpc(
     let decode_limit =
         args.max_batch_keys.saturating_mul(args.max_key_bytes.saturating_add(4)).saturating_add(64 << 10);
     embark_proto::codec::set_max_fields_per_message(args.max_batch_keys.saturating_add(16));
+    let invalidate_limit = crate::service::InvalidateLimit::new(args.invalidate_keys_per_second, args.max_batch_keys);
     let router = embark_ops::grpc::server_builder(&limits, Duration::from_secs(30))
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .layer(tower::util::option_layer(auth))
+        .add_optional_service((!args.auth.disable_grpc_health).then_some(health))
+        .add_optional_service((!args.auth.disable_reflection).then_some(reflection_v1))
+        .add_optional_service((!args.auth.disable_reflection).then_some(reflection_v1alpha))
         .add_service(
-            EmbArkServer::new(EmbArkService::new(front))
+            EmbArkServer::new(EmbArkService::new(front, invalidate_limit))
                 .max_decoding_message_size(decode_limit)
                 .max_encoding_message_size(256 << 20),
         );
-    let tcp = router.clone().serve_with_incoming_shutdown(
-        embark_ops::grpc::incoming(listener, limits.max_connections),
-        shutdown.clone().cancelled_owned(),
-    );
+    let tcp = async {
+        let shutdown = shutdown.clone().cancelled_owned();
+        match tls {
+            Some(tls) => {
+                let incoming = embark_ops::tls::tls_incoming(listener, limits.max_connections, tls);
+                router.clone().serve_with_incoming_shutdown(incoming, shutdown).await
+            }
+            None => {
+                let incoming = embark_ops::grpc::incoming(listener, limits.max_connections);
+                router.clone().serve_with_incoming_shutdown(incoming, shutdown).await
+            }
+        }
+    };
+    // The socket is local: file permissions guard it, not TLS; the auth
+    // layer applies to it as to TCP.
     let unix = async {
         match uds {
             Some(l) => {
                 router
+                    .clone()
                     .serve_with_incoming_shutdown(
                         embark_ops::grpc::incoming(l, limits.max_connections),
                         shutdown.clone().cancelled_owned(),

@@ -1,4 +1,5 @@
-//! The batch tools on the `embark` binary: `backfill`, `export`, `dedup`.
+//! The batch tools on the `embark` binary: `backfill`, `export`, `dedup`
+//! (and `dev-certs`, which writes development certificates and tokens).
 //!
 //! They share how they find the store ([`StoreLocation`]), how they show
 //! progress ([`Progress`]) and how they survive an interruption
@@ -8,6 +9,7 @@
 
 pub(crate) mod backfill;
 pub(crate) mod dedup;
+pub(crate) mod dev_certs;
 pub(crate) mod export;
 
 use std::{

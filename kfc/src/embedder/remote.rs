@@ -7,19 +7,30 @@
 //! (tower's power-of-two-choices over pending requests), so
 //! `--scale retina=3` spreads work with no restart of KFC.
 //!
+//! `https://` URLs are called over TLS, verified against `tls.ca` for the
+//! URL's host name (not the resolved address), with a client certificate
+//! when the replicas require mTLS; a bearer token, if set, goes with every
+//! call.
+//!
 //! Each call has its own deadline. A call that fails as a whole
 //! (unreachable, overloaded, deadline) is an [`EmbedError`]: the fill loop
 //! retries its inputs later with backoff. Retina reports bad inputs one by
 //! one, so they never fail a whole call.
 
-use std::{collections::HashSet, net::SocketAddr, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    time::Duration,
+};
 
 use async_trait::async_trait;
+use embark_ops::{auth::BearerToken, tls::ClientTlsFiles};
 use embark_proto::retina::v1::{EmbedRequest, FailureCode, retina_client::RetinaClient};
 use tokio_util::sync::CancellationToken;
 use tonic::{
     Code,
-    transport::{Channel, Endpoint, channel::Change},
+    service::interceptor::InterceptedService,
+    transport::{Channel, ClientTlsConfig, Endpoint, channel::Change},
 };
 
 use super::{EmbedError, EmbedOutcome, Embedder};
@@ -37,6 +48,10 @@ pub struct RetinaClientConfig {
     pub connect_timeout: Duration,
     /// How often the names are resolved again.
     pub resolve_every: Duration,
+    /// The CA (and client certificate) for `https://` URLs.
+    pub tls: ClientTlsFiles,
+    /// Sent with every call when Retina requires principals.
+    pub token: BearerToken,
 }
 
 impl Default for RetinaClientConfig {
@@ -46,6 +61,8 @@ impl Default for RetinaClientConfig {
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
             resolve_every: Duration::from_secs(5),
+            tls: ClientTlsFiles::default(),
+            token: BearerToken::default(),
         }
     }
 }
@@ -53,7 +70,7 @@ impl Default for RetinaClientConfig {
 /// An [`Embedder`] that calls Retina replicas over gRPC.
 #[derive(Debug, Clone)]
 pub struct RemoteRetina {
-    client: RetinaClient<Channel>,
+    client: RetinaClient<InterceptedService<Channel, BearerToken>>,
     timeout: Duration,
 }
 
@@ -66,15 +83,35 @@ impl RemoteRetina {
         if targets.is_empty() {
             return Err(EmbedError::Config("no Retina URL given".into()));
         }
+        // TLS settings per target, checked now: a missing CA or key is a
+        // start-up error, not a warning per resolved replica.
+        let tls: Vec<Option<ClientTlsConfig>> = targets
+            .iter()
+            .map(|t| match t.tls {
+                true => embark_ops::tls::client_tls(&config.tls, &t.host)
+                    .map(Some)
+                    .map_err(|e| EmbedError::Config(format!("Retina URL https://{}: {e}", t.hostport))),
+                false if config.tls.ca.is_some() => Err(EmbedError::Config(format!(
+                    "a Retina CA is given but http://{} is plaintext: use https://",
+                    t.hostport
+                ))),
+                false => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
         let (channel, changes) = Channel::balance_channel::<SocketAddr>(64);
         let endpoint_for = {
             let config = config.clone();
-            move |addr: SocketAddr| -> Result<Endpoint, tonic::transport::Error> {
-                Ok(Endpoint::from_shared(format!("http://{addr}"))?
+            move |addr: SocketAddr, tls: &Option<ClientTlsConfig>| -> Result<Endpoint, tonic::transport::Error> {
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
                     .connect_timeout(config.connect_timeout)
                     .timeout(config.timeout)
                     .tcp_nodelay(true)
-                    .http2_adaptive_window(true))
+                    .http2_adaptive_window(true);
+                match tls {
+                    Some(tls) => endpoint.tls_config(tls.clone()),
+                    None => Ok(endpoint),
+                }
             }
         };
         tokio::spawn(async move {
@@ -86,27 +123,32 @@ impl RemoteRetina {
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                let mut now: HashSet<SocketAddr> = HashSet::new();
-                for target in &targets {
-                    match tokio::net::lookup_host(target.as_str()).await {
-                        Ok(addrs) => now.extend(addrs),
+                // Each address, with the target (and so the TLS name) it came from.
+                let mut now: HashMap<SocketAddr, usize> = HashMap::new();
+                for (i, target) in targets.iter().enumerate() {
+                    match tokio::net::lookup_host(target.hostport.as_str()).await {
+                        Ok(addrs) => now.extend(addrs.map(|a| (a, i))),
                         // Keep the last known addresses of a name that does
                         // not resolve right now.
                         Err(e) => {
-                            tracing::warn!(%target, error = %e, "cannot resolve Retina");
-                            now.extend(known.iter().copied().filter(|a| target_port(target) == Some(a.port())));
+                            tracing::warn!(target = %target.hostport, error = %e, "cannot resolve Retina");
+                            let port = target_port(&target.hostport);
+                            now.extend(known.iter().copied().filter(|a| port == Some(a.port())).map(|a| (a, i)));
                         }
                     }
                 }
-                for gone in known.difference(&now).copied().collect::<Vec<_>>() {
+                let gone: Vec<SocketAddr> = known.iter().filter(|a| !now.contains_key(a)).copied().collect();
+                for gone in gone {
                     tracing::info!(addr = %gone, "Retina replica gone");
                     known.remove(&gone);
                     if changes.send(Change::Remove(gone)).await.is_err() {
                         return;
                     }
                 }
-                for new in now.difference(&known).copied().collect::<Vec<_>>() {
-                    match endpoint_for(new) {
+                let new: Vec<(SocketAddr, usize)> =
+                    now.iter().filter(|(a, _)| !known.contains(a)).map(|(a, i)| (*a, *i)).collect();
+                for (new, target) in new {
+                    match endpoint_for(new, &tls[target]) {
                         Ok(endpoint) => {
                             tracing::info!(addr = %new, "Retina replica found");
                             known.insert(new);
@@ -120,22 +162,38 @@ impl RemoteRetina {
                 metrics::gauge!("kfc_retina_replicas").set(known.len() as f64);
             }
         });
-        Ok(Self { client: RetinaClient::new(channel).max_decoding_message_size(256 << 20), timeout: config.timeout })
+        let client = RetinaClient::with_interceptor(channel, config.token.clone()).max_decoding_message_size(256 << 20);
+        Ok(Self { client, timeout: config.timeout })
     }
 }
 
-/// `http://host:port` -> `host:port` (the form `lookup_host` takes).
-fn parse_target(url: &str) -> Result<String, EmbedError> {
-    let bad = |why: &str| EmbedError::Config(format!("Retina URL {url:?}: {why} (expected http://host:port)"));
-    let rest = url.strip_prefix("http://").ok_or_else(|| bad("only http:// is supported"))?;
+/// A Retina service as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    /// `host:port`, the form `lookup_host` takes.
+    hostport: String,
+    /// The name the server's certificate must be valid for.
+    host: String,
+    tls: bool,
+}
+
+/// `http://host:port` or `https://host:port`.
+fn parse_target(url: &str) -> Result<Target, EmbedError> {
+    let bad = |why: &str| EmbedError::Config(format!("Retina URL {url:?}: {why} (expected http(s)://host:port)"));
+    let (rest, tls) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => return Err(bad("only http:// and https:// are supported")),
+    };
     let hostport = rest.trim_end_matches('/');
     if hostport.is_empty() || hostport.contains('/') {
         return Err(bad("no host, or a path"));
     }
-    if target_port(hostport).is_none() {
+    let Some((host, _)) = hostport.rsplit_once(':').filter(|_| target_port(hostport).is_some()) else {
         return Err(bad("no port"));
-    }
-    Ok(hostport.to_owned())
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    Ok(Target { hostport: hostport.to_owned(), host, tls })
 }
 
 fn target_port(hostport: &str) -> Option<u16> {
@@ -190,10 +248,14 @@ mod tests {
 
     #[test]
     fn retina_urls_parse() {
-        assert_eq!(parse_target("http://retina:50061").expect("valid"), "retina:50061");
-        assert_eq!(parse_target("http://127.0.0.1:1/").expect("valid"), "127.0.0.1:1");
+        let t = parse_target("http://retina:50061").expect("valid");
+        assert_eq!((t.hostport.as_str(), t.host.as_str(), t.tls), ("retina:50061", "retina", false));
+        assert_eq!(parse_target("http://127.0.0.1:1/").expect("valid").hostport, "127.0.0.1:1");
+        let t = parse_target("https://retina.internal:1").expect("valid");
+        assert_eq!((t.host.as_str(), t.tls), ("retina.internal", true));
+        assert_eq!(parse_target("https://[::1]:1").expect("valid").host, "::1");
         assert!(parse_target("retina:50061").is_err());
         assert!(parse_target("http://retina").is_err());
-        assert!(parse_target("https://retina:1").is_err());
+        assert!(parse_target("ftp://retina:1").is_err());
     }
 }
