@@ -23,10 +23,14 @@ ENTRYPOINT ["/opt/embark/scripts/setup-models.sh"]
 # --- runtime: embark, kfc and retina -----------------------------------------
 FROM debian:bookworm-slim AS runtime
 # curl serves the health checks; ca-certificates lets Retina fetch https URLs.
+# /certs belongs to the service user, so a named volume mounted there (the
+# compose `certs` volume) starts with that owner and `embark dev-certs` can
+# write its keys, mode 0600, for the other services (same user) to read.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --home-dir /var/lib/embark --create-home embark
+ && useradd --system --uid 10001 --home-dir /var/lib/embark --create-home embark \
+ && install -d -o embark -g embark -m 0700 /certs
 COPY --from=build /out/ /usr/local/bin/
 USER embark
 WORKDIR /var/lib/embark

@@ -5,6 +5,9 @@
 #  2. the deployment's own rules (scripts/check_compose.py): services that
 #     scale have no container name and no fixed host port, every long-running
 #     service has a health check, the weights come from the `models` volume;
+#     only EmbArk's gRPC port is published, on 127.0.0.1 only; embark and
+#     retina serve TLS with tokens (retina with client certificates), kfc
+#     calls retina over TLS, and what mounts `certs` waits for it;
 #  3. every flag the file passes to embark, kfc and retina is one the built
 #     binaries accept (pass their directory as $1).
 set -euo pipefail
