@@ -198,6 +198,17 @@ async fn a_certificate_from_another_ca_is_refused() {
         let e = CqlStore::connect(&cfg).await.expect_err("not our CA");
         assert!(matches!(rejected(&e), CqlError::Tls { .. }), "{e:?}");
         assert!(e.to_string().contains("certificate verify failed"), "OpenSSL's reason: {e}");
+        // A name the certificate carries does not make up for the CA.
+        let cfg = CqlConfig {
+            tls: Some(CqlTls {
+                ca: Some(files.write("ca.pem", &ours.pem)),
+                server_name: Some("localhost".into()),
+                ..CqlTls::default()
+            }),
+            ..config(&server)
+        };
+        let e = CqlStore::connect(&cfg).await.expect_err("not our CA, whatever the name");
+        assert!(matches!(rejected(&e), CqlError::Tls { .. }), "{e:?}");
     })
     .await
 }
