@@ -42,6 +42,8 @@ struct Args {
     /// Extra librdkafka properties, `key=value` (repeat or comma-separate).
     #[arg(long, env = "KFC_KAFKA_PROPERTY", value_delimiter = ',')]
     kafka_property: Vec<String>,
+    #[command(flatten)]
+    kafka_security: embark_queue::kafka::KafkaSecurityArgs,
 
     /// Retina services, `http://host:port` or `https://host:port` for TLS
     /// (comma-separated); every address each name resolves to is used,
@@ -112,7 +114,7 @@ fn main() -> anyhow::Result<()> {
             commit_interval: Duration::from_millis(args.commit_interval_ms),
             ready_buffer: args.fill_batch * args.workers.max(1),
             max_delayed: args.max_delayed,
-            properties: embark_queue::kafka::parse_properties(&args.kafka_property)?,
+            properties: embark_queue::kafka::client_properties(&args.kafka_security, &args.kafka_property)?,
             ..KafkaSourceConfig::default()
         },
         miss_topic_partitions: args.miss_topic_partitions,

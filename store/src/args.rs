@@ -4,7 +4,11 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use crate::embedded::EmbeddedStore;
+use crate::{
+    cql::{CqlAuth, CqlTls},
+    embedded::EmbeddedStore,
+    secret::Secret,
+};
 
 /// Where the embedded store lives: `<data-dir>/embark.redb`.
 #[derive(Debug, Clone, clap::Args)]
@@ -103,6 +107,55 @@ pub struct StoreArgs {
     /// Run the migration at start (CQL).
     #[arg(long, env = "EMBARK_CQL_MIGRATE_ON_START")]
     pub cql_migrate_on_start: bool,
+    /// User name for the cluster's PasswordAuthenticator (CQL); needs a
+    /// password.
+    #[arg(long, env = "EMBARK_CQL_USERNAME")]
+    pub cql_username: Option<String>,
+    /// Its password. Prefer --cql-password-file: a flag shows in `ps`.
+    #[arg(long, env = "EMBARK_CQL_PASSWORD", hide_env_values = true, conflicts_with = "cql_password_file")]
+    pub cql_password: Option<Secret>,
+    /// A file holding the password (one trailing newline is ignored), e.g. a
+    /// mounted secret.
+    #[arg(long, env = "EMBARK_CQL_PASSWORD_FILE")]
+    pub cql_password_file: Option<PathBuf>,
+    /// Speak TLS to the nodes (their client_encryption_options). The node's
+    /// certificate is verified against --cql-tls-ca, or the system's trust
+    /// store without it.
+    #[arg(long, env = "EMBARK_CQL_TLS")]
+    pub cql_tls: bool,
+    /// PEM file of the CA(s) the nodes' certificates must chain to; only
+    /// these are trusted.
+    #[arg(long, env = "EMBARK_CQL_TLS_CA")]
+    pub cql_tls_ca: Option<PathBuf>,
+    /// PEM client certificate (chain, leaf first), for nodes that require
+    /// one (require_client_auth); needs --cql-tls-key.
+    #[arg(long, env = "EMBARK_CQL_TLS_CERT", requires = "cql_tls_key")]
+    pub cql_tls_cert: Option<PathBuf>,
+    /// PEM private key of --cql-tls-cert.
+    #[arg(long, env = "EMBARK_CQL_TLS_KEY", requires = "cql_tls_cert")]
+    pub cql_tls_key: Option<PathBuf>,
+    /// The name every node's certificate must carry (DNS name or IP).
+    /// Default: the first host of --store; if that is an IP address, each
+    /// node's certificate must carry that node's own address.
+    #[arg(long, env = "EMBARK_CQL_TLS_SERVER_NAME")]
+    pub cql_tls_server_name: Option<String>,
+}
+
+/// CQL credential or TLS flags that cannot be used as given.
+#[derive(Debug, thiserror::Error)]
+pub enum CqlSettingsError {
+    #[error("--cql-username needs a password: --cql-password-file (or --cql-password)")]
+    UserWithoutPassword,
+    #[error("a CQL password was given without --cql-username")]
+    PasswordWithoutUser,
+    #[error("reading --cql-password-file {path}: {source}")]
+    PasswordFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} needs --cql-tls (without it the connection is not encrypted)")]
+    TlsFlagWithoutTls(&'static str),
 }
 
 impl StoreArgs {
@@ -118,7 +171,53 @@ impl StoreArgs {
         c.request_timeout = Duration::from_millis(self.cql_request_timeout_ms);
         c.concurrency = self.cql_concurrency;
         c.write_ttl = self.cql_write_ttl_secs.map(Duration::from_secs);
+        c.auth = self.cql_auth()?;
+        c.tls = self.cql_tls(&c.nodes)?;
         Ok(Some(c))
+    }
+
+    fn cql_auth(&self) -> Result<Option<CqlAuth>, CqlSettingsError> {
+        let password = match (&self.cql_password, &self.cql_password_file) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(path)) => Some(
+                Secret::from_file(path)
+                    .map_err(|source| CqlSettingsError::PasswordFile { path: path.clone(), source })?,
+            ),
+            (None, None) => None,
+        };
+        match (&self.cql_username, password) {
+            (Some(username), Some(password)) => Ok(Some(CqlAuth { username: username.clone(), password })),
+            (Some(_), None) => Err(CqlSettingsError::UserWithoutPassword),
+            (None, Some(_)) => Err(CqlSettingsError::PasswordWithoutUser),
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn cql_tls(&self, nodes: &[String]) -> Result<Option<CqlTls>, CqlSettingsError> {
+        if !self.cql_tls {
+            let given = [
+                ("--cql-tls-ca", self.cql_tls_ca.is_some()),
+                ("--cql-tls-cert", self.cql_tls_cert.is_some()),
+                ("--cql-tls-key", self.cql_tls_key.is_some()),
+                ("--cql-tls-server-name", self.cql_tls_server_name.is_some()),
+            ];
+            return match given.into_iter().find(|(_, set)| *set) {
+                Some((flag, _)) => Err(CqlSettingsError::TlsFlagWithoutTls(flag)),
+                None => Ok(None),
+            };
+        }
+        let server_name = self.cql_tls_server_name.clone().or_else(|| {
+            // The host of the first contact point, unless it is an address
+            // (then each node is checked against its own address).
+            let first = nodes.first()?;
+            let host = first.rsplit_once(':').map_or(first.as_str(), |(host, _)| host);
+            host.parse::<std::net::IpAddr>().is_err().then(|| host.to_owned())
+        });
+        Ok(Some(CqlTls {
+            ca: self.cql_tls_ca.clone(),
+            client_cert: self.cql_tls_cert.clone().zip(self.cql_tls_key.clone()),
+            server_name,
+        }))
     }
 }
 
@@ -134,6 +233,76 @@ mod tests {
         assert_eq!(parse_bytes("2 GB"), Ok(2_000_000_000));
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("1PiB").is_err());
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        store: StoreArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<StoreArgs, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("test").chain(args.iter().copied())).map(|c| c.store)
+    }
+
+    fn cql(args: &[&str]) -> Result<crate::cql::CqlConfig, crate::StoreError> {
+        let mut all = vec!["--store", "cql://db1.example:9142,db2.example/ks"];
+        all.extend_from_slice(args);
+        Ok(parse(&all).expect("flags parse").cql()?.expect("a CQL store"))
+    }
+
+    #[test]
+    fn credentials_come_from_a_flag_or_a_file_and_are_never_printed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("password");
+        std::fs::write(&file, "from-the-file\n").expect("write");
+        let file = file.to_str().expect("utf-8");
+
+        let c = cql(&["--cql-username", "embark", "--cql-password-file", file]).expect("settings");
+        let auth = c.auth.as_ref().expect("credentials");
+        assert_eq!((auth.username.as_str(), auth.password.expose()), ("embark", "from-the-file"));
+        assert!(!format!("{c:?}").contains("from-the-file"), "{c:?}");
+
+        let args = parse(&["--cql-username", "embark", "--cql-password", "on-the-line"]).expect("flags");
+        assert!(!format!("{args:?}").contains("on-the-line"), "{args:?}");
+        assert_eq!(args.cql_password.as_ref().map(|p| p.expose()), Some("on-the-line"));
+
+        let both = parse(&["--cql-password", "a", "--cql-password-file", file]).expect_err("one or the other");
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict, "{both}");
+        let e = cql(&["--cql-username", "embark"]).expect_err("no password");
+        assert!(matches!(e, crate::StoreError::CqlSettings(CqlSettingsError::UserWithoutPassword)), "{e:?}");
+        let e = cql(&["--cql-password", "pw"]).expect_err("no user");
+        assert!(matches!(e, crate::StoreError::CqlSettings(CqlSettingsError::PasswordWithoutUser)), "{e:?}");
+        let missing = dir.path().join("missing");
+        let e = cql(&["--cql-username", "u", "--cql-password-file", missing.to_str().expect("utf-8")])
+            .expect_err("no file");
+        assert!(e.to_string().contains("--cql-password-file") && e.to_string().contains("missing"), "{e}");
+        assert!(cql(&[]).expect("settings").auth.is_none());
+    }
+
+    #[test]
+    fn tls_settings_need_tls_and_the_name_defaults_to_the_first_host() {
+        assert!(cql(&[]).expect("settings").tls.is_none());
+        let tls = cql(&["--cql-tls", "--cql-tls-ca", "/ca.pem"]).expect("settings").tls.expect("tls");
+        assert_eq!(tls.ca.as_deref(), Some(std::path::Path::new("/ca.pem")));
+        assert_eq!(tls.server_name.as_deref(), Some("db1.example"));
+        assert!(tls.client_cert.is_none());
+
+        let tls = cql(&["--cql-tls", "--cql-tls-server-name", "*.x"]).expect("settings").tls.expect("tls");
+        assert_eq!(tls.server_name.as_deref(), Some("*.x"));
+        // An address as the first host: each node is checked against its own.
+        let args = parse(&["--store", "cql://10.0.0.1:9142/ks", "--cql-tls"]).expect("flags");
+        assert_eq!(args.cql().expect("settings").and_then(|c| c.tls).expect("tls").server_name, None);
+
+        let tls = cql(&["--cql-tls", "--cql-tls-cert", "/c.pem", "--cql-tls-key", "/c.key"]).expect("settings");
+        assert!(tls.tls.and_then(|t| t.client_cert).is_some());
+        let e = parse(&["--cql-tls", "--cql-tls-cert", "/c.pem"]).expect_err("a certificate needs its key");
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument, "{e}");
+        for flag in ["--cql-tls-ca", "--cql-tls-server-name"] {
+            let e = cql(&[flag, "x"]).expect_err("TLS flags without --cql-tls");
+            assert!(e.to_string().contains(flag) && e.to_string().contains("--cql-tls "), "{e}");
+        }
     }
 
     #[test]

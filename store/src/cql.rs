@@ -13,16 +13,20 @@
 //! literal in a prepared INSERT. `int` costs 3 bytes a row and keeps every
 //! value a bind marker.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt, stream};
 pub use scylla::statement::Consistency;
 use scylla::{
-    client::{session::Session, session_builder::SessionBuilder},
+    client::{
+        session::{OpenSsl010Config, Session},
+        session_builder::SessionBuilder,
+    },
     errors::{
-        DbError, DeserializationError, ExecutionError, IntoRowsResultError, MaybeFirstRowError, NewSessionError,
-        PrepareError, RequestAttemptError, RowsError, UseKeyspaceError,
+        ConnectionError, ConnectionPoolError, ConnectionSetupRequestErrorKind, DbError, DeserializationError,
+        ExecutionError, IntoRowsResultError, MaybeFirstRowError, MetadataError, NewSessionError, PrepareError,
+        RequestAttemptError, RowsError, UseKeyspaceError,
     },
     response::{PagingState, PagingStateResponse},
     statement::prepared::PreparedStatement,
@@ -31,8 +35,32 @@ use scylla::{
 
 use crate::{
     CorruptRow, EmbeddingStore, FailureRecord, Filled, FilledRow, ScanCursor, ScanPage, StoreError, StoredRow,
-    now_unix_ms, row, storage_key,
+    now_unix_ms, row, secret::Secret, storage_key,
 };
+
+/// A user of the cluster's `PasswordAuthenticator` (SASL PLAIN: the
+/// password crosses the wire, so use it with TLS).
+#[derive(Debug, Clone)]
+pub struct CqlAuth {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// TLS to every node (the server side is ScyllaDB's or Cassandra's
+/// `client_encryption_options`), through the system's OpenSSL.
+#[derive(Debug, Clone, Default)]
+pub struct CqlTls {
+    /// PEM CA(s) the nodes' certificates must chain to, and the only ones
+    /// trusted. `None`: the system's trust store (`/etc/ssl/certs`).
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain (leaf first) and its key, PEM, for nodes
+    /// that require one.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// The name (DNS name or IP address) every node's certificate must
+    /// carry. `None`: each node's certificate must carry that node's
+    /// address (what the driver checks by itself).
+    pub server_name: Option<String>,
+}
 
 #[derive(Debug, Clone)]
 pub struct CqlConfig {
@@ -49,6 +77,10 @@ pub struct CqlConfig {
     pub concurrency: usize,
     /// Rows expire this long after they are written (none by default).
     pub write_ttl: Option<Duration>,
+    /// Credentials, for a cluster that requires them.
+    pub auth: Option<CqlAuth>,
+    /// TLS, for a cluster that requires it; plain TCP if `None`.
+    pub tls: Option<CqlTls>,
 }
 
 impl Default for CqlConfig {
@@ -63,6 +95,8 @@ impl Default for CqlConfig {
             connect_timeout: Duration::from_secs(5),
             concurrency: 64,
             write_ttl: None,
+            auth: None,
+            tls: None,
         }
     }
 }
@@ -121,6 +155,54 @@ pub enum CqlError {
         #[source]
         source: NewSessionError,
     },
+    /// The nodes refused the user name or password.
+    #[error(
+        "authentication failed: {nodes:?} refused the user {user:?} and its password \
+         (--cql-username, --cql-password-file): {source}"
+    )]
+    Authentication {
+        nodes: Vec<String>,
+        user: String,
+        #[source]
+        source: NewSessionError,
+    },
+    /// The nodes require credentials and none were given.
+    #[error(
+        "authentication required: {nodes:?} require a user name and password \
+         (--cql-username, --cql-password-file): {source}"
+    )]
+    AuthenticationRequired {
+        nodes: Vec<String>,
+        #[source]
+        source: NewSessionError,
+    },
+    /// The TLS handshake failed: a certificate that does not verify, no
+    /// client certificate where one is required, or no TLS on the node.
+    #[error(
+        "TLS handshake with {nodes:?} failed (check --cql-tls-ca, --cql-tls-server-name, \
+         --cql-tls-cert, and that the nodes speak TLS): {source}"
+    )]
+    Tls {
+        nodes: Vec<String>,
+        #[source]
+        source: NewSessionError,
+    },
+    /// The TLS settings could not be applied: a file that cannot be read or
+    /// parsed, a key that does not match its certificate.
+    #[error("setting up TLS: {what}: {source}")]
+    TlsSetup {
+        what: String,
+        #[source]
+        source: openssl::error::ErrorStack,
+    },
+    #[error("setting up TLS: reading {path}: {source}")]
+    TlsFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("setting up TLS: {path} holds no PEM certificate")]
+    TlsNoCertificate { path: PathBuf },
     #[error("preparing {statement:?}: {source} (did `embark migrate` run?)")]
     Prepare {
         statement: String,
@@ -162,6 +244,13 @@ impl CqlError {
                 // do not resolve yet (a cluster still starting).
                 NewSessionError::MetadataError(_) | NewSessionError::FailedToResolveAnyHostname(_)
             ),
+            // Wrong settings, or a node that is not set up as ours expects.
+            CqlError::Authentication { .. }
+            | CqlError::AuthenticationRequired { .. }
+            | CqlError::Tls { .. }
+            | CqlError::TlsSetup { .. }
+            | CqlError::TlsFile { .. }
+            | CqlError::TlsNoCertificate { .. } => false,
             CqlError::Prepare { source, .. } => prepare_is_transient(source),
             CqlError::Migrate { source, .. } | CqlError::Execute(source) => execution_is_transient(source),
             // The schema is not the one `migrate` creates.
@@ -247,15 +336,128 @@ impl std::fmt::Debug for CqlStore {
 }
 
 async fn session(config: &CqlConfig) -> Result<Session, StoreError> {
-    SessionBuilder::new()
+    let mut builder = SessionBuilder::new()
         .known_nodes(&config.nodes)
         .connection_timeout(config.connect_timeout)
         // Schema changes come from `migrate`, which waits for agreement
         // itself; no implicit wait on every DDL.
-        .auto_await_schema_agreement(false)
-        .build()
-        .await
-        .map_err(|source| cql_err(CqlError::Connect { nodes: config.nodes.clone(), source }))
+        .auto_await_schema_agreement(false);
+    if let Some(auth) = &config.auth {
+        builder = builder.user(&auth.username, auth.password.expose());
+    }
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_context(Some(tls_context(tls)?));
+    }
+    builder.build().await.map_err(|source| cql_err(connect_error(config, source)))
+}
+
+/// The [`CqlError`] of a failed connect: authentication and TLS failures
+/// named as such (the driver reports them deep inside a metadata error),
+/// the rest as [`CqlError::Connect`].
+fn connect_error(config: &CqlConfig, source: NewSessionError) -> CqlError {
+    let nodes = config.nodes.clone();
+    let connection = match &source {
+        NewSessionError::MetadataError(MetadataError::ConnectionPoolError(ConnectionPoolError::Broken {
+            last_connection_error,
+        })) => Some(last_connection_error),
+        _ => None,
+    };
+    match connection {
+        Some(ConnectionError::ConnectionSetupRequestError(e)) => match &e.error {
+            ConnectionSetupRequestErrorKind::DbError(DbError::AuthenticationError, _) => CqlError::Authentication {
+                nodes,
+                user: config.auth.as_ref().map(|a| a.username.clone()).unwrap_or_default(),
+                source,
+            },
+            ConnectionSetupRequestErrorKind::MissingAuthentication => {
+                CqlError::AuthenticationRequired { nodes, source }
+            }
+            _ => CqlError::Connect { nodes, source },
+        },
+        // OpenSSL's own failure (a certificate, a protocol mismatch), not a
+        // connection that broke during the handshake.
+        Some(ConnectionError::IoError(io))
+            if config.tls.is_some()
+                && io
+                    .get_ref()
+                    .and_then(|e| e.downcast_ref::<openssl::ssl::Error>())
+                    .is_some_and(|e| e.ssl_error().is_some()) =>
+        {
+            CqlError::Tls { nodes, source }
+        }
+        _ => CqlError::Connect { nodes, source },
+    }
+}
+
+/// The driver's TLS context for `tls`: peer verification on, against the
+/// given CA only (or the system's trust store), at least TLS 1.2.
+fn tls_context(tls: &CqlTls) -> Result<OpenSsl010Config, StoreError> {
+    use openssl::{
+        ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode, SslVersion},
+        x509::{X509, store::X509StoreBuilder},
+    };
+    let setup = |what: String| move |source| cql_err(CqlError::TlsSetup { what, source });
+    // Sets the system's trust store, peer verification and sane ciphers.
+    let mut b = SslConnector::builder(SslMethod::tls_client()).map_err(setup("OpenSSL".into()))?;
+    b.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(setup("OpenSSL".into()))?;
+    if let Some(ca) = &tls.ca {
+        let what = format!("--cql-tls-ca {}", ca.display());
+        let pem = std::fs::read(ca).map_err(|source| cql_err(CqlError::TlsFile { path: ca.clone(), source }))?;
+        let certs = X509::stack_from_pem(&pem).map_err(setup(what.clone()))?;
+        if certs.is_empty() {
+            return Err(cql_err(CqlError::TlsNoCertificate { path: ca.clone() }));
+        }
+        let mut store = X509StoreBuilder::new().map_err(setup(what.clone()))?;
+        for cert in certs {
+            store.add_cert(cert).map_err(setup(what.clone()))?;
+        }
+        b.set_cert_store(store.build());
+    }
+    if let Some((cert, key)) = &tls.client_cert {
+        b.set_certificate_chain_file(cert).map_err(setup(format!("--cql-tls-cert {}", cert.display())))?;
+        b.set_private_key_file(key, SslFiletype::PEM).map_err(setup(format!("--cql-tls-key {}", key.display())))?;
+        b.check_private_key().map_err(setup("--cql-tls-key does not match --cql-tls-cert".into()))?;
+    }
+    if let Some(name) = tls.server_name.clone() {
+        // The driver checks each node's certificate against the node's IP
+        // address. With a name given, the certificate must carry that name
+        // instead: only the address mismatch of the leaf is forgiven, and
+        // only when the leaf carries the name; every other check stands.
+        b.set_verify_callback(SslVerifyMode::PEER, move |ok, ctx| {
+            ok || (ctx.error().as_raw() == IP_ADDRESS_MISMATCH
+                && ctx.error_depth() == 0
+                && ctx.current_cert().is_some_and(|cert| cert_carries_name(cert, &name)))
+        });
+    }
+    Ok(OpenSsl010Config::new(b))
+}
+
+/// OpenSSL's `X509_V_ERR_IP_ADDRESS_MISMATCH`.
+const IP_ADDRESS_MISMATCH: i32 = 64;
+
+/// Whether `cert`'s subject alternative names hold `name`: an IP address
+/// exactly, a DNS name case-insensitively, with a wildcard only as the
+/// whole left-most label (`*.db.example` matches `n1.db.example`).
+fn cert_carries_name(cert: &openssl::x509::X509Ref, name: &str) -> bool {
+    let Some(sans) = cert.subject_alt_names() else { return false };
+    let ip = name.parse::<IpAddr>().ok();
+    sans.iter().any(|san| match ip {
+        Some(ip) => san.ipaddress().is_some_and(|b| match ip {
+            IpAddr::V4(v4) => b == v4.octets(),
+            IpAddr::V6(v6) => b == v6.octets(),
+        }),
+        None => san.dnsname().is_some_and(|pattern| dns_name_matches(pattern, name)),
+    })
+}
+
+fn dns_name_matches(pattern: &str, name: &str) -> bool {
+    let (pattern, name) = (pattern.trim_end_matches('.'), name.trim_end_matches('.'));
+    match pattern.strip_prefix("*.") {
+        Some(rest) => name.split_once('.').is_some_and(|(label, parent)| {
+            !label.is_empty() && parent.eq_ignore_ascii_case(rest) && rest.contains('.')
+        }),
+        None => pattern.eq_ignore_ascii_case(name),
+    }
 }
 
 impl CqlStore {

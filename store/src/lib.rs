@@ -19,6 +19,7 @@ pub mod args;
 pub mod cql;
 pub mod embedded;
 pub mod row;
+pub mod secret;
 pub mod wrap;
 
 use std::borrow::Cow;
@@ -89,6 +90,10 @@ pub enum StoreError {
     /// Bad store settings (a malformed `--store` URL).
     #[error("store configuration: {0}")]
     Config(String),
+    /// Bad CQL credential or TLS settings: flags that do not fit together,
+    /// a password file that cannot be read.
+    #[error("store configuration: {0}")]
+    CqlSettings(#[from] args::CqlSettingsError),
 }
 
 impl StoreError {
@@ -100,9 +105,11 @@ impl StoreError {
         match self {
             StoreError::CqlUnavailable(_) => true,
             StoreError::Embedded(e) => matches!(e, redb::Error::Io(_)),
-            StoreError::Task(_) | StoreError::CqlRejected(_) | StoreError::BadCursor(_) | StoreError::Config(_) => {
-                false
-            }
+            StoreError::Task(_)
+            | StoreError::CqlRejected(_)
+            | StoreError::BadCursor(_)
+            | StoreError::Config(_)
+            | StoreError::CqlSettings(_) => false,
         }
     }
 }

@@ -10,6 +10,8 @@
 //! - [`invalidations`]: the invalidation topic that tells every `embark
 //!   serve` replica which keys to drop from its tier and index.
 //!
+//! - [`security`]: the security flags (SASL, TLS) every client gets.
+//!
 //! And what all of them share, here: the default topic names, extra client
 //! properties from `--kafka-property`, topic creation, and which produce
 //! errors are permanent.
@@ -17,6 +19,7 @@
 pub mod invalidations;
 pub mod offsets;
 pub mod publisher;
+pub mod security;
 pub mod source;
 
 use std::time::Duration;
@@ -34,6 +37,7 @@ pub use offsets::{MissToken, OffsetTracker};
 pub use publisher::{KafkaMissPublisher, KafkaPublisherConfig};
 /// librdkafka's error, for callers that need not depend on rdkafka.
 pub use rdkafka::error::KafkaError;
+pub use security::{KafkaSecurityArgs, KafkaSecurityError, client_properties};
 pub use source::{KafkaMissSource, KafkaSourceConfig};
 
 /// Where a client looks for Kafka when told nothing.

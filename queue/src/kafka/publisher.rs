@@ -36,7 +36,7 @@ use crate::{
 /// of waiting out the window.
 pub type Undelivered = Box<dyn Fn(&str, &str) + Send + Sync>;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaPublisherConfig {
     pub brokers: String,
     pub topic: String,
@@ -46,6 +46,18 @@ pub struct KafkaPublisherConfig {
     pub message_timeout: Duration,
     /// Extra librdkafka properties.
     pub properties: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for KafkaPublisherConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaPublisherConfig")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("buffer", &self.buffer)
+            .field("message_timeout", &self.message_timeout)
+            .field("properties", &super::security::Redacted(&self.properties))
+            .finish()
+    }
 }
 
 /// Counts deliveries, and lets the next Lookup of an undelivered miss

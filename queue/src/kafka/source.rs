@@ -59,7 +59,7 @@ use crate::{
 /// never freeze a partition's offsets.
 pub const MAX_PERMANENT_PRODUCE_ATTEMPTS: u32 = 3;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaSourceConfig {
     pub brokers: String,
     pub miss_topic: String,
@@ -78,6 +78,23 @@ pub struct KafkaSourceConfig {
     pub linger: Duration,
     /// Extra librdkafka properties (`key=value`), e.g. security settings.
     pub properties: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for KafkaSourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSourceConfig")
+            .field("brokers", &self.brokers)
+            .field("miss_topic", &self.miss_topic)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("group", &self.group)
+            .field("session_timeout", &self.session_timeout)
+            .field("commit_interval", &self.commit_interval)
+            .field("ready_buffer", &self.ready_buffer)
+            .field("max_delayed", &self.max_delayed)
+            .field("linger", &self.linger)
+            .field("properties", &super::security::Redacted(&self.properties))
+            .finish()
+    }
 }
 
 impl Default for KafkaSourceConfig {
