@@ -114,6 +114,8 @@ pub struct FrontArgs {
     /// Extra librdkafka properties, `key=value` (repeat or comma-separate).
     #[arg(long, env = "EMBARK_KAFKA_PROPERTY", value_delimiter = ',')]
     pub kafka_property: Vec<String>,
+    #[command(flatten)]
+    pub kafka_security: embark_queue::kafka::KafkaSecurityArgs,
     /// Open client connections at most; further ones wait to be accepted.
     #[arg(long, env = "EMBARK_MAX_CONNECTIONS", default_value_t = ServerLimits::default().max_connections)]
     pub max_connections: usize,

@@ -238,7 +238,7 @@ pub async fn run(args: FrontArgs, mode: Mode) -> anyhow::Result<()> {
     let store: Arc<dyn EmbeddingStore> = Arc::new(IndexingStore::new(backends.store, indexes.clone()));
 
     let dedup = MissDedup::new(Duration::from_secs(args.dedup_window_secs), args.dedup_max_keys);
-    let properties = embark_queue::kafka::parse_properties(&args.kafka_property)?;
+    let properties = embark_queue::kafka::client_properties(&args.kafka_security, &args.kafka_property)?;
     let mut misses = Misses::start(backends.misses, &args, &properties, &dedup).await?;
     let failure_ttl = Duration::from_secs(args.failure_ttl_secs);
     let tier = VectorCache::new(args.cache_bytes, args.cache_ttl_secs.map(Duration::from_secs));
