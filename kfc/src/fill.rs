@@ -409,7 +409,7 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
                     metrics::histogram!("kfc_fill_latency_seconds", "model" => self.labels.get(model)).record(waited);
                     vectors.push(FilledRow {
                         key: event.key.clone(),
-                        seen_at_ms: event.first_seen_unix_ms,
+                        seen_at_ms: seen_at(event, now),
                         value: Filled::Vector(v),
                     });
                 }
@@ -424,7 +424,7 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
                     });
                     failures.push(FilledRow {
                         key: event.key.clone(),
-                        seen_at_ms: event.first_seen_unix_ms,
+                        seen_at_ms: seen_at(event, now),
                         value: Filled::Failure(f),
                     });
                 }
@@ -455,6 +455,14 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
 
 fn delayed(e: &MissEvent, attempts: u32, delay: Duration) -> MissEvent {
     MissEvent { attempts, not_before_unix_ms: now_unix_ms() + delay.as_millis() as i64, ..e.clone() }
+}
+
+/// When a filled row counts as seen: the miss's first sighting, but never
+/// later than now. The store orders a fill against Invalidates by this
+/// time; a miss message claiming a future time (forged, or from a clock
+/// ahead) would otherwise write a row no Invalidate could remove until then.
+fn seen_at(event: &MissEvent, now: i64) -> i64 {
+    event.first_seen_unix_ms.min(now)
 }
 
 #[cfg(test)]
@@ -503,11 +511,13 @@ mod tests {
     struct MemStore {
         rows: Mutex<HashMap<String, StoredRow>>,
         max_rows: usize,
+        /// `seen_at_ms` of every filled row written.
+        seen_at: Mutex<Vec<i64>>,
     }
 
     impl MemStore {
         fn new(max_rows: usize) -> Arc<Self> {
-            Arc::new(Self { rows: Mutex::default(), max_rows })
+            Arc::new(Self { rows: Mutex::default(), max_rows, seen_at: Mutex::default() })
         }
     }
 
@@ -539,6 +549,37 @@ mod tests {
         async fn scan(&self, _: &str, _: Option<ScanCursor>, _: usize) -> Result<ScanPage, StoreError> {
             Ok(ScanPage { rows: Vec::new(), next: None })
         }
+        async fn put_filled(&self, model: &str, rows: Vec<FilledRow>) -> Result<Vec<bool>, StoreError> {
+            self.seen_at.lock().expect("lock").extend(rows.iter().map(|r| r.seen_at_ms));
+            let n = rows.len();
+            let vectors = rows
+                .into_iter()
+                .filter_map(|r| match r.value {
+                    Filled::Vector(v) => Some((r.key, v)),
+                    Filled::Failure(_) => None,
+                })
+                .collect();
+            self.put_vectors(model, vectors).await?;
+            Ok(vec![true; n])
+        }
+    }
+
+    /// A miss claiming to be first seen far in the future (a forged
+    /// message, a clock ahead) wrote its row with that time, which the
+    /// store orders Invalidates by: no Invalidate could remove the row
+    /// until then. The fill is stamped no later than now.
+    #[tokio::test]
+    async fn a_miss_from_the_future_pins_its_row_past_invalidates() {
+        let (source, store) = (Arc::new(Recorder::default()), MemStore::new(usize::MAX));
+        let fill = FillLoop::new(source, Arc::new(OneVector), store.clone(), FillConfig::default());
+        let mut future = miss("a");
+        future.first_seen_unix_ms = i64::MAX / 2;
+        let before = now_unix_ms();
+        let stats = fill.round(vec![(1, future)]).await.expect("round");
+        assert_eq!(stats.embedded, 1);
+        let seen = store.seen_at.lock().expect("lock").clone();
+        assert_eq!(seen.len(), 1);
+        assert!(seen[0] >= before && seen[0] <= now_unix_ms(), "stamped now, not in the future: {}", seen[0]);
     }
 
     fn miss(key: &str) -> MissEvent {
