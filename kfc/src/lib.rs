@@ -27,6 +27,6 @@ pub mod fill;
 pub use embedder::{
     EmbedCallError, EmbedError, EmbedOutcome, Embedder, embed_checked,
     in_process::InProcessRetina,
-    remote::{DEFAULT_RETINA_URL, RemoteRetina, RetinaClientConfig},
+    remote::{DEFAULT_RETINA_URL, RemoteRetina, RetinaClientConfig, RetinaTlsArgs},
 };
 pub use fill::{Decision, FillConfig, FillLoop, FillPolicy, Stands};

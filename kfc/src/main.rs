@@ -1,10 +1,9 @@
 //! `kfc`: drains the Kafka miss topic into Retina and the store. The flags
 //! are here; what runs is `kfc::app`.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
-use embark_ops::{auth::BearerToken, tls::ClientTlsFiles};
 use embark_queue::{backoff::Backoff, kafka::KafkaSourceConfig};
 use kfc::{FillConfig, RetinaClientConfig, app::KfcConfig};
 
@@ -56,18 +55,8 @@ struct Args {
     /// How often Retina names are resolved again (new replicas).
     #[arg(long, env = "KFC_RETINA_RESOLVE_SECS", default_value_t = RetinaClientConfig::default().resolve_every.as_secs())]
     retina_resolve_secs: u64,
-    /// The CA that signed Retina's certificate (PEM), for https:// URLs.
-    #[arg(long, env = "KFC_RETINA_CA")]
-    retina_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for a Retina that requires mTLS.
-    #[arg(long, env = "KFC_RETINA_CERT", requires = "retina_key")]
-    retina_cert: Option<PathBuf>,
-    /// The key of --retina-cert (PEM).
-    #[arg(long, env = "KFC_RETINA_KEY", requires = "retina_cert")]
-    retina_key: Option<PathBuf>,
-    /// A file holding the bearer token for a Retina that requires principals.
-    #[arg(long, env = "KFC_RETINA_TOKEN_FILE")]
-    retina_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    retina_tls: kfc::RetinaTlsArgs,
 
     #[command(flatten)]
     store: embark_store::args::StoreArgs,
@@ -119,17 +108,12 @@ fn main() -> anyhow::Result<()> {
         },
         miss_topic_partitions: args.miss_topic_partitions,
         topic_replication: args.topic_replication,
-        retina: RetinaClientConfig {
+        retina: args.retina_tls.apply(RetinaClientConfig {
             urls: args.retina,
             timeout: Duration::from_millis(args.retina_timeout_ms),
             resolve_every: Duration::from_secs(args.retina_resolve_secs.max(1)),
-            tls: ClientTlsFiles { ca: args.retina_ca, cert: args.retina_cert, key: args.retina_key },
-            token: match &args.retina_token_file {
-                Some(path) => BearerToken::from_file(path)?,
-                None => BearerToken::default(),
-            },
             ..RetinaClientConfig::default()
-        },
+        })?,
         store: args.store,
         fill: FillConfig {
             max_batch: args.fill_batch,

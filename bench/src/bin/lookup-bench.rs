@@ -14,6 +14,10 @@
 //!   not hidden by the requests it delayed (coordinated omission).
 //! - EmbArk's resident memory per cached entry is measured against the raw
 //!   vector bytes.
+//! - TLS (`--tls`, on by default): a second `embark serve` on a copy of the
+//!   store, with a certificate from `embark dev-certs` (ECDSA P-256, TLS 1.3,
+//!   rustls on ring), is warmed the same way; then plaintext TCP and TLS
+//!   are measured back to back at their peaks: what TLS costs a Lookup.
 //!
 //! Writes `lookup-bench.json` and `lookup-bench.png` to `--out`. Run with
 //! `scripts/bench-lookup.sh`.
@@ -78,6 +82,9 @@ struct Args {
     bin_dir: Option<PathBuf>,
     #[arg(long, default_value = "redis-server")]
     redis_server: PathBuf,
+    /// Also measure EmbArk over TLS against plaintext TCP.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    tls: bool,
     /// Output directory for the JSON and the PNG.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
@@ -114,19 +121,33 @@ async fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> 
 /// A gRPC channel to `tcp://addr` or `unix://path`, with the client-side
 /// settings a ranker should use: a 1 MiB max frame and large windows.
 async fn channel(target: &str) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(if target.starts_with("unix:") {
+    if let Some(addr) = target.strip_prefix("tls:") {
+        let ca = TLS_CA.get().context("no CA for a TLS target")?;
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name("localhost");
+        return Ok(tuned(Endpoint::from_shared(format!("https://{addr}"))?).tls_config(tls)?.connect().await?);
+    }
+    let endpoint = tuned(Endpoint::from_shared(if target.starts_with("unix:") {
         "http://[::]:50051".to_owned()
     } else {
         format!("http://{target}")
-    })?
-    .tcp_nodelay(true)
-    .initial_stream_window_size(Some(4 << 20))
-    .initial_connection_window_size(Some(16 << 20))
-    .max_frame_size(Some((1 << 20) - 1));
+    })?);
     Ok(match target.strip_prefix("unix:") {
         Some(path) => embark_tests::connect_uds(endpoint, PathBuf::from(path)).await?,
         None => endpoint.connect().await?,
     })
+}
+
+/// The CA of the TLS instance's certificate (`tls:` targets).
+static TLS_CA: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+fn tuned(endpoint: Endpoint) -> Endpoint {
+    endpoint
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .max_frame_size(Some((1 << 20) - 1))
 }
 
 /// The echo floor: `embark.v1.EmbArk/Lookup` answering the same bytes from
@@ -390,6 +411,119 @@ async fn drive(
     Ok(Run { requests, secs, hist })
 }
 
+/// An `embark serve` on the store in `data`, its tier large enough for
+/// every key, on `grpc_port`, with `extra` flags.
+fn spawn_embark(
+    bin_dir: &Path,
+    data: &Path,
+    grpc_port: u16,
+    args: &Args,
+    extra: &[&str],
+) -> anyhow::Result<KillOnDrop> {
+    let cache_bytes = format!("{}", (args.keys as u64) * (args.dim as u64 * 4 + 256) + (64 << 20));
+    Ok(KillOnDrop(
+        Command::new(bin_dir.join("embark"))
+            .args(["serve", "--models", MODEL, "--cache-bytes", &cache_bytes, "--embedded-cache-bytes", "8MiB"])
+            .arg("--data-dir")
+            .arg(data)
+            .args(extra)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{grpc_port}"),
+                "--metrics-listen",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
+            .args(["--concurrency-per-connection", "1024", "--store-deadline-ms", "10000"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting embark")?,
+    ))
+}
+
+/// Two passes of Lookups over every key: the first reads the store into
+/// the tier, the second checks all are cached. With `pid`, returns the RSS
+/// at the half-way point of the first pass: the slope between it and the
+/// end is the marginal cost of an entry, free of start-up and allocator
+/// warm-up.
+async fn warm(client: &mut EmbArkClient<Channel>, n: usize, pid: Option<u32>) -> anyhow::Result<u64> {
+    let mut rss_half = 0;
+    for pass in 0..2 {
+        let mut cached = 0;
+        for (c, chunk) in (0..n).collect::<Vec<_>>().chunks(1024).enumerate() {
+            if let Some(pid) = pid
+                && pass == 0
+                && c == n / 2048
+            {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                rss_half = rss_bytes(pid)?;
+            }
+            let keys: Vec<String> = chunk.iter().map(|&i| key(i)).collect();
+            let r = client.lookup(LookupRequest { model: MODEL.into(), keys }).await?.into_inner();
+            cached += r.sources.iter().filter(|s| **s == Source::Cache as i32).count();
+            if pass == 0 {
+                anyhow::ensure!(
+                    r.sources.iter().all(|s| *s == Source::Store as i32),
+                    "preloaded keys come from the store"
+                );
+            }
+        }
+        if pass == 1 {
+            anyhow::ensure!(cached == n, "only {cached} of {n} keys in the tier");
+        }
+    }
+    Ok(rss_half)
+}
+
+/// EmbArk over TLS and over plaintext TCP, measured back to back at their
+/// peaks: a second server on `tls_data` with a development certificate.
+async fn tls_cost(
+    args: &Args,
+    bin_dir: &Path,
+    tls_data: &Path,
+    work: &Path,
+    plain_target: &str,
+    picker: Arc<KeyPicker>,
+) -> anyhow::Result<serde_json::Value> {
+    let certs = work.join("certs");
+    let out = Command::new(bin_dir.join("embark"))
+        .arg("dev-certs")
+        .arg("--out")
+        .arg(&certs)
+        .args(["--server", "embark"])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "dev-certs: {}", String::from_utf8_lossy(&out.stderr));
+    let _ = TLS_CA.set(std::fs::read(certs.join("ca.pem"))?);
+    let (cert, key) = (certs.join("embark.pem"), certs.join("embark.key"));
+    let port = free_port();
+    let tls_flags = ["--tls-cert", cert.to_str().context("utf-8")?, "--tls-key", key.to_str().context("utf-8")?];
+    let _server = spawn_embark(bin_dir, tls_data, port, args, &tls_flags)?;
+    let target = format!("tls:127.0.0.1:{port}");
+    wait_for("embark over TLS", Duration::from_secs(60), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+        .await?;
+    let mut client = EmbArkClient::new(channel(&target).await?).max_decoding_message_size(256 << 20);
+    warm(&mut client, args.keys, None).await?;
+    println!("tls (a second embark serve, rustls, ECDSA P-256, TLS 1.3):");
+    let plain = drive(System::Embark, plain_target, args, picker.clone(), None, args.seconds, args.warmup).await?;
+    let tls = drive(System::Embark, &target, args, picker, None, args.seconds, args.warmup).await?;
+    let keys = |r: &Run| r.req_per_s() * args.batch as f64;
+    for (name, run) in [("plaintext", &plain), ("tls", &tls)] {
+        println!(
+            "  {name:<11} {:>10.0} req/s {:>12.0} keys/s   p50 {:.0} us  p99 {:.0} us",
+            run.req_per_s(),
+            keys(run),
+            run.us(0.5),
+            run.us(0.99)
+        );
+    }
+    let ratio = keys(&tls) / keys(&plain);
+    println!("  tls/plaintext {ratio:.3}x keys/s (TLS costs {:.1}%)\n", (1.0 - ratio) * 100.0);
+    Ok(json!({
+        "plaintext_keys_s": keys(&plain), "tls_keys_s": keys(&tls), "tls_over_plaintext": ratio,
+        "plaintext_p99_us": plain.us(0.99), "tls_p99_us": tls.us(0.99),
+    }))
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let bin_dir = match &args.bin_dir {
         Some(d) => d.clone(),
@@ -411,29 +545,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             store.put_vectors(MODEL, chunk.iter().map(|&i| (key(i), vector(i, args.dim))).collect()).await?;
         }
     }
+    let tls_data = work.path().join("embark-tls");
+    if args.tls {
+        // Copied before the first server opens it: an identical store.
+        std::fs::create_dir_all(&tls_data)?;
+        std::fs::copy(data.join("embark.redb"), tls_data.join("embark.redb"))?;
+    }
     let grpc_port = free_port();
-    let metrics_port = free_port();
     let uds_path = work.path().join("embark.sock");
-    let cache_bytes = format!("{}", (n as u64) * (row as u64 + 256) + (64 << 20));
-    let embark = KillOnDrop(
-        Command::new(bin_dir.join("embark"))
-            .args(["serve", "--models", MODEL, "--cache-bytes", &cache_bytes, "--embedded-cache-bytes", "8MiB"])
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("--uds")
-            .arg(&uds_path)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{grpc_port}"),
-                "--metrics-listen",
-                &format!("127.0.0.1:{metrics_port}"),
-            ])
-            .args(["--concurrency-per-connection", "1024", "--store-deadline-ms", "10000"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting embark")?,
-    );
+    let uds_flag = uds_path.to_str().context("utf-8 path")?.to_owned();
+    let embark = spawn_embark(&bin_dir, &data, grpc_port, &args, &["--uds", &uds_flag])?;
     let embark_tcp = format!("127.0.0.1:{grpc_port}");
     let embark_uds = format!("unix:{}", uds_path.display());
     wait_for("embark", Duration::from_secs(60), || {
@@ -444,31 +565,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss_bytes(pid)?;
     let mut client = EmbArkClient::new(channel(&embark_tcp).await?).max_decoding_message_size(256 << 20);
-    // RSS at the half-way point of the first pass too: the slope between
-    // it and the end is the marginal cost of an entry, free of start-up and
-    // allocator warm-up.
-    let mut rss_half = 0;
-    for pass in 0..2 {
-        let mut cached = 0;
-        for (c, chunk) in (0..n).collect::<Vec<_>>().chunks(1024).enumerate() {
-            if pass == 0 && c == n / 2048 {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                rss_half = rss_bytes(pid)?;
-            }
-            let keys: Vec<String> = chunk.iter().map(|&i| key(i)).collect();
-            let r = client.lookup(LookupRequest { model: MODEL.into(), keys }).await?.into_inner();
-            cached += r.sources.iter().filter(|s| **s == Source::Cache as i32).count();
-            if pass == 0 {
-                anyhow::ensure!(
-                    r.sources.iter().all(|s| *s == Source::Store as i32),
-                    "preloaded keys come from the store"
-                );
-            }
-        }
-        if pass == 1 {
-            anyhow::ensure!(cached == n, "only {cached} of {n} keys in the tier");
-        }
-    }
+    let rss_half = warm(&mut client, n, Some(pid)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_after = rss_bytes(pid)?;
     let per_entry = (rss_after.saturating_sub(rss_before)) as f64 / n as f64;
@@ -610,6 +707,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!();
     }
 
+    let tls = match args.tls {
+        true => tls_cost(&args, &bin_dir, &tls_data, work.path(), &embark_tcp, picker.clone()).await?,
+        false => serde_json::Value::Null,
+    };
     let report = json!({
         "keys": n, "dim": args.dim, "clients": args.clients, "batch": args.batch, "dist": args.dist,
         "seconds": args.seconds, "cpus": std::thread::available_parallelism().map(|p| p.get()).unwrap_or(0),
@@ -621,7 +722,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "embark_ratio_to_raw": per_entry / row as f64,
             "redis_used_memory_per_key": redis_used / n as f64,
         },
-        "peaks": results, "curves": curves,
+        "peaks": results, "curves": curves, "tls": tls,
     });
     let json_path = args.out.join("lookup-bench.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;

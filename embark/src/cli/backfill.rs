@@ -53,10 +53,13 @@ pub(crate) struct BackfillArgs {
     input: PathBuf,
     #[command(flatten)]
     location: StoreLocation,
-    /// Retina services to call (`http://host:port`, comma-separated);
-    /// without it the model runs in this process from --models-dir.
+    /// Retina services to call (`http://host:port`, or `https://` for TLS;
+    /// comma-separated); without it the model runs in this process from
+    /// --models-dir.
     #[arg(long, env = "EMBARK_BACKFILL_RETINA", value_delimiter = ',')]
     retina: Vec<String>,
+    #[command(flatten)]
+    retina_tls: kfc::RetinaTlsArgs,
     /// Where the in-process Retina finds its weights.
     #[command(flatten)]
     models_dir: retina::config::ModelsDirArg,
@@ -175,7 +178,7 @@ pub(crate) async fn run(args: BackfillArgs) -> anyhow::Result<i32> {
         Arc::new(kfc::InProcessRetina::new(Arc::new(engine)))
     } else {
         Arc::new(kfc::RemoteRetina::start(
-            kfc::RetinaClientConfig { urls: args.retina.clone(), ..Default::default() },
+            args.retina_tls.apply(kfc::RetinaClientConfig { urls: args.retina.clone(), ..Default::default() })?,
             embedder_stop.clone(),
         )?)
     };

@@ -67,6 +67,37 @@ impl Default for RetinaClientConfig {
     }
 }
 
+/// How a client proves itself to a Retina that requires TLS, mTLS or
+/// principals: the flags `kfc` and `embark backfill` share.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RetinaTlsArgs {
+    /// The CA that signed Retina's certificate (PEM), for https:// URLs.
+    #[arg(long, env = "KFC_RETINA_CA")]
+    pub retina_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for a Retina that requires mTLS.
+    #[arg(long, env = "KFC_RETINA_CERT", requires = "retina_key")]
+    pub retina_cert: Option<std::path::PathBuf>,
+    /// The key of --retina-cert (PEM).
+    #[arg(long, env = "KFC_RETINA_KEY", requires = "retina_cert")]
+    pub retina_key: Option<std::path::PathBuf>,
+    /// A file holding the bearer token for a Retina that requires principals.
+    #[arg(long, env = "KFC_RETINA_TOKEN_FILE")]
+    pub retina_token_file: Option<std::path::PathBuf>,
+}
+
+impl RetinaTlsArgs {
+    /// `config` with these files and token.
+    pub fn apply(&self, config: RetinaClientConfig) -> Result<RetinaClientConfig, embark_ops::auth::TokenError> {
+        let token = match &self.retina_token_file {
+            Some(path) => BearerToken::from_file(path)?,
+            None => BearerToken::default(),
+        };
+        let tls =
+            ClientTlsFiles { ca: self.retina_ca.clone(), cert: self.retina_cert.clone(), key: self.retina_key.clone() };
+        Ok(RetinaClientConfig { tls, token, ..config })
+    }
+}
+
 /// An [`Embedder`] that calls Retina replicas over gRPC.
 #[derive(Debug, Clone)]
 pub struct RemoteRetina {
