@@ -44,6 +44,7 @@ impl Operator {
         crate::telemetry::init(json);
         let metrics = crate::http::install_recorder()?;
         let shutdown = crate::shutdown::on_signal();
+        crate::shutdown::take_hangups();
         let ready = Readiness::default();
         let stop = CancellationToken::new();
         let (addr, task) = crate::http::serve(metrics_listen, metrics, ready.clone(), stop.clone())

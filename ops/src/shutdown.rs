@@ -30,3 +30,20 @@ pub fn on_signal() -> CancellationToken {
     });
     token
 }
+
+/// SIGHUP asks a server to reload its files ([`crate::reload::watch`]
+/// listens for it); a server with none to reload must not die of it (the
+/// signal's default action), so every binary takes it and logs it.
+pub fn take_hangups() {
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::info!("SIGHUP received: files configured for reloading are read again");
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
+    }
+}

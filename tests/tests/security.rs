@@ -343,3 +343,21 @@ async fn a_rotated_certificate_is_served_without_a_restart() -> anyhow::Result<(
     assert!(embark.log_text().contains("reloaded"), "{}", embark.log_text());
     Ok(())
 }
+
+/// SIGHUP's default action ends a process: one with no TLS or principals
+/// to reload took it as a kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_nothing_to_reload_survives_sighup() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let embark = Server::start(
+        &binary("embark"),
+        &["serve", "--models", MODEL, "--data-dir", data.path().to_str().expect("utf-8")],
+    )
+    .await?;
+    let ok = Command::new("kill").arg("-HUP").arg(embark.pid().to_string()).status()?.success();
+    anyhow::ensure!(ok, "kill -HUP failed");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    embark.embark_client().await?.models(ModelsRequest {}).await?;
+    assert!(embark.log_text().contains("SIGHUP received"), "{}", embark.log_text());
+    Ok(())
+}
