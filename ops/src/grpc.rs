@@ -114,6 +114,14 @@ pub fn reflection(
     Ok((v1, v1alpha))
 }
 
+/// Says so when a server listens beyond loopback unprotected (`protected`:
+/// TLS on, and callers named by tokens or client certificates).
+pub fn warn_if_exposed(addr: std::net::SocketAddr, protected: bool) {
+    if !(addr.ip().is_loopback() || protected) {
+        tracing::warn!(%addr, "gRPC listens beyond loopback without TLS and named callers (--tls-cert, --auth-tokens or --tls-client-ca): see docs/security.md");
+    }
+}
+
 /// A listener [`incoming`] accepts from: TCP or a Unix socket.
 pub trait Accept: Send + 'static {
     type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static;

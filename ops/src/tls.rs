@@ -210,12 +210,12 @@ pub fn tls_incoming<L: Accept>(
     })
 }
 
-/// The TLS flags of a client of one of our gRPC servers, named after the
-/// server (`--retina-ca`...): see [`client_tls`].
+/// The files of a client of one of our gRPC servers (KFC's are
+/// `--retina-ca`...): see [`client_tls`].
 #[derive(Debug, Clone, Default)]
 pub struct ClientTlsFiles {
-    /// The CA that signed the server's certificate (PEM); without it, TLS
-    /// is used only for `https://` URLs, verified against the CA given.
+    /// The CA that signed the server's certificate (PEM): `https://` URLs
+    /// need it.
     pub ca: Option<PathBuf>,
     /// A client certificate and key for servers that require mTLS.
     pub cert: Option<PathBuf>,
@@ -238,9 +238,9 @@ pub enum ClientTlsError {
 }
 
 /// tonic's TLS configuration for a client from `files`, for the server
-/// named `domain` (checked against its certificate). Reads the files once:
-/// a client's connections are short-lived enough to pick up a rotated CA
-/// at restart.
+/// named `domain` (checked against its certificate). Reads the files once,
+/// at start: a rotated CA or client certificate takes a restart of the
+/// client.
 pub fn client_tls(files: &ClientTlsFiles, domain: &str) -> Result<tonic::transport::ClientTlsConfig, ClientTlsError> {
     let read =
         |path: &PathBuf| std::fs::read(path).map_err(|source| ClientTlsError::Read { path: path.clone(), source });

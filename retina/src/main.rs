@@ -74,9 +74,9 @@ async fn main() -> anyhow::Result<()> {
     let grpc_addr = listener.local_addr()?;
     let service = RetinaService::new(engine, args.max_request_inputs);
     op.ready.set(true);
-    if !grpc_addr.ip().is_loopback() && tls.is_none() {
-        tracing::warn!(%grpc_addr, "Retina listens beyond loopback without TLS (--tls-cert, --tls-client-ca): see docs/security.md");
-    }
+    // Retina is warned about only without TLS: it changes no state, and
+    // its callers may be named by client certificates or by tokens.
+    embark_ops::grpc::warn_if_exposed(grpc_addr, tls.is_some());
     tracing::info!(grpc = %grpc_addr, metrics = %op.addr, models = ?args.models, tls = tls.is_some(), auth = auth.is_some(), "retina serving");
     let limits = embark_ops::grpc::ServerLimits::default();
     // No request is larger than a full batch of the longest inputs, and

@@ -18,7 +18,7 @@ use rdkafka::{
     util::Timeout,
 };
 
-use crate::free_port;
+use crate::{Server, binary, free_port};
 
 /// The tansu binary: `$EMBARK_TANSU`, or where the install script puts it.
 pub fn tansu_binary() -> PathBuf {
@@ -223,4 +223,39 @@ pub fn kfc_args(target: KfcTarget<'_>, miss_topic_partitions: u32, max_backoff_m
     let mut args: Vec<String> = flags.into_iter().flat_map(|(k, v)| [k.to_owned(), v]).collect();
     args.extend(["--max-backoff-ms".to_owned(), max_backoff_ms.to_string()]);
     args
+}
+
+/// An `embark serve` of `model` on the CQL store at `store_url`, publishing
+/// misses to `miss_topic` (which it does not create), with its durable
+/// files in `data`.
+pub async fn start_kafka_embark(
+    model: &str,
+    brokers: &str,
+    miss_topic: &str,
+    store_url: &str,
+    data: &std::path::Path,
+) -> anyhow::Result<Server> {
+    Server::start(
+        &binary("embark"),
+        &[
+            "serve",
+            "--models",
+            model,
+            "--store",
+            store_url,
+            "--kafka-brokers",
+            brokers,
+            "--miss-topic",
+            miss_topic,
+            "--miss-topic-partitions",
+            "0",
+            "--data-dir",
+            data.to_str().context("a UTF-8 data directory")?,
+            // These tests are about Kafka: a busy CI machine must not
+            // turn slow store reads into OOV_UNAVAILABLE.
+            "--store-deadline-ms",
+            "2000",
+        ],
+    )
+    .await
 }

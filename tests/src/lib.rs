@@ -419,6 +419,19 @@ pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     request
 }
 
+/// Replication of a test keyspace: the CQL test server is one node.
+pub const TEST_REPLICATION: &str = "{'class': 'SimpleStrategy', 'replication_factor': 1}";
+
+/// `embark migrate` of `store_url` (`cql://.../keyspace`) with
+/// [`TEST_REPLICATION`]: the schema, by the same command operators run.
+pub fn migrate(store_url: &str) -> anyhow::Result<()> {
+    let out = Command::new(binary("embark"))
+        .args(["migrate", "--store", store_url, "--cql-replication", TEST_REPLICATION])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "migrate: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

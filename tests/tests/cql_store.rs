@@ -5,7 +5,7 @@
 //! rows keep flowing, the breaker opens and closes again (seen in /metrics);
 //! and `Similar` indexes the CQL store and picks up vectors written later.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use cql_test_server::CqlTestServer;
 use embark_proto::embark::v1::{LookupRequest, Source};
@@ -17,7 +17,7 @@ use embark_tests::{Server, binary, eventually};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 const MODEL: &str = "minilm-l6-v2";
-const REPLICATION: &str = "{'class': 'SimpleStrategy', 'replication_factor': 1}";
+use embark_tests::TEST_REPLICATION as REPLICATION;
 
 /// One test at a time: the first reads the store under a 200 ms deadline,
 /// which a neighbour test sharing the 2 cores could make real reads miss.
@@ -45,9 +45,7 @@ async fn serve_answers_from_cql_and_survives_a_store_that_stops_answering() -> a
     let url = format!("cql://{}/embark_e2e", cql.addr);
 
     // The schema comes from the explicit command.
-    let out =
-        Command::new(binary("embark")).args(["migrate", "--store", &url, "--cql-replication", REPLICATION]).output()?;
-    assert!(out.status.success(), "migrate failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    embark_tests::migrate(&url)?;
 
     // Vectors written by someone else (KFC, a backfill).
     let cfg = CqlConfig { replication: REPLICATION.into(), ..CqlConfig::from_url(&url)? };

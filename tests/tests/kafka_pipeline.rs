@@ -11,7 +11,6 @@
 
 use std::{
     net::SocketAddr,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -26,8 +25,8 @@ use embark_store::{
 };
 use embark_tests::{
     Server, binary, cosine, eventually, free_port,
-    kafka::{Broker, KfcTarget, create_topics, kfc_args, produce, read_dead_letters, read_misses},
-    minilm_reference, rows,
+    kafka::{Broker, KfcTarget, create_topics, kfc_args, produce, read_dead_letters, read_misses, start_kafka_embark},
+    migrate, minilm_reference, rows,
 };
 use tonic::transport::Channel;
 
@@ -38,7 +37,6 @@ const MODEL: &str = "minilm-l6-v2";
 /// race for the free ports they pick).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const DIM: usize = 384;
-const REPLICATION: &str = "{'class': 'SimpleStrategy', 'replication_factor': 1}";
 
 /// Everything but KFC, wired on loopback with fresh topic and group names.
 struct Stack {
@@ -64,10 +62,7 @@ impl Stack {
 
         let cql = CqlTestServer::start()?;
         let store_url = format!("cql://{}/embark_kafka", cql.addr);
-        let out = Command::new(binary("embark"))
-            .args(["migrate", "--store", &store_url, "--cql-replication", REPLICATION])
-            .output()?;
-        anyhow::ensure!(out.status.success(), "migrate: {}", String::from_utf8_lossy(&out.stderr));
+        migrate(&store_url)?;
         let store = CqlStore::connect(&CqlConfig::from_url(&store_url)?).await?;
 
         let retina_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
@@ -131,29 +126,7 @@ async fn start_embark(
     store_url: &str,
     data: &tempfile::TempDir,
 ) -> anyhow::Result<Server> {
-    Server::start(
-        &binary("embark"),
-        &[
-            "serve",
-            "--models",
-            MODEL,
-            "--store",
-            store_url,
-            "--kafka-brokers",
-            brokers,
-            "--miss-topic",
-            miss_topic,
-            "--miss-topic-partitions",
-            "0",
-            "--data-dir",
-            data.path().to_str().expect("utf-8"),
-            // These tests are about Kafka: a busy CI machine must not
-            // turn slow store reads into OOV_UNAVAILABLE.
-            "--store-deadline-ms",
-            "2000",
-        ],
-    )
-    .await
+    start_kafka_embark(MODEL, brokers, miss_topic, store_url, data.path()).await
 }
 
 /// Retina with the text model; inputs over 300 bytes are refused

@@ -18,8 +18,8 @@ use embark_proto::{
 };
 use embark_tests::{
     Server, binary, dev_certs, eventually, free_port,
-    kafka::{Broker, KfcTarget, create_topics, kfc_args},
-    tls_channel, with_token,
+    kafka::{Broker, KfcTarget, create_topics, kfc_args, start_kafka_embark},
+    migrate, tls_channel, with_token,
 };
 use tonic::{Code, transport::Channel};
 
@@ -195,39 +195,10 @@ async fn kfc_fills_through_mtls_to_retina_which_refuses_other_cas() -> anyhow::R
     create_topics(&broker.brokers(), &miss_topic, &dlq_topic, 2).await?;
     let cql = cql_test_server::CqlTestServer::start()?;
     let store_url = format!("cql://{}/embark_tls", cql.addr);
-    let out = Command::new(binary("embark"))
-        .args([
-            "migrate",
-            "--store",
-            &store_url,
-            "--cql-replication",
-            "{'class': 'SimpleStrategy', 'replication_factor': 1}",
-        ])
-        .output()?;
-    anyhow::ensure!(out.status.success(), "migrate: {}", String::from_utf8_lossy(&out.stderr));
+    migrate(&store_url)?;
     let data = tempfile::tempdir()?;
     let brokers = broker.brokers();
-    let embark = Server::start(
-        &binary("embark"),
-        &[
-            "serve",
-            "--models",
-            MODEL,
-            "--store",
-            &store_url,
-            "--kafka-brokers",
-            &brokers,
-            "--miss-topic",
-            &miss_topic,
-            "--miss-topic-partitions",
-            "0",
-            "--data-dir",
-            data.path().to_str().expect("utf-8"),
-            "--store-deadline-ms",
-            "2000",
-        ],
-    )
-    .await?;
+    let embark = start_kafka_embark(MODEL, &brokers, &miss_topic, &store_url, data.path()).await?;
     let target = KfcTarget {
         brokers: &brokers,
         miss_topic: &miss_topic,

@@ -356,15 +356,6 @@ fn spawn_tier_gauges(tier: VectorCache, stop: CancellationToken) {
     });
 }
 
-/// Says so when a server listens beyond loopback with no TLS or no
-/// principals: anyone who reaches the port may then call everything.
-pub(crate) fn warn_if_exposed(addr: std::net::SocketAddr, tls: bool, auth: bool) {
-    let protected = tls && auth;
-    if !(addr.ip().is_loopback() || protected) {
-        tracing::warn!(%addr, tls, auth, "gRPC listens beyond loopback without TLS and principals (--tls-cert, --auth-tokens): see docs/security.md");
-    }
-}
-
 /// Serves `embark.v1.EmbArk`, health and reflection on TCP (and a Unix
 /// socket if asked) until `shutdown`; gRPC health follows `ready`.
 async fn serve_grpc(
@@ -390,7 +381,9 @@ async fn serve_grpc(
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let grpc_addr = listener.local_addr()?;
-    warn_if_exposed(grpc_addr, tls.is_some(), auth.is_some());
+    // Anyone who reaches a port beyond loopback may call everything
+    // unless the channel is encrypted and callers are named.
+    embark_ops::grpc::warn_if_exposed(grpc_addr, tls.is_some() && auth.is_some());
     let uds = match &args.uds {
         Some(path) => {
             // A socket file left by a crash would make bind fail.
