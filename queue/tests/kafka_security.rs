@@ -143,6 +143,7 @@ async fn a_client_without_sasl_is_refused() {
     assert!(created.is_err(), "the broker requires SASL: {created:?}");
 }
 
+#[cfg(feature = "kafka-tls")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scram_is_spoken_and_an_unknown_user_is_refused_as_an_authentication_failure() {
     let broker = Broker::start();
