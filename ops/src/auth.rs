@@ -343,13 +343,19 @@ where
 }
 
 /// A client's bearer token, added to every call (a tonic interceptor).
-/// Without a token it adds nothing, so one client type serves both.
+/// Without a token it adds nothing, so one client type serves both. A
+/// token read from a file can be [watched](Self::watch): the next call
+/// after the file changes (or after SIGHUP) carries the new token, on the
+/// connections already open too.
 #[derive(Clone, Default)]
-pub struct BearerToken(Option<AsciiMetadataValue>);
+pub struct BearerToken {
+    value: Arc<Reloadable<Option<AsciiMetadataValue>>>,
+    file: Option<PathBuf>,
+}
 
 impl std::fmt::Debug for BearerToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "BearerToken(<redacted>)" } else { "BearerToken(none)" })
+        f.write_str(if self.value.current().is_some() { "BearerToken(<redacted>)" } else { "BearerToken(none)" })
     }
 }
 
@@ -366,25 +372,52 @@ pub enum TokenError {
     NotAscii,
 }
 
+/// The `authorization` header value for `token`.
+fn bearer_value(token: &str) -> Result<AsciiMetadataValue, TokenError> {
+    let mut value: AsciiMetadataValue =
+        MetadataValue::try_from(format!("Bearer {}", token.trim())).map_err(|_| TokenError::NotAscii)?;
+    // Kept out of HPACK's tables and of Debug output.
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+fn read_token_file(path: &Path) -> Result<AsciiMetadataValue, TokenError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read { path: path.into(), source })?;
+    bearer_value(&text)
+}
+
 impl BearerToken {
     pub fn new(token: &str) -> Result<Self, TokenError> {
-        let mut value: AsciiMetadataValue =
-            MetadataValue::try_from(format!("Bearer {}", token.trim())).map_err(|_| TokenError::NotAscii)?;
-        // Kept out of HPACK's tables and of Debug output.
-        value.set_sensitive(true);
-        Ok(Self(Some(value)))
+        Ok(Self { value: Arc::new(Reloadable::new(Some(bearer_value(token)?))), file: None })
     }
 
     /// The token in `path` (surrounding whitespace dropped).
     pub fn from_file(path: &Path) -> Result<Self, TokenError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read { path: path.into(), source })?;
-        Self::new(&text)
+        Ok(Self { value: Arc::new(Reloadable::new(Some(read_token_file(path)?))), file: Some(path.into()) })
+    }
+
+    /// Re-reads the token's file when it changes (checked every `every`)
+    /// or on SIGHUP, until `stop`, so a rotated token needs no restart. A
+    /// file that cannot be read keeps the token in use (and is logged).
+    /// Nothing to do for a token not read from a file.
+    pub fn watch(&self, every: Duration, stop: &CancellationToken) {
+        if let Some(path) = &self.file {
+            let file = path.clone();
+            reload::watch(
+                "token",
+                vec![path.clone()],
+                every,
+                self.value.clone(),
+                move || read_token_file(&file).map(Some),
+                stop.clone(),
+            );
+        }
     }
 }
 
 impl tonic::service::Interceptor for BearerToken {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
+        if let Some(value) = self.value.current().as_ref() {
             request.metadata_mut().insert("authorization", value.clone());
         }
         Ok(request)
@@ -484,5 +517,40 @@ mod tests {
         assert!(!format!("{token:?}").contains("s3cret"));
         let principals = Principals::parse(&file(&[("a", "read", "s3cret")]), Path::new("p")).expect("parse");
         assert!(!format!("{principals:?}").contains(&token_sha256("s3cret")));
+    }
+
+    fn authorization(token: &mut BearerToken) -> Option<String> {
+        use tonic::service::Interceptor;
+        let request = token.call(tonic::Request::new(())).expect("intercepted");
+        request.metadata().get("authorization").map(|v| v.to_str().expect("ascii").to_owned())
+    }
+
+    #[tokio::test]
+    async fn a_watched_token_file_is_sent_anew_after_it_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kfc.token");
+        std::fs::write(&path, "first\n").expect("write");
+        let mut token = BearerToken::from_file(&path).expect("token");
+        let stop = CancellationToken::new();
+        token.watch(Duration::from_millis(100), &stop);
+        // A clone made before the change (a client already built) follows it.
+        let mut sent_by_a_clone = token.clone();
+        assert_eq!(authorization(&mut token).as_deref(), Some("Bearer first"));
+        std::fs::write(&path, "second").expect("write");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while authorization(&mut sent_by_a_clone).as_deref() != Some("Bearer second") {
+            assert!(std::time::Instant::now() < deadline, "the new token was not picked up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A file that breaks keeps the token in use.
+        std::fs::remove_file(&path).expect("remove");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(authorization(&mut token).as_deref(), Some("Bearer second"));
+        stop.cancel();
+    }
+
+    #[test]
+    fn no_token_adds_no_header() {
+        assert_eq!(authorization(&mut BearerToken::default()), None);
     }
 }

@@ -28,6 +28,12 @@ pub struct Reloadable<T> {
     current: RwLock<Arc<T>>,
 }
 
+impl<T: Default> Default for Reloadable<T> {
+    fn default() -> Self {
+        Self::new(T::default())
+    }
+}
+
 impl<T> Reloadable<T> {
     pub fn new(value: T) -> Self {
         Self { current: RwLock::new(Arc::new(value)) }

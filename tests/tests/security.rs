@@ -213,6 +213,7 @@ async fn kfc_fills_through_mtls_to_retina_which_refuses_other_cas() -> anyhow::R
     for (flag, file) in [("--retina-ca", "ca.pem"), ("--retina-cert", "kfc.pem"), ("--retina-key", "kfc.key")] {
         args.extend([flag.to_owned(), path(a, file)]);
     }
+    args.extend(["--retina-tls-reload-secs".to_owned(), "1".to_owned()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _kfc = Server::start_on(&binary("kfc"), &args, None).await?;
 
@@ -229,6 +230,47 @@ async fn kfc_fills_through_mtls_to_retina_which_refuses_other_cas() -> anyhow::R
     })
     .await?;
     assert_eq!(filled.dim, 384);
+
+    // A rotation to a new CA: KFC's files are replaced by ones the new CA
+    // signed, and Retina restarts with it. KFC, not restarted, must connect
+    // anew with the new files (its old certificate and CA fit no more).
+    let rotated = tempfile::tempdir()?;
+    let c = rotated.path();
+    dev_certs(c, &["--server", "retina", "--client", "kfc"])?;
+    for file in ["ca.pem", "kfc.pem", "kfc.key"] {
+        let tmp = a.join(format!("{file}.tmp"));
+        std::fs::copy(c.join(file), &tmp)?;
+        std::fs::rename(&tmp, a.join(file))?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(retina);
+    let _retina = Server::start_on(
+        &binary("retina"),
+        &[
+            "--models",
+            MODEL,
+            "--tls-cert",
+            &path(c, "retina.pem"),
+            "--tls-key",
+            &path(c, "retina.key"),
+            "--tls-client-ca",
+            &path(c, "ca.pem"),
+            "--auth-tokens",
+            &path(c, "tokens.toml"),
+        ],
+        Some(retina_addr),
+    )
+    .await?;
+    let keys = ["filled after the rotation"];
+    assert_eq!(client.lookup(lookup(&keys)).await?.into_inner().sources, vec![Source::OovPending as i32]);
+    eventually(Duration::from_secs(60), "KFC to fill with its rotated certificate", || {
+        let mut client = client.clone();
+        async move {
+            let r = client.lookup(lookup(&keys)).await?.into_inner();
+            Ok((r.sources[0] == Source::Store as i32 || r.sources[0] == Source::Cache as i32).then_some(()))
+        }
+    })
+    .await?;
     Ok(())
 }
 

@@ -10,7 +10,13 @@
 //! `https://` URLs are called over TLS, verified against `tls.ca` for the
 //! URL's host name (not the resolved address), with a client certificate
 //! when the replicas require mTLS; a bearer token, if set, goes with every
-//! call.
+//! call. The CA, the client certificate and the token are re-read when
+//! their files change (checked every `tls_reload_every`) or on SIGHUP:
+//! the new token goes with the next call; a new certificate serves every
+//! replica's connection from the next resolve on (each replica's endpoint
+//! is replaced, the old connection finishing the calls it carries), so a
+//! rotation, followed even by a restart of Retina with a new CA, needs no
+//! restart of KFC.
 //!
 //! Each call has its own deadline. A call that fails as a whole
 //! (unreachable, overloaded, deadline) is an [`EmbedError`]: the fill loop
@@ -20,11 +26,16 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
+    sync::Arc,
     time::Duration,
 };
 
 use async_trait::async_trait;
-use embark_ops::{auth::BearerToken, tls::ClientTlsFiles};
+use embark_ops::{
+    auth::BearerToken,
+    reload::{self, Reloadable},
+    tls::ClientTlsFiles,
+};
 use embark_proto::retina::v1::{EmbedRequest, FailureCode, retina_client::RetinaClient};
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -52,6 +63,8 @@ pub struct RetinaClientConfig {
     pub tls: ClientTlsFiles,
     /// Sent with every call when Retina requires principals.
     pub token: BearerToken,
+    /// How often the TLS files and the token file are checked for a change.
+    pub tls_reload_every: Duration,
 }
 
 impl Default for RetinaClientConfig {
@@ -63,6 +76,7 @@ impl Default for RetinaClientConfig {
             resolve_every: Duration::from_secs(5),
             tls: ClientTlsFiles::default(),
             token: BearerToken::default(),
+            tls_reload_every: reload::DEFAULT_RELOAD_EVERY,
         }
     }
 }
@@ -83,6 +97,10 @@ pub struct RetinaTlsArgs {
     /// A file holding the bearer token for a Retina that requires principals.
     #[arg(long, env = "KFC_RETINA_TOKEN_FILE")]
     pub retina_token_file: Option<std::path::PathBuf>,
+    /// How often, in seconds, the files above are checked for a change
+    /// (SIGHUP re-reads them at once).
+    #[arg(long, env = "KFC_RETINA_TLS_RELOAD_SECS", default_value_t = reload::DEFAULT_RELOAD_EVERY.as_secs())]
+    pub retina_tls_reload_secs: u64,
 }
 
 impl RetinaTlsArgs {
@@ -94,7 +112,8 @@ impl RetinaTlsArgs {
         };
         let tls =
             ClientTlsFiles { ca: self.retina_ca.clone(), cert: self.retina_cert.clone(), key: self.retina_key.clone() };
-        Ok(RetinaClientConfig { tls, token, ..config })
+        let tls_reload_every = Duration::from_secs(self.retina_tls_reload_secs.max(1));
+        Ok(RetinaClientConfig { tls, token, tls_reload_every, ..config })
     }
 }
 
@@ -115,20 +134,22 @@ impl RemoteRetina {
             return Err(EmbedError::Config("no Retina URL given".into()));
         }
         // TLS settings per target, checked now: a missing CA or key is a
-        // start-up error, not a warning per resolved replica.
-        let tls: Vec<Option<ClientTlsConfig>> = targets
-            .iter()
-            .map(|t| match t.tls {
-                true => embark_ops::tls::client_tls(&config.tls, &t.host)
-                    .map(Some)
-                    .map_err(|e| EmbedError::Config(format!("Retina URL https://{}: {e}", t.hostport))),
-                false if config.tls.ca.is_some() => Err(EmbedError::Config(format!(
-                    "a Retina CA is given but http://{} is plaintext: use https://",
-                    t.hostport
-                ))),
-                false => Ok(None),
-            })
-            .collect::<Result<_, _>>()?;
+        // start-up error, not a warning per resolved replica. Then re-read
+        // on change; a change that fails to load keeps the settings in use.
+        let tls = Arc::new(Reloadable::new(tls_per_target(&targets, &config.tls)?));
+        if targets.iter().any(|t| t.tls) {
+            let (targets, files) = (targets.clone(), config.tls.clone());
+            let paths = [&files.ca, &files.cert, &files.key].into_iter().flatten().cloned().collect();
+            reload::watch(
+                "retina-tls",
+                paths,
+                config.tls_reload_every,
+                tls.clone(),
+                move || tls_per_target(&targets, &files),
+                stop.clone(),
+            );
+        }
+        config.token.watch(config.tls_reload_every, &stop);
         let (channel, changes) = Channel::balance_channel::<SocketAddr>(64);
         let endpoint_for = {
             let config = config.clone();
@@ -147,6 +168,7 @@ impl RemoteRetina {
         };
         tokio::spawn(async move {
             let mut known: HashSet<SocketAddr> = HashSet::new();
+            let mut tls_in_use = tls.current();
             let mut tick = tokio::time::interval(config.resolve_every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -176,13 +198,23 @@ impl RemoteRetina {
                         return;
                     }
                 }
+                // New TLS settings: every replica's endpoint anew. tower's
+                // balancer swaps an endpoint inserted under a known address
+                // in once its new connection is ready.
+                let tls_now = tls.current();
+                let renewed = !Arc::ptr_eq(&tls_now, &tls_in_use);
+                if renewed {
+                    tracing::info!("Retina TLS settings changed: reconnecting to every replica with them");
+                    tls_in_use = tls_now;
+                }
                 let new: Vec<(SocketAddr, usize)> =
-                    now.iter().filter(|(a, _)| !known.contains(a)).map(|(a, i)| (*a, *i)).collect();
+                    now.iter().filter(|(a, _)| renewed || !known.contains(a)).map(|(a, i)| (*a, *i)).collect();
                 for (new, target) in new {
-                    match endpoint_for(new, &tls[target]) {
+                    match endpoint_for(new, &tls_in_use[target]) {
                         Ok(endpoint) => {
-                            tracing::info!(addr = %new, "Retina replica found");
-                            known.insert(new);
+                            if known.insert(new) {
+                                tracing::info!(addr = %new, "Retina replica found");
+                            }
                             if changes.send(Change::Insert(new, endpoint)).await.is_err() {
                                 return;
                             }
@@ -196,6 +228,23 @@ impl RemoteRetina {
         let client = RetinaClient::with_interceptor(channel, config.token.clone()).max_decoding_message_size(256 << 20);
         Ok(Self { client, timeout: config.timeout })
     }
+}
+
+/// The TLS settings of each target (None for http://), from `files`.
+fn tls_per_target(targets: &[Target], files: &ClientTlsFiles) -> Result<Vec<Option<ClientTlsConfig>>, EmbedError> {
+    targets
+        .iter()
+        .map(|t| match t.tls {
+            true => embark_ops::tls::client_tls(files, &t.host)
+                .map(Some)
+                .map_err(|e| EmbedError::Config(format!("Retina URL https://{}: {e}", t.hostport))),
+            false if files.ca.is_some() => Err(EmbedError::Config(format!(
+                "a Retina CA is given but http://{} is plaintext: use https://",
+                t.hostport
+            ))),
+            false => Ok(None),
+        })
+        .collect()
 }
 
 /// A Retina service as configured.
