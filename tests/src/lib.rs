@@ -310,6 +310,20 @@ pub fn peak_rss_bytes(pid: u32) -> anyhow::Result<u64> {
     proc_status_bytes(pid, "VmHWM")
 }
 
+/// CPU time a process has used so far, user and system, all threads, in
+/// seconds (`/proc/PID/stat` fields 14 and 15, in USER_HZ ticks: 100 per
+/// second on Linux, a constant of its ABI whatever the kernel's HZ).
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces: count after its ')'.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).context("no ')' in /proc/PID/stat")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields.get(i).context("short /proc/PID/stat")?.parse::<u64>()? as f64 / 100.0)
+    };
+    Ok(tick(11)? + tick(12)?)
+}
+
 /// Resident memory of a process now (VmRSS), in bytes.
 pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     proc_status_bytes(pid, "VmRSS")

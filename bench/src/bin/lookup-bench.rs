@@ -38,7 +38,7 @@ use embark_proto::embark::v1::{
     emb_ark_server::{EmbArk, EmbArkServer},
 };
 use embark_store::{EmbeddingStore, embedded::EmbeddedStore};
-use embark_tests::{KillOnDrop, free_port, rss_bytes};
+use embark_tests::{KillOnDrop, cpu_seconds, free_port, rss_bytes};
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use rand_distr::{Distribution, Zipf};
@@ -121,6 +121,9 @@ async fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> 
 /// A gRPC channel to `tcp://addr` or `unix://path`, with the client-side
 /// settings a ranker should use: a 1 MiB max frame and large windows.
 async fn channel(target: &str) -> anyhow::Result<Channel> {
+    if let Some(addr) = target.strip_prefix("tls-buffered:") {
+        return buffered_tls_channel(addr).await;
+    }
     if let Some(addr) = target.strip_prefix("tls:") {
         let ca = TLS_CA.get().context("no CA for a TLS target")?;
         let tls = tonic::transport::ClientTlsConfig::new()
@@ -137,6 +140,39 @@ async fn channel(target: &str) -> anyhow::Result<Channel> {
         Some(path) => embark_tests::connect_uds(endpoint, PathBuf::from(path)).await?,
         None => endpoint.connect().await?,
     })
+}
+
+/// A TLS channel (rustls on ring, as tonic's) whose reads of the socket go
+/// through a 256 KiB buffer: rustls asks for at most 4 KiB per read, so a
+/// 327 KiB answer costs a stock client about 80 `read` calls; through the
+/// buffer, a few. The tuning a Rust ranker using rustls would make.
+async fn buffered_tls_channel(addr: &str) -> anyhow::Result<Channel> {
+    let ca = TLS_CA.get().context("no CA for a TLS target")?;
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject as _;
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca) {
+        roots.add(cert?)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    // http://: the connector does TLS itself, tonic must not add its own.
+    let endpoint = tuned(Endpoint::from_shared(format!("http://{addr}"))?);
+    let addr = addr.to_owned();
+    let connect = tower::service_fn(move |_: tonic::transport::Uri| {
+        let (connector, addr) = (connector.clone(), addr.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&addr).await?;
+            tcp.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::try_from("localhost").map_err(std::io::Error::other)?;
+            let tls = connector.connect(name, tokio::io::BufReader::with_capacity(256 << 10, tcp)).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    Ok(endpoint.connect_with_connector(connect).await?)
 }
 
 /// The CA of the TLS instance's certificate (`tls:` targets).
@@ -318,11 +354,22 @@ struct Run {
     requests: u64,
     secs: f64,
     hist: Histogram<u64>,
+    /// CPU seconds the server process used in the measured window, when it
+    /// is a process of its own (EmbArk, Redis; the echo and the raw stream
+    /// run inside this program).
+    server_cpu_s: Option<f64>,
+    /// CPU seconds this program (the load generator) used in that window.
+    client_cpu_s: f64,
 }
 
 impl Run {
     fn req_per_s(&self) -> f64 {
         self.requests as f64 / self.secs
+    }
+    /// Keys answered per CPU-second of the server: its cost per key,
+    /// whatever share of the cores the load generator took.
+    fn keys_per_server_cpu_s(&self, batch: usize) -> Option<f64> {
+        self.server_cpu_s.filter(|&c| c > 0.0).map(|c| self.requests as f64 * batch as f64 / c)
     }
     fn us(&self, q: f64) -> f64 {
         self.hist.value_at_quantile(q) as f64
@@ -347,10 +394,13 @@ impl KeyPicker {
 
 /// C clients for `secs` after `warmup`; `rate` = None is closed loop (the
 /// peak), Some(r) is open loop at r requests/s in all, latency measured from
-/// each request's scheduled time.
+/// each request's scheduled time. The CPU time of `server_pid` and of this
+/// program is read at the start and the end of the measured window.
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     system: System,
     target: &str,
+    server_pid: Option<u32>,
     args: &Args,
     picker: Arc<KeyPicker>,
     rate: Option<f64>,
@@ -401,6 +451,17 @@ async fn drive(
             anyhow::Ok((requests, hist))
         }));
     }
+    let own_pid = std::process::id();
+    let cpu = tokio::spawn(async move {
+        let sample = || -> anyhow::Result<(Option<f64>, f64)> {
+            Ok((server_pid.map(cpu_seconds).transpose()?, cpu_seconds(own_pid)?))
+        };
+        tokio::time::sleep_until(measure_from.into()).await;
+        let before = sample()?;
+        tokio::time::sleep_until(end.into()).await;
+        let after = sample()?;
+        anyhow::Ok((after.0.zip(before.0).map(|(a, b)| a - b), after.1 - before.1))
+    });
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut requests = 0;
     for t in tasks {
@@ -408,7 +469,8 @@ async fn drive(
         requests += r;
         hist.add(h)?;
     }
-    Ok(Run { requests, secs, hist })
+    let (server_cpu_s, client_cpu_s) = cpu.await??;
+    Ok(Run { requests, secs, hist, server_cpu_s, client_cpu_s })
 }
 
 /// An `embark serve` on the store in `data`, its tier large enough for
@@ -483,6 +545,7 @@ async fn tls_cost(
     tls_data: &Path,
     work: &Path,
     plain_target: &str,
+    plain_pid: u32,
     picker: Arc<KeyPicker>,
 ) -> anyhow::Result<serde_json::Value> {
     let certs = work.join("certs");
@@ -497,30 +560,60 @@ async fn tls_cost(
     let (cert, key) = (certs.join("embark.pem"), certs.join("embark.key"));
     let port = free_port();
     let tls_flags = ["--tls-cert", cert.to_str().context("utf-8")?, "--tls-key", key.to_str().context("utf-8")?];
-    let _server = spawn_embark(bin_dir, tls_data, port, args, &tls_flags)?;
+    let server = spawn_embark(bin_dir, tls_data, port, args, &tls_flags)?;
+    let tls_pid = server.0.id();
     let target = format!("tls:127.0.0.1:{port}");
     wait_for("embark over TLS", Duration::from_secs(60), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
         .await?;
     let mut client = EmbArkClient::new(channel(&target).await?).max_decoding_message_size(256 << 20);
     warm(&mut client, args.keys, None).await?;
-    println!("tls (a second embark serve, rustls, ECDSA P-256, TLS 1.3):");
-    let plain = drive(System::Embark, plain_target, args, picker.clone(), None, args.seconds, args.warmup).await?;
-    let tls = drive(System::Embark, &target, args, picker, None, args.seconds, args.warmup).await?;
+    println!(
+        "tls (a second embark serve, rustls, ECDSA P-256, TLS 1.3; clients: tonic's stock TLS, then rustls \
+         reading through a 256 KiB buffer):"
+    );
+    let plain =
+        drive(System::Embark, plain_target, Some(plain_pid), args, picker.clone(), None, args.seconds, args.warmup)
+            .await?;
+    let tls =
+        drive(System::Embark, &target, Some(tls_pid), args, picker.clone(), None, args.seconds, args.warmup).await?;
+    let buffered = format!("tls-buffered:127.0.0.1:{port}");
+    let tls_buffered =
+        drive(System::Embark, &buffered, Some(tls_pid), args, picker, None, args.seconds, args.warmup).await?;
     let keys = |r: &Run| r.req_per_s() * args.batch as f64;
-    for (name, run) in [("plaintext", &plain), ("tls", &tls)] {
+    let per_cpu = |r: &Run| r.keys_per_server_cpu_s(args.batch).unwrap_or(f64::NAN);
+    for (name, run) in [("plaintext", &plain), ("tls (stock)", &tls), ("tls", &tls_buffered)] {
         println!(
-            "  {name:<11} {:>10.0} req/s {:>12.0} keys/s   p50 {:.0} us  p99 {:.0} us",
+            "  {name:<11} {:>10.0} req/s {:>12.0} keys/s   p50 {:.0} us  p99 {:.0} us   server {:.2} CPU-s, \
+             {:.0} keys per server CPU-s; load generator {:.2} CPU-s",
             run.req_per_s(),
             keys(run),
             run.us(0.5),
-            run.us(0.99)
+            run.us(0.99),
+            run.server_cpu_s.unwrap_or(f64::NAN),
+            per_cpu(run),
+            run.client_cpu_s,
         );
     }
+    let stock_ratio = keys(&tls) / keys(&plain);
+    let (tls, tls_stock) = (tls_buffered, tls);
     let ratio = keys(&tls) / keys(&plain);
-    println!("  tls/plaintext {ratio:.3}x keys/s (TLS costs {:.1}%)\n", (1.0 - ratio) * 100.0);
+    let cpu_ratio = per_cpu(&tls) / per_cpu(&plain);
+    println!(
+        "  tls/plaintext {ratio:.3}x keys/s (TLS costs {:.1}%), {cpu_ratio:.3}x keys per server CPU-s \
+         (the server pays {:.1}% more CPU per key)\n",
+        (1.0 - ratio) * 100.0,
+        (1.0 / cpu_ratio - 1.0) * 100.0
+    );
     Ok(json!({
         "plaintext_keys_s": keys(&plain), "tls_keys_s": keys(&tls), "tls_over_plaintext": ratio,
         "plaintext_p99_us": plain.us(0.99), "tls_p99_us": tls.us(0.99),
+        "plaintext_server_cpu_s": plain.server_cpu_s, "tls_server_cpu_s": tls.server_cpu_s,
+        "plaintext_client_cpu_s": plain.client_cpu_s, "tls_client_cpu_s": tls.client_cpu_s,
+        "plaintext_keys_per_server_cpu_s": per_cpu(&plain), "tls_keys_per_server_cpu_s": per_cpu(&tls),
+        "tls_over_plaintext_per_server_cpu": cpu_ratio,
+        "tls_stock_client_keys_s": keys(&tls_stock), "tls_stock_client_over_plaintext": stock_ratio,
+        "tls_stock_client_keys_per_server_cpu_s": per_cpu(&tls_stock),
+        "tls_stock_client_cpu_s": tls_stock.client_cpu_s,
     }))
 }
 
@@ -582,7 +675,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Redis, same bytes, TCP and UDS, no persistence.
     let redis_port = free_port();
     let redis_sock = work.path().join("redis.sock");
-    let _redis = KillOnDrop(
+    let redis = KillOnDrop(
         Command::new(&args.redis_server)
             .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--unixsocket")
@@ -634,26 +727,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 (System::Echo, echo_uds.clone()),
                 (System::Raw, raw_uds.clone()),
             ],
+            "" => continue,
             t => bail!("unknown transport {t:?} (tcp, uds)"),
         };
         println!("{transport}:");
         println!(
-            "  {:<11} {:>10} {:>12} {:>10} {:>9} {:>9} {:>9}",
-            "system", "req/s", "keys/s", "MiB/s", "p50 us", "p99 us", "p999 us"
+            "  {:<11} {:>10} {:>12} {:>10} {:>9} {:>9} {:>9} {:>10} {:>15}",
+            "system", "req/s", "keys/s", "MiB/s", "p50 us", "p99 us", "p999 us", "srv CPU-s", "keys/srv-CPU-s"
         );
+        let redis_pid = redis.0.id();
+        let server_pid = |s: System| match s {
+            System::Embark => Some(pid),
+            System::Redis => Some(redis_pid),
+            System::Echo | System::Raw => None,
+        };
         let mut peaks = Vec::new();
         for (system, target) in &targets {
-            let run = drive(*system, target, &args, picker.clone(), None, args.seconds, args.warmup).await?;
+            let server_pid = server_pid(*system);
+            let run =
+                drive(*system, target, server_pid, &args, picker.clone(), None, args.seconds, args.warmup).await?;
             let keys_s = run.req_per_s() * args.batch as f64;
             println!(
-                "  {:<11} {:>10.0} {:>12.0} {:>10.1} {:>9.0} {:>9.0} {:>9.0}",
+                "  {:<11} {:>10.0} {:>12.0} {:>10.1} {:>9.0} {:>9.0} {:>9.0} {:>10.2} {:>15.0}",
                 system.name(),
                 run.req_per_s(),
                 keys_s,
                 keys_s * row as f64 / 1048576.0,
                 run.us(0.5),
                 run.us(0.99),
-                run.us(0.999)
+                run.us(0.999),
+                run.server_cpu_s.unwrap_or(f64::NAN),
+                run.keys_per_server_cpu_s(args.batch).unwrap_or(f64::NAN),
             );
             peaks.push((*system, run));
         }
@@ -672,8 +776,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let peak = get(*system);
             let mut points = Vec::new();
             for f in &args.sweep {
-                let run =
-                    drive(*system, target, &args, picker.clone(), Some(peak * f), args.sweep_seconds, 0.5).await?;
+                let run = drive(*system, target, None, &args, picker.clone(), Some(peak * f), args.sweep_seconds, 0.5)
+                    .await?;
                 points.push(json!({
                     "fraction": f, "offered_req_s": peak * f, "req_s": run.req_per_s(),
                     "keys_s": run.req_per_s() * args.batch as f64,
@@ -698,6 +802,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "keys_s": run.req_per_s() * args.batch as f64,
                 "bytes_s": run.req_per_s() * (args.batch * row) as f64,
                 "p50_us": run.us(0.5), "p99_us": run.us(0.99), "p999_us": run.us(0.999),
+                "server_cpu_s": run.server_cpu_s, "client_cpu_s": run.client_cpu_s,
+                "keys_per_server_cpu_s": run.keys_per_server_cpu_s(args.batch),
             }));
         }
         results.push(json!({
@@ -708,7 +814,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let tls = match args.tls {
-        true => tls_cost(&args, &bin_dir, &tls_data, work.path(), &embark_tcp, picker.clone()).await?,
+        true => tls_cost(&args, &bin_dir, &tls_data, work.path(), &embark_tcp, pid, picker.clone()).await?,
         false => serde_json::Value::Null,
     };
     let report = json!({
