@@ -7,6 +7,8 @@
 //!   (`--kafka-brokers`), or wait in the durable queue.
 //! - `embark migrate`: creates the CQL schema.
 //! - `embark backfill | export | dedup`: batch tools ([`cli`]).
+//! - `embark get | similar | invalidate | models`: a client of a running
+//!   server ([`cli::client`]).
 //!
 //! The flags and the wiring of `up` and `serve` are in `embark::app`.
 
@@ -57,6 +59,15 @@ enum Command {
     Export(cli::export::ExportArgs),
     /// Write the near-duplicate pairs of a model's keys as CSV; resumable.
     Dedup(cli::dedup::DedupArgs),
+    /// Ask a running server for the vectors of keys (table or --json).
+    Get(cli::client::GetArgs),
+    /// Ask a running server for the stored keys nearest a key or a vector.
+    Similar(cli::client::SimilarArgs),
+    /// Make a running server forget keys' vectors and queue them again
+    /// (needs an admin token where tokens are on).
+    Invalidate(cli::client::InvalidateArgs),
+    /// List the models a running server serves.
+    Models(cli::client::ModelsArgs),
     /// Write a development CA, server and client certificates, and bearer
     /// tokens with their principals file (keeps what is there).
     DevCerts(cli::dev_certs::DevCertsArgs),
@@ -80,6 +91,10 @@ fn main() -> anyhow::Result<()> {
             Command::Backfill(args) => tool(cli::backfill::run(args)).await,
             Command::Export(args) => tool(cli::export::run(args)).await,
             Command::Dedup(args) => tool(cli::dedup::run(args)).await,
+            Command::Get(args) => tool(cli::client::get(args)).await,
+            Command::Similar(args) => tool(cli::client::similar(args)).await,
+            Command::Invalidate(args) => tool(cli::client::invalidate(args)).await,
+            Command::Models(args) => tool(cli::client::models(args)).await,
             Command::DevCerts(args) => cli::dev_certs::run(args),
         }
     })
@@ -93,4 +108,17 @@ async fn tool(run: impl std::future::Future<Output = anyhow::Result<i32>>) -> an
         std::process::exit(code);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks a command line's definition (unique argument names,
+    /// valid `requires`) only when that subcommand is parsed: check every
+    /// subcommand here, so a clash fails the tests rather than a user.
+    #[test]
+    fn every_subcommand_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

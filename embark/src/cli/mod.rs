@@ -1,5 +1,7 @@
 //! The batch tools on the `embark` binary: `backfill`, `export`, `dedup`
-//! (and `dev-certs`, which writes development certificates and tokens).
+//! (and `dev-certs`, which writes development certificates and tokens), and
+//! the client verbs `get`, `similar`, `invalidate`, `models` ([`client`]),
+//! which talk to a running server instead of the store.
 //!
 //! They share how they find the store ([`StoreLocation`]), how they show
 //! progress ([`Progress`]) and how they survive an interruption
@@ -8,6 +10,7 @@
 //! same command run again carries on from there.
 
 pub(crate) mod backfill;
+pub(crate) mod client;
 pub(crate) mod dedup;
 pub(crate) mod dev_certs;
 pub(crate) mod export;
