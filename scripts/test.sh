@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need
-# (model weights, grpcurl, a Python client venv, the tansu broker) into ~/.cache/embark, checks
-# formatting and lints, builds the binaries and runs every test.
+# (model weights, grpcurl, the Python venvs, promtool, the tansu broker) into
+# ~/.cache/embark, checks formatting and lints, builds the binaries and runs
+# every test: the Rust ones, then the Python client package's (pytest).
 #
 # Build output goes to $CARGO_TARGET_DIR (default ~/.cache/embark/target) so a
 # rerun, or a fresh clone, reuses it.
@@ -38,6 +39,11 @@ cargo build --workspace --all-targets --locked
 step "docker-compose.yml (no Docker engine here: schema, scaling rules, flags)"
 scripts/check-compose.sh "$CARGO_TARGET_DIR/debug"
 
+step "monitoring: alert rules, their unit tests and the dashboard's queries (promtool)"
+# The metric names themselves are checked against live scrapes by
+# tests/tests/monitoring.rs, below.
+scripts/check-monitoring.sh --static
+
 step "Kafka broker for the tests (tansu)"
 if ! wait "$tansu_pid"; then
   cat "$tansu_log" >&2
@@ -55,10 +61,19 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+
+step "Python client package (clients/python) against a live embark up"
+pylog="$(mktemp)"
+trap 'rm -f "$log" "$pylog"' EXIT
+EMBARK_BIN_DIR="$CARGO_TARGET_DIR/debug" clients/python/test.sh -q 2>&1 | tee "$pylog"
+pystatus=${PIPESTATUS[0]}
 set -e
 # --no-fail-fast: one flaky binary must not hide the others' results.
 # One closing line for the whole run (cargo prints one per test binary,
-# the last of which is often an empty doc-test run).
+# the last of which is often an empty doc-test run; pytest one summary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;/) p += $i; if ($(i+1) ~ /^failed;/) f += $i } }
-     END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"
+     /^=* *[0-9]+ (passed|failed)/ || /^[0-9]+ (passed|failed)/ {
+       for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log" "$pylog"
+if [ "$status" -eq 0 ]; then status=$pystatus; fi
 exit "$status"
