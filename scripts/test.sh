@@ -67,6 +67,11 @@ pylog="$(mktemp)"
 trap 'rm -f "$log" "$pylog"' EXIT
 EMBARK_BIN_DIR="$CARGO_TARGET_DIR/debug" clients/python/test.sh -q 2>&1 | tee "$pylog"
 pystatus=${PIPESTATUS[0]}
+
+step "the ranker example (examples/ranker): a CTR model on EmbArk's vectors, AUC with and without"
+EMBARK_BIN_DIR="$CARGO_TARGET_DIR/debug" examples/ranker/test.sh -q 2>&1 | tee -a "$pylog"
+rankerstatus=${PIPESTATUS[0]}
+if [ "$pystatus" -eq 0 ]; then pystatus=$rankerstatus; fi
 set -e
 # --no-fail-fast: one flaky binary must not hide the others' results.
 # One closing line for the whole run (cargo prints one per test binary,
