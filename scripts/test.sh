@@ -15,10 +15,13 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 step() { printf '\n== %s\n' "$*"; }
 
-step "setup: model weights, grpcurl, Python client, Kafka broker (tansu)"
+step "setup: model weights, grpcurl, Python client, schemathesis, Kafka broker (tansu)"
 scripts/setup-models.sh
 scripts/install-grpcurl.sh >/dev/null
 examples/python/setup.sh >/dev/null
+# schemathesis checks the REST API against its OpenAPI document (tests/tests/rest.rs).
+EMBARK_SCHEMATHESIS="$(scripts/install-schemathesis.sh)"
+export EMBARK_SCHEMATHESIS
 # tansu builds from source once (~10 min on 2 cores, its own target dir):
 # let it run beside the lints and the build, and wait for it before the tests.
 tansu_out="$(mktemp)"

@@ -384,6 +384,13 @@ impl Front {
                         dim * 4
                     ))
                 })?;
+                // A cosine against a non-finite or all-zero query is not a
+                // number: refuse it rather than answer NaN scores.
+                if vector.iter().any(|x| !x.is_finite()) || vector.iter().all(|&x| x == 0.0) {
+                    return Err(FrontError::InvalidArgument(
+                        "vector must be finite numbers, not all zero (a cosine needs a direction)".into(),
+                    ));
+                }
                 (vector, None)
             }
             SimilarQuery::Key(key) => {
@@ -847,7 +854,7 @@ mod tests {
             Limits::default(),
             Duration::from_secs(3600),
         );
-        let query = || SimilarQuery::Vector(vec![0u8; 384 * 4]);
+        let query = || SimilarQuery::Vector(le_bytes(&[1.0; 384]).to_vec());
         let slots = front.similar_slots.available_permits();
         let _busy = front.similar_slots.clone().acquire_many_owned(slots as u32).await.expect("all slots");
         let refused = front.similar(MODEL, query(), 1, 0.0).await.expect_err("no slot free");
@@ -856,6 +863,19 @@ mod tests {
         // With a slot free the search runs (and says Similar is off here).
         let off = front.similar(MODEL, query(), 1, 0.0).await.expect_err("off");
         assert!(matches!(off, FrontError::FailedPrecondition(_)), "{off}");
+    }
+
+    /// A NaN, infinite or all-zero query vector has no cosine with
+    /// anything: it was searched and answered NaN scores (which JSON cannot
+    /// even carry). It is refused before any search.
+    #[tokio::test]
+    async fn a_query_vector_without_a_direction_is_refused() {
+        let f = fixture(Options::default());
+        for (name, row) in [("zeros", [0.0; DIM]), ("nan", [f32::NAN; DIM]), ("inf", [f32::INFINITY; DIM])] {
+            let query = SimilarQuery::Vector(le_bytes(&row).to_vec());
+            let refused = f.front.similar(MODEL, query, 1, 0.0).await.expect_err(name);
+            assert!(matches!(&refused, FrontError::InvalidArgument(m) if m.contains("finite")), "{name}: {refused}");
+        }
     }
 
     /// Defect 11.8: a Lookup that read a row just before an Invalidate

@@ -20,6 +20,8 @@
 //!   `Similar`, loaded from the store and kept current by
 //!   [`similar::IndexingStore`] (one machine) or a periodic rescan (serve).
 //! - [`service`]: `embark.v1.EmbArk` over gRPC.
+//! - [`rest`]: the same calls as REST/JSON (`--rest-listen`), through the
+//!   gRPC service, with its roles and errors, and an OpenAPI document.
 //!
 //! - [`app`]: the deployments, wired from their flags: `embark up` runs
 //!   front, fill loop and Retina in one process, on the embedded store by
@@ -37,6 +39,7 @@ pub mod cache;
 pub mod front;
 pub mod invalidation;
 pub mod models;
+pub mod rest;
 pub mod service;
 pub mod similar;
 pub mod store_guard;

@@ -266,25 +266,18 @@ impl AuthLayer {
     pub fn new(principals: Principals, policy: AccessPolicy) -> Self {
         Self { principals: Arc::new(Reloadable::new(principals)), policy }
     }
-}
 
-impl<S> tower::Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        AuthService { inner, principals: self.principals.clone(), policy: self.policy }
+    /// The same principals (reloaded together) under another policy: for
+    /// a second API over the same service, such as REST beside gRPC.
+    pub fn with_policy(&self, policy: AccessPolicy) -> Self {
+        Self { principals: self.principals.clone(), policy }
     }
-}
 
-/// [`AuthLayer`]'s service.
-#[derive(Debug, Clone)]
-pub struct AuthService<S> {
-    inner: S,
-    principals: Arc<Reloadable<Principals>>,
-    policy: AccessPolicy,
-}
-
-impl<S> AuthService<S> {
-    fn admit<B>(&self, request: &http::Request<B>) -> Result<Option<Principal>, tonic::Status> {
+    /// Who sent `request`, if its path needs anyone: its principal, or the
+    /// status that refuses it (`UNAUTHENTICATED`: no known token or
+    /// certificate; `PERMISSION_DENIED`: too low a role). Counted and
+    /// logged without the token.
+    pub fn admit<B>(&self, request: &http::Request<B>) -> Result<Option<Principal>, tonic::Status> {
         let Access::Requires(needed) = (self.policy)(request.uri().path()) else { return Ok(None) };
         let principals = self.principals.current();
         let principal = match request.headers().get(http::header::AUTHORIZATION) {
@@ -316,6 +309,20 @@ impl<S> AuthService<S> {
     }
 }
 
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService { inner, layer: self.clone() }
+    }
+}
+
+/// [`AuthLayer`]'s service.
+#[derive(Debug, Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    layer: AuthLayer,
+}
+
 impl<S, B, RB> tower::Service<http::Request<B>> for AuthService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
@@ -330,7 +337,7 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        match self.admit(&request) {
+        match self.layer.admit(&request) {
             Ok(principal) => {
                 if let Some(p) = principal {
                     request.extensions_mut().insert(p);

@@ -145,7 +145,8 @@ pub fn read_certificates(path: &PathBuf) -> Result<Vec<CertificateDer<'static>>,
 }
 
 impl TlsFiles {
-    /// A server configuration from the files: HTTP/2 only (gRPC), TLS 1.2
+    /// A server configuration from the files: HTTP/2 first (gRPC), then
+    /// HTTP/1.1 for REST clients that offer nothing else, TLS 1.2
     /// and 1.3 with rustls' safe defaults, the key checked against the
     /// certificate, client certificates required when a client CA is set.
     pub fn load(&self) -> Result<ServerConfig, TlsError> {
@@ -171,7 +172,7 @@ impl TlsFiles {
         let mut config = builder
             .with_single_cert(certs, key)
             .map_err(|source| TlsError::Rejected { path: self.key.clone(), source })?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         config.ignore_client_order = true;
         Ok(config)
     }

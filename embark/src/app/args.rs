@@ -45,6 +45,11 @@ pub struct FrontArgs {
     /// invalidate per second; past it Invalidate answers RESOURCE_EXHAUSTED.
     #[arg(long, env = "EMBARK_INVALIDATE_KEYS_PER_SECOND", default_value_t = crate::service::DEFAULT_INVALIDATE_KEYS_PER_SECOND)]
     pub invalidate_keys_per_second: u32,
+    /// Also serve the REST/JSON API (`/v1/lookup`, `/v1/similar`,
+    /// `/v1/invalidate`, `/v1/models`, `/v1/openapi.json`) on this address,
+    /// over HTTP/1.1 (or HTTP/2), with the gRPC server's TLS and tokens. Off by default.
+    #[arg(long, env = "EMBARK_REST_LISTEN")]
+    pub rest_listen: Option<SocketAddr>,
     /// Operator HTTP address: /metrics, /healthz, /readyz.
     #[arg(long, env = "EMBARK_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     pub metrics_listen: SocketAddr,

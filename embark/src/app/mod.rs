@@ -408,15 +408,28 @@ async fn serve_grpc(
         args.max_batch_keys.saturating_mul(args.max_key_bytes.saturating_add(4)).saturating_add(64 << 10);
     embark_proto::codec::set_max_fields_per_message(args.max_batch_keys.saturating_add(16));
     let invalidate_limit = crate::service::InvalidateLimit::new(args.invalidate_keys_per_second, args.max_batch_keys);
+    let service = EmbArkService::new(front, invalidate_limit);
+    let rest = match args.rest_listen {
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --rest-listen {addr}"))?;
+            let local = listener.local_addr()?;
+            embark_ops::grpc::warn_if_exposed(local, tls.is_some() && auth.is_some());
+            tracing::info!(rest = %local, "REST serving");
+            // JSON spends up to 6 bytes on a key byte (\u escapes).
+            let max_body = decode_limit.saturating_mul(6);
+            let router = crate::rest::router(service.clone(), auth.as_ref(), max_body, limits.max_in_flight);
+            Some((listener, local, router, tls.clone()))
+        }
+        None => None,
+    };
     let router = embark_ops::grpc::server_builder(&limits, Duration::from_secs(30))
         .layer(tower::util::option_layer(auth))
         .add_optional_service((!args.auth.disable_grpc_health).then_some(health))
         .add_optional_service((!args.auth.disable_reflection).then_some(reflection_v1))
         .add_optional_service((!args.auth.disable_reflection).then_some(reflection_v1alpha))
         .add_service(
-            EmbArkServer::new(EmbArkService::new(front, invalidate_limit))
-                .max_decoding_message_size(decode_limit)
-                .max_encoding_message_size(256 << 20),
+            EmbArkServer::new(service).max_decoding_message_size(decode_limit).max_encoding_message_size(256 << 20),
         );
     let tcp = async {
         let shutdown = shutdown.clone().cancelled_owned();
@@ -447,9 +460,27 @@ async fn serve_grpc(
             None => Ok(()),
         }
     };
-    let served = tokio::try_join!(tcp, unix);
+    let rest = async {
+        let Some((listener, local, router, tls)) = rest else { return Ok(()) };
+        let shutdown = shutdown.clone();
+        match tls {
+            Some(tls) => {
+                let incoming = embark_ops::tls::tls_incoming(listener, limits.max_connections, tls);
+                crate::rest::serve(incoming, local, router, shutdown).await
+            }
+            None => {
+                let incoming = embark_ops::grpc::incoming(listener, limits.max_connections);
+                crate::rest::serve(incoming, local, router, shutdown).await
+            }
+        }
+    };
+    let served = tokio::try_join!(
+        async { tcp.await.context("gRPC server") },
+        async { unix.await.context("gRPC server on the Unix socket") },
+        async { rest.await.context("REST server") },
+    );
     if let Some(path) = &args.uds {
         let _ = std::fs::remove_file(path);
     }
-    served.context("gRPC server").map(|_| ())
+    served.map(|_| ())
 }
