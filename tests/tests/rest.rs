@@ -168,8 +168,12 @@ async fn schemathesis(schema_url: &str) -> anyhow::Result<()> {
     let st = std::env::var("EMBARK_SCHEMATHESIS").map_err(|_| {
         anyhow::anyhow!("EMBARK_SCHEMATHESIS is not set: run scripts/install-schemathesis.sh (scripts/test.sh does)")
     })?;
+    // Its own working directory: schemathesis keeps a `.schemathesis/`
+    // cache where it runs, which must not land in the checkout.
+    let work = tempfile::tempdir()?;
     let mut command = tokio::process::Command::new(st);
     command
+        .current_dir(work.path())
         .args(["run", schema_url])
         .args([
             "--checks",
@@ -177,7 +181,7 @@ async fn schemathesis(schema_url: &str) -> anyhow::Result<()> {
         ])
         .args(["--max-examples", "40", "--generation-deterministic", "--workers", "1", "--request-timeout", "20"])
         .args(["--phases", "examples,coverage,fuzzing", "--report-dir"])
-        .arg(std::env::temp_dir().join(format!("embark-schemathesis-{}", std::process::id())))
+        .arg(work.path().join("report"))
         .env("NO_COLOR", "1")
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(240), command.output()).await??;
