@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need
-# (model weights, grpcurl, the Python venvs, promtool, the tansu broker) into
-# ~/.cache/embark, checks formatting and lints, builds the binaries and runs
+# (model weights, grpcurl, the Python venvs, promtool, the tansu broker)
+# into ~/.cache/embark (and Debian's Chromium, system-wide, its packages
+# cached there), checks formatting and lints, builds the binaries and runs
 # every test: the Rust ones, then the Python client package's (pytest).
 #
 # Build output goes to $CARGO_TARGET_DIR (default ~/.cache/embark/target) so a
@@ -15,13 +16,16 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 step() { printf '\n== %s\n' "$*"; }
 
-step "setup: model weights, grpcurl, Python client, schemathesis, Kafka broker (tansu)"
+step "setup: model weights, grpcurl, Python client, schemathesis, Chromium, Kafka broker (tansu)"
 scripts/setup-models.sh
 scripts/install-grpcurl.sh >/dev/null
 examples/python/setup.sh >/dev/null
 # schemathesis checks the REST API against its OpenAPI document (tests/tests/rest.rs).
 EMBARK_SCHEMATHESIS="$(scripts/install-schemathesis.sh)"
 export EMBARK_SCHEMATHESIS
+# The web console is tested in a real browser (tests/tests/console.rs).
+EMBARK_CHROMIUM="$(scripts/install-chromium.sh)"
+export EMBARK_CHROMIUM
 # tansu builds from source once (~10 min on 2 cores, its own target dir):
 # let it run beside the lints and the build, and wait for it before the tests.
 tansu_out="$(mktemp)"

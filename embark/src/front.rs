@@ -8,6 +8,7 @@ use bytes::Bytes;
 use embark_proto::{embark::v1::Source, internal::v1::MissEvent};
 use embark_queue::MissPublisher;
 use embark_store::{StoreError, StoredRow, now_unix_ms};
+use tracing::Instrument as _;
 
 use crate::{
     cache::{CachedRow, KeyHash, MissDedup, VectorCache, key_hash, le_bytes},
@@ -105,6 +106,11 @@ impl std::fmt::Debug for Front {
     }
 }
 
+/// Named in the refusal of a batch over the limit (`RESOURCE_EXHAUSTED`,
+/// like load shedding): clients retry shedding, never this, which would
+/// fail the same way every time.
+pub const BATCH_LIMIT_FLAG: &str = "--max-batch-keys";
+
 /// What `Similar` searches with.
 #[derive(Debug, Clone)]
 pub enum SimilarQuery {
@@ -188,6 +194,12 @@ impl Front {
         metrics::counter!("embark_remote_invalidated_keys_total").increment(keys.len() as u64);
     }
 
+    /// The vectors `model`'s similarity index holds and whether it is
+    /// loaded (`None`: no index, `Similar` is off).
+    pub fn similar_coverage(&self, model: &str) -> Option<(usize, bool)> {
+        self.similar.coverage(model)
+    }
+
     pub fn models(&self) -> &ModelRegistry {
         &self.models
     }
@@ -222,7 +234,7 @@ impl Front {
     fn check_keys(&self, keys: &[String]) -> Result<(), FrontError> {
         if keys.len() > self.limits.max_batch_keys {
             return Err(FrontError::ResourceExhausted(format!(
-                "{} keys in one request; the limit is {} (--max-batch-keys): split the batch",
+                "{} keys in one request; the limit is {} ({BATCH_LIMIT_FLAG}): split the batch",
                 keys.len(),
                 self.limits.max_batch_keys
             )));
@@ -279,7 +291,11 @@ impl Front {
         if !to_store.is_empty() {
             let wanted: Vec<String> = to_store.iter().map(|&i| distinct[i].0.to_owned()).collect();
             let epoch = self.invalidations.load(std::sync::atomic::Ordering::Acquire);
-            let rows = self.store.get_many(model, &wanted).await;
+            let rows = self
+                .store
+                .get_many(model, &wanted)
+                .instrument(tracing::info_span!("store.read", model, keys = wanted.len()))
+                .await;
             let may_cache = self.invalidations.load(std::sync::atomic::Ordering::Acquire) == epoch;
             let ttl_ms = self.failure_ttl.as_millis() as i64;
             for (&i, row) in to_store.iter().zip(rows) {
@@ -342,6 +358,10 @@ impl Front {
             metrics::counter!("embark_misses_deduplicated_total").increment(1);
             return;
         }
+        // The miss carries this span's context, so its fill (in KFC or the
+        // fill loop of `embark up`) joins the Lookup's trace.
+        let span = tracing::info_span!("miss.publish", model);
+        let _entered = span.enter();
         let event = MissEvent {
             model: model.to_owned(),
             key: key.to_owned(),
@@ -349,6 +369,7 @@ impl Front {
             attempts: 0,
             not_before_unix_ms: 0,
             dim: dim as u32,
+            trace_context: embark_ops::traces::current_carrier(),
         };
         if self.publisher.publish(event) {
             metrics::counter!("embark_misses_published_total").increment(1);
@@ -699,6 +720,7 @@ mod tests {
             attempts: 0,
             not_before_unix_ms: 0,
             dim: DIM as u32,
+            trace_context: Default::default(),
         };
         assert_eq!(published, vec![want]);
         // Within the window: still OOV_PENDING, not queued again.

@@ -22,6 +22,9 @@
 //! - [`service`]: `embark.v1.EmbArk` over gRPC.
 //! - [`rest`]: the same calls as REST/JSON (`--rest-listen`), through the
 //!   gRPC service, with its roles and errors, and an OpenAPI document.
+//! - [`console`]: the operator web console (`/console` on the operator
+//!   port): per-model coverage, hit rates, backlog and failures, and a
+//!   near-duplicate explorer with thumbnails.
 //!
 //! - [`app`]: the deployments, wired from their flags: `embark up` runs
 //!   front, fill loop and Retina in one process, on the embedded store by
@@ -36,6 +39,7 @@
 
 pub mod app;
 pub mod cache;
+pub mod console;
 pub mod front;
 pub mod invalidation;
 pub mod models;

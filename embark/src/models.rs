@@ -38,6 +38,22 @@ pub struct ServedModel {
     pub metrics: ModelMetrics,
 }
 
+/// A model kind as the JSON APIs and the CLI's tables name it: `image`,
+/// `text`, or `unspecified` for a value this build does not know.
+pub fn kind_name(kind: i32) -> &'static str {
+    match WireKind::try_from(kind) {
+        Ok(WireKind::Image) => "image",
+        Ok(WireKind::Text) => "text",
+        _ => "unspecified",
+    }
+}
+
+/// A row's source as the JSON APIs and the CLI name it: its protobuf name
+/// (`STORE`, `OOV_PENDING`...), `SOURCE_UNSPECIFIED` for an unknown value.
+pub fn source_name(source: i32) -> &'static str {
+    Source::try_from(source).unwrap_or(Source::Unspecified).as_str_name()
+}
+
 /// Metric handles of one model, resolved once.
 #[derive(Debug)]
 pub struct ModelMetrics {

@@ -3,6 +3,7 @@
 //! invalidate ([`InvalidateLimit`]).
 
 use std::{net::IpAddr, num::NonZeroU32, sync::Arc};
+use tracing::Instrument as _;
 
 use embark_ops::auth::{Access, Principal, Role};
 
@@ -119,8 +120,11 @@ impl From<FrontError> for Status {
 #[tonic::async_trait]
 impl EmbArk for EmbArkService {
     async fn lookup(&self, request: Request<LookupRequest>) -> Result<Response<LookupResponse>, Status> {
+        let span =
+            tracing::info_span!("embark.Lookup", model = %request.get_ref().model, keys = request.get_ref().keys.len());
+        embark_ops::traces::extract_metadata(&span, request.metadata());
         let LookupRequest { model, keys } = request.into_inner();
-        let answer = self.front.lookup(&model, &keys).await?;
+        let answer = self.front.lookup(&model, &keys).instrument(span).await?;
         Ok(Response::new(LookupResponse {
             dim: answer.dim as u32,
             vectors: answer.vectors.into(),
@@ -134,23 +138,27 @@ impl EmbArk for EmbArkService {
 
     async fn invalidate(&self, request: Request<InvalidateRequest>) -> Result<Response<InvalidateResponse>, Status> {
         let caller = caller(&request);
+        let span = tracing::info_span!("embark.Invalidate", model = %request.get_ref().model, keys = request.get_ref().keys.len());
+        embark_ops::traces::extract_metadata(&span, request.metadata());
         let InvalidateRequest { model, keys } = request.into_inner();
         if keys.is_empty() {
             return Ok(Response::new(InvalidateResponse { invalidated: 0 }));
         }
         self.invalidate_limit.take(&caller, keys.len())?;
-        let n = self.front.invalidate(&model, &keys).await?;
+        let n = self.front.invalidate(&model, &keys).instrument(span).await?;
         Ok(Response::new(InvalidateResponse { invalidated: n as u32 }))
     }
 
     async fn similar(&self, request: Request<SimilarRequest>) -> Result<Response<SimilarResponse>, Status> {
+        let span = tracing::info_span!("embark.Similar", model = %request.get_ref().model, k = request.get_ref().k);
+        embark_ops::traces::extract_metadata(&span, request.metadata());
         let SimilarRequest { model, query, k, min_score } = request.into_inner();
         let query = match query {
             Some(Query::Key(key)) if !key.is_empty() => SimilarQuery::Key(key),
             Some(Query::Vector(v)) => SimilarQuery::Vector(v.to_vec()),
             _ => return Err(Status::invalid_argument("give a query: a non-empty `key` or a `vector`")),
         };
-        let answer = self.front.similar(&model, query, k as usize, min_score).await?;
+        let answer = self.front.similar(&model, query, k as usize, min_score).instrument(span).await?;
         Ok(Response::new(SimilarResponse { keys: answer.keys, scores: answer.scores, exact: answer.exact }))
     }
 }

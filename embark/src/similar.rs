@@ -91,6 +91,12 @@ impl SimilarIndexes {
         Ok((hits, !m.index.is_approximate()))
     }
 
+    /// How many vectors `model`'s index holds and whether its start-up load
+    /// is done; `None` when the model has no index (search is off).
+    pub fn coverage(&self, model: &str) -> Option<(usize, bool)> {
+        self.by_model.get(model).map(|m| (m.index.len(), m.ready.load(Ordering::Acquire)))
+    }
+
     /// Indexes freshly written vectors (blocking: call off the runtime).
     pub fn insert(&self, model: &str, rows: &[(String, Vec<f32>)]) {
         if let Some(m) = self.by_model.get(model) {

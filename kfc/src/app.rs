@@ -32,12 +32,13 @@ pub struct KfcConfig {
     pub workers: usize,
     pub metrics_listen: SocketAddr,
     pub log_json: bool,
+    pub traces: embark_ops::traces::TraceArgs,
 }
 
 /// Runs KFC until SIGTERM/SIGINT, or until its reader fails (an error, so
 /// its supervisor restarts it).
 pub async fn run(config: KfcConfig) -> anyhow::Result<()> {
-    let op = Operator::start(config.metrics_listen, config.log_json).await?;
+    let op = Operator::start(config.metrics_listen, config.log_json, &config.traces, "kfc").await?;
     let cql = config.store.cql()?.context("kfc writes to a shared store: pass --store cql://host:port/keyspace")?;
     if config.store.cql_migrate_on_start {
         CqlStore::migrate(&cql).await?;

@@ -8,6 +8,7 @@ use std::{
     },
     time::Duration,
 };
+use tracing::Instrument as _;
 
 use embark_proto::{
     internal::v1::{DeadLetter, MissEvent},
@@ -289,7 +290,25 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
     /// Processes one batch and settles it. On `Err` nothing was settled and
     /// the batch is handed back to the source (what was already written is
     /// skipped next time).
+    ///
+    /// The round is one span, `kfc.fill`: the child of the first traced
+    /// miss's Lookup, linked to every other traced miss of the batch (a
+    /// batch serves many traces; OpenTelemetry links say which).
     pub async fn round(&self, batch: Vec<(S::Token, MissEvent)>) -> Result<RoundStats, FillError> {
+        let span = tracing::info_span!("kfc.fill", misses = batch.len());
+        let mut parented = false;
+        for (_, e) in batch.iter().filter(|(_, e)| !e.trace_context.is_empty()) {
+            let carrier = e.trace_context.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+            if parented {
+                embark_ops::traces::add_link(&span, carrier);
+            } else {
+                parented = embark_ops::traces::set_parent(&span, carrier);
+            }
+        }
+        self.round_in_span(batch).instrument(span).await
+    }
+
+    async fn round_in_span(&self, batch: Vec<(S::Token, MissEvent)>) -> Result<RoundStats, FillError> {
         // Each model is filled and settled on its own: a model whose write
         // fails hands back only its own misses, and what the models before
         // it wrote, retried or gave up on is settled, dead letters included
@@ -347,7 +366,11 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
 
         let now = now_unix_ms();
         let policy = self.config.policy();
-        let rows = self.store.get_many(model, &keys).await?;
+        let rows = self
+            .store
+            .get_many(model, &keys)
+            .instrument(tracing::info_span!("kfc.store.read", model, keys = keys.len()))
+            .await?;
         if rows.len() != keys.len() {
             return Err(FillError::StoreMiscounted { keys: keys.len(), rows: rows.len() });
         }
@@ -376,7 +399,8 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
         dead: &mut Vec<DeadLetter>,
     ) -> Result<(), FillError> {
         let inputs: Vec<String> = chunk.iter().map(|e| e.key.clone()).collect();
-        let outcomes = match embed_checked(&*self.embedder, model, inputs).await {
+        let embedding = tracing::info_span!("kfc.embed", model, inputs = inputs.len());
+        let outcomes = match embed_checked(&*self.embedder, model, inputs).instrument(embedding).await {
             Ok(o) => o,
             Err(e) => {
                 let reason = e.to_string();
@@ -434,7 +458,12 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
         vectors.extend(failures);
         // Counted only once written, so the counter never runs ahead of the
         // store; a row an Invalidate deleted meanwhile is not written.
-        let written = if vectors.is_empty() { Vec::new() } else { self.store.put_filled(model, vectors).await? };
+        let written = if vectors.is_empty() {
+            Vec::new()
+        } else {
+            let writing = tracing::info_span!("kfc.store.write", model, rows = vectors.len());
+            self.store.put_filled(model, vectors).instrument(writing).await?
+        };
         let kept_vectors = written.iter().take(n_vectors).filter(|w| **w).count();
         let kept_failures = written.iter().skip(n_vectors).filter(|w| **w).count();
         let stale = (n_vectors + n_failures - kept_vectors - kept_failures) as u64;

@@ -89,6 +89,8 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "KFC_LOG_JSON")]
     log_json: bool,
+    #[command(flatten)]
+    traces: embark_ops::traces::TraceArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -125,6 +127,7 @@ fn main() -> anyhow::Result<()> {
         workers: args.workers,
         metrics_listen: args.metrics_listen,
         log_json: args.log_json,
+        traces: args.traces,
     };
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(kfc::app::run(config))
 }

@@ -60,6 +60,7 @@ fn miss(key: &str, attempts: u32) -> MissEvent {
         attempts,
         not_before_unix_ms: 0,
         dim: 0,
+        trace_context: Default::default(),
     }
 }
 

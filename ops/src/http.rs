@@ -121,6 +121,36 @@ impl Readiness {
 struct OpsState {
     metrics: PrometheusHandle,
     ready: Readiness,
+    mounted: MountedRoutes,
+}
+
+/// Routes a binary adds to the operator port once it has what they serve
+/// (e.g. `embark`'s `/console`, which needs the loaded models): the port
+/// itself is up first, so `/metrics` and `/healthz` answer during start-up.
+/// Set once; until then every other path is `404`.
+#[derive(Clone, Debug, Default)]
+pub struct MountedRoutes(Arc<std::sync::OnceLock<Router>>);
+
+impl MountedRoutes {
+    /// Adds `router` (whose paths must not be the operator's own). A second
+    /// call is refused: the routes of one process are mounted once.
+    pub fn mount(&self, router: Router) -> Result<(), Router> {
+        self.0.set(router)
+    }
+
+    async fn call(self, request: axum::extract::Request) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        match self.0.get() {
+            Some(router) => {
+                // A Router's error type is Infallible.
+                match tower::ServiceExt::oneshot(router.clone(), request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                }
+            }
+            None => StatusCode::NOT_FOUND.into_response(),
+        }
+    }
 }
 
 /// Binds `addr` and serves the operator endpoints until `shutdown` fires.
@@ -129,6 +159,7 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: PrometheusHandle,
     ready: Readiness,
+    mounted: MountedRoutes,
     shutdown: CancellationToken,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
@@ -160,7 +191,8 @@ pub async fn serve(
                 }
             }),
         )
-        .with_state(OpsState { metrics, ready });
+        .fallback(|State(s): State<OpsState>, request: axum::extract::Request| s.mounted.call(request))
+        .with_state(OpsState { metrics, ready, mounted });
     let task = tokio::spawn(async move {
         let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
         if let Err(e) = result {

@@ -2,6 +2,8 @@
 //! binaries, so each serves logs, metrics, probes and shutdown the same way.
 //!
 //! - [`telemetry`]: `tracing` subscriber (text or JSON, `RUST_LOG` filter).
+//! - [`traces`]: spans exported over OTLP (`--otlp-endpoint`), and the W3C
+//!   trace context carried in gRPC metadata, Kafka headers and queued misses.
 //! - [`http`]: the operator port: Prometheus `/metrics`, `/healthz`, `/readyz`.
 //! - [`budget`]: a memory budget for request bodies across connections (a tower layer).
 //! - [`grpc`]: what every gRPC server adds: health service, reflection, transport tuning.
@@ -22,3 +24,4 @@ pub mod reload;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod traces;

@@ -45,6 +45,38 @@ pub fn encode_miss(event: &MissEvent) -> Vec<u8> {
     event.encode_to_vec()
 }
 
+/// A miss as a Kafka record: the payload, and its trace context as
+/// message headers (`traceparent`, `tracestate`: where tracing tools look
+/// for it), not in the payload. `None` headers when it is not traced.
+pub fn miss_record(event: &MissEvent) -> (Vec<u8>, Option<rdkafka::message::OwnedHeaders>) {
+    if event.trace_context.is_empty() {
+        return (encode_miss(event), None);
+    }
+    let headers = event.trace_context.iter().fold(rdkafka::message::OwnedHeaders::new(), |h, (k, v)| {
+        h.insert(rdkafka::message::Header { key: k, value: Some(v.as_bytes()) })
+    });
+    let bare = MissEvent { trace_context: Default::default(), ..event.clone() };
+    (encode_miss(&bare), Some(headers))
+}
+
+/// The trace context in a record's headers, into its decoded miss (only
+/// the W3C names, only text, at most a few hundred bytes each: a header
+/// is input from the topic, like the payload).
+pub fn attach_trace_headers(event: &mut MissEvent, headers: Option<&rdkafka::message::BorrowedHeaders>) {
+    use rdkafka::message::Headers as _;
+    const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
+    const MAX_TRACE_HEADER: usize = 512;
+    let Some(headers) = headers else { return };
+    for h in headers.iter() {
+        if let (true, Some(value)) = (TRACE_HEADERS.contains(&h.key), h.value)
+            && value.len() <= MAX_TRACE_HEADER
+            && let Ok(text) = std::str::from_utf8(value)
+        {
+            event.trace_context.insert(h.key.to_owned(), text.to_owned());
+        }
+    }
+}
+
 /// Why a message on the miss topic is not a miss (it goes to the DLQ raw).
 #[derive(Debug, thiserror::Error)]
 pub enum PoisonMessage {
@@ -114,6 +146,30 @@ mod tests {
         assert!(matches!(decode_miss(Some(&[0xff, 0xff, 0xff])), Err(PoisonMessage::Undecodable(_))));
         let no_key = MissEvent { model: "m".into(), ..MissEvent::default() };
         assert!(matches!(decode_miss(Some(&encode_miss(&no_key))), Err(PoisonMessage::Incomplete)));
+    }
+
+    #[test]
+    fn a_trace_context_travels_as_headers_not_in_the_payload() {
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut e = MissEvent { model: "m".into(), key: "k".into(), ..MissEvent::default() };
+        e.trace_context.insert("traceparent".into(), traceparent.into());
+        let (payload, headers) = miss_record(&e);
+        let headers = headers.expect("a traced miss has headers");
+        let mut read = decode_miss(Some(&payload)).expect("decodes");
+        assert!(read.trace_context.is_empty(), "not in the payload");
+        attach_trace_headers(&mut read, Some(headers.as_borrowed()));
+        assert_eq!(read, e);
+
+        // Only the W3C names, only bounded text.
+        let hostile = rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header { key: "x-other", value: Some("v") })
+            .insert(rdkafka::message::Header { key: "tracestate", value: Some(&*"a".repeat(10_000)) })
+            .insert(rdkafka::message::Header { key: "traceparent", value: Some(&[0xff, 0xfe][..]) });
+        let mut plain = MissEvent { model: "m".into(), key: "k".into(), ..MissEvent::default() };
+        attach_trace_headers(&mut plain, Some(hostile.as_borrowed()));
+        assert!(plain.trace_context.is_empty(), "{:?}", plain.trace_context);
+        let (_, none) = miss_record(&plain);
+        assert!(none.is_none(), "an untraced miss carries no headers");
     }
 
     /// Defect 11.2: a `not_before` far in the future (or far in the past)

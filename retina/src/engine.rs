@@ -13,6 +13,7 @@ use std::{
     sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel},
     time::{Duration, Instant},
 };
+use tracing::Instrument as _;
 
 use embark_proto::retina::v1::FailureCode;
 use std::sync::Arc;
@@ -102,6 +103,9 @@ enum Prepared {
 struct Job {
     inputs: Vec<Prepared>,
     reply: oneshot::Sender<Vec<Result<Vec<f32>, InputFailure>>>,
+    /// The caller's span: a batch's `retina.infer` span is the child of
+    /// its first job's and follows from the others'.
+    span: tracing::Span,
 }
 
 struct Worker {
@@ -338,7 +342,7 @@ impl Engine {
         if !prepared.is_empty() {
             let (indices, inputs): (Vec<usize>, Vec<Prepared>) = prepared.into_iter().unzip();
             let (reply, rx) = oneshot::channel();
-            match worker.queue.try_send(Job { inputs, reply }) {
+            match worker.queue.try_send(Job { inputs, reply, span: tracing::Span::current() }) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {
                     metrics::counter!("retina_overloaded_total", "model" => model.to_owned()).increment(1);
@@ -378,14 +382,20 @@ impl Engine {
         let host = reqwest::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
         let host_slot = self.host_slots.acquire(&host).await.ok_or_else(stopped)?;
         let fetch_slot = self.fetch_slots.acquire().await.map_err(|_| stopped())?;
-        let bytes = self.fetcher.fetch(url).await.map_err(fetch_failure)?;
+        let bytes = self
+            .fetcher
+            .fetch(url)
+            .instrument(tracing::info_span!("retina.fetch", model))
+            .await
+            .map_err(fetch_failure)?;
         drop(host_slot);
         metrics::histogram!("retina_fetch_seconds", "model" => model.to_owned())
             .record(started.elapsed().as_secs_f64());
         let _slot = self.decode_slots.acquire().await.map_err(|_| stopped())?;
         drop(fetch_slot);
         let limits = self.config.decode.clone();
-        tokio::task::spawn_blocking(move || preprocess::prepare(&bytes, &limits))
+        let decoding = tracing::info_span!("retina.decode", model, bytes = bytes.len());
+        tokio::task::spawn_blocking(move || decoding.in_scope(|| preprocess::prepare(&bytes, &limits)))
             .await
             .map_err(|e| failure(FailureCode::Internal, format!("decode task: {e}"), true))?
             .map_err(decode_failure)
@@ -421,8 +431,17 @@ fn run_model(spec: &'static ModelSpec, model: Box<dyn BatchModel>, rx: Receiver<
 
         for chunk in valid.chunks(cfg.max_batch.max(1)) {
             let batch: Vec<&Prepared> = chunk.iter().map(|&(j, i)| &jobs[j].inputs[i]).collect();
+            let infer =
+                tracing::info_span!(parent: &jobs[chunk[0].0].span, "retina.infer", model = name, batch = chunk.len());
+            let mut joined = vec![chunk[0].0];
+            for &(j, _) in chunk {
+                if !joined.contains(&j) {
+                    joined.push(j);
+                    infer.follows_from(&jobs[j].span);
+                }
+            }
             let started = Instant::now();
-            let outcome = model.embed_batch(&batch);
+            let outcome = infer.in_scope(|| model.embed_batch(&batch));
             metrics::histogram!("retina_inference_seconds", "model" => name).record(started.elapsed().as_secs_f64());
             metrics::histogram!("retina_batch_size", "model" => name).record(chunk.len() as f64);
             match outcome {

@@ -42,12 +42,14 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "RETINA_LOG_JSON")]
     log_json: bool,
+    #[command(flatten)]
+    traces: embark_ops::traces::TraceArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let op = Operator::start(args.metrics_listen, args.log_json).await?;
+    let op = Operator::start(args.metrics_listen, args.log_json, &args.traces, "retina").await?;
     let models_dir = args.models_dir.models_dir.clone();
     let config = args.engine.config();
     let names = args.models.clone();

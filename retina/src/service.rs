@@ -1,6 +1,7 @@
 //! `retina.v1.Retina` over an [`Engine`].
 
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 use embark_proto::retina::v1::{
     EmbedFailure, EmbedRequest, EmbedResponse, ModelInfo, ModelKind as WireKind, ModelsRequest, ModelsResponse,
@@ -44,7 +45,32 @@ fn status(e: EngineError) -> Status {
 #[tonic::async_trait]
 impl Retina for RetinaService {
     async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
-        let EmbedRequest { model, inputs } = request.into_inner();
+        let span = tracing::info_span!("retina.Embed", model = %request.get_ref().model, inputs = request.get_ref().inputs.len());
+        embark_ops::traces::extract_metadata(&span, request.metadata());
+        self.embed_in_span(request.into_inner()).instrument(span).await
+    }
+
+    async fn models(&self, _: Request<ModelsRequest>) -> Result<Response<ModelsResponse>, Status> {
+        let models = self
+            .engine
+            .models()
+            .map(|s| ModelInfo {
+                name: s.name.to_owned(),
+                dim: s.dim as u32,
+                kind: match s.kind {
+                    ModelKind::Image => WireKind::Image,
+                    ModelKind::Text => WireKind::Text,
+                } as i32,
+                version: s.version.to_owned(),
+            })
+            .collect();
+        Ok(Response::new(ModelsResponse { models }))
+    }
+}
+
+impl RetinaService {
+    async fn embed_in_span(&self, request: EmbedRequest) -> Result<Response<EmbedResponse>, Status> {
+        let EmbedRequest { model, inputs } = request;
         if model.is_empty() {
             return Err(Status::invalid_argument("model is required (see the Models RPC)"));
         }
@@ -89,22 +115,5 @@ impl Retina for RetinaService {
             }
         }
         Ok(Response::new(EmbedResponse { dim: spec.dim as u32, vectors: vectors.into(), failures }))
-    }
-
-    async fn models(&self, _: Request<ModelsRequest>) -> Result<Response<ModelsResponse>, Status> {
-        let models = self
-            .engine
-            .models()
-            .map(|s| ModelInfo {
-                name: s.name.to_owned(),
-                dim: s.dim as u32,
-                kind: match s.kind {
-                    ModelKind::Image => WireKind::Image,
-                    ModelKind::Text => WireKind::Text,
-                } as i32,
-                version: s.version.to_owned(),
-            })
-            .collect();
-        Ok(Response::new(ModelsResponse { models }))
     }
 }

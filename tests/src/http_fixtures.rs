@@ -1,7 +1,8 @@
 //! A loopback HTTP server for Retina's tests, on raw TCP so it can also
 //! misbehave (stall, lie about Content-Length, redirect in circles).
 //!
-//! Routes: `/img/<file>` (a fixture image), `/truncated.jpg`, `/page.html`,
+//! Routes: `/img/<file>` (a fixture image), `/photos/<file>` (a photo of
+//! the near-duplicate set), `/truncated.jpg`, `/page.html`,
 //! `/missing` (404), `/gone` (410), `/error` (503), `/stall` (headers never
 //! come), `/huge` (64 MiB chunked), `/lying-length` (declares 1000 bytes,
 //! sends 64 MiB), `/declared-huge` (declares 100 MB), `/bomb.png` (a PNG header
@@ -100,6 +101,10 @@ async fn serve(mut stream: TcpStream) {
         p if p.starts_with("/img/") => match std::fs::read(images().join(&p[5..])) {
             Ok(b) => reply("200 OK", "application/octet-stream", b),
             Err(_) => reply("404 Not Found", "text/plain", b"no such fixture".to_vec()),
+        },
+        p if p.starts_with("/photos/") => match std::fs::read(crate::fixtures().join("photos").join(&p[8..])) {
+            Ok(b) => reply("200 OK", "image/jpeg", b),
+            Err(_) => reply("404 Not Found", "text/plain", b"no such photo".to_vec()),
         },
         "/truncated.jpg" => {
             let b = std::fs::read(images().join("cat.jpg")).unwrap_or_default();

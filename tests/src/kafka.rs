@@ -142,6 +142,7 @@ pub async fn produce_misses(brokers: &str, topic: &str, model: &str, keys: &[Str
                 attempts: 0,
                 not_before_unix_ms: 0,
                 dim: 0,
+                trace_context: Default::default(),
             };
             (embark_queue::codec::message_key(model, k), embark_queue::codec::encode_miss(&e))
         })
@@ -235,27 +236,38 @@ pub async fn start_kafka_embark(
     store_url: &str,
     data: &std::path::Path,
 ) -> anyhow::Result<Server> {
-    Server::start(
-        &binary("embark"),
-        &[
-            "serve",
-            "--models",
-            model,
-            "--store",
-            store_url,
-            "--kafka-brokers",
-            brokers,
-            "--miss-topic",
-            miss_topic,
-            "--miss-topic-partitions",
-            "0",
-            "--data-dir",
-            data.to_str().context("a UTF-8 data directory")?,
-            // These tests are about Kafka: a busy CI machine must not
-            // turn slow store reads into OOV_UNAVAILABLE.
-            "--store-deadline-ms",
-            "2000",
-        ],
-    )
-    .await
+    start_kafka_embark_with(model, brokers, miss_topic, store_url, data, &[]).await
+}
+
+/// [`start_kafka_embark`] with `extra` flags.
+pub async fn start_kafka_embark_with(
+    model: &str,
+    brokers: &str,
+    miss_topic: &str,
+    store_url: &str,
+    data: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<Server> {
+    let data = data.to_str().context("a UTF-8 data directory")?;
+    let mut args = vec![
+        "serve",
+        "--models",
+        model,
+        "--store",
+        store_url,
+        "--kafka-brokers",
+        brokers,
+        "--miss-topic",
+        miss_topic,
+        "--miss-topic-partitions",
+        "0",
+        "--data-dir",
+        data,
+        // These tests are about Kafka: a busy CI machine must not
+        // turn slow store reads into OOV_UNAVAILABLE.
+        "--store-deadline-ms",
+        "2000",
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&binary("embark"), &args).await
 }

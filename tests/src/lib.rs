@@ -12,6 +12,7 @@ use std::{
 
 pub mod http_fixtures;
 pub mod kafka;
+pub mod otlp;
 
 use anyhow::{Context, bail};
 use embark_proto::{embark::v1::emb_ark_client::EmbArkClient, retina::v1::retina_client::RetinaClient};
@@ -405,6 +406,50 @@ pub fn dev_certs(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new(binary("embark")).arg("dev-certs").arg("--out").arg(dir).args(args).output()?;
     anyhow::ensure!(out.status.success(), "dev-certs: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())
+}
+
+/// An `embark up` of `model` over TLS with tokens, from a development CA
+/// the harness makes: the principals `ranker` (read) and `ops` (admin),
+/// their token files `ranker.token` and `ops.token` and the CA `ca.pem`
+/// in [`SecuredEmbark::certs`].
+#[derive(Debug)]
+pub struct SecuredEmbark {
+    pub server: Server,
+    certs: tempfile::TempDir,
+    _data: tempfile::TempDir,
+}
+
+impl SecuredEmbark {
+    /// Starts it with `extra` flags (e.g. `--rest-listen`).
+    pub async fn start(model: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let certs = tempfile::tempdir()?;
+        let c = certs.path();
+        dev_certs(c, &["--server", "embark", "--token", "ranker=read", "--token", "ops=admin"])?;
+        let data = tempfile::tempdir()?;
+        let path = |p: PathBuf| p.to_str().map(str::to_owned).context("a UTF-8 temporary path");
+        let owned = [
+            "up".to_owned(),
+            "--models".into(),
+            model.into(),
+            "--data-dir".into(),
+            path(data.path().to_owned())?,
+            "--tls-cert".into(),
+            path(c.join("embark.pem"))?,
+            "--tls-key".into(),
+            path(c.join("embark.key"))?,
+            "--auth-tokens".into(),
+            path(c.join("tokens.toml"))?,
+        ];
+        let mut args: Vec<&str> = owned.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        let server = Server::start(&binary("embark"), &args).await?;
+        Ok(Self { server, certs, _data: data })
+    }
+
+    /// The directory of `ca.pem`, `ranker.token`, `ops.token`.
+    pub fn certs(&self) -> &Path {
+        self.certs.path()
+    }
 }
 
 /// A gRPC channel over TLS to `addr`, checking the server's certificate

@@ -50,9 +50,15 @@ pub struct FrontArgs {
     /// over HTTP/1.1 (or HTTP/2), with the gRPC server's TLS and tokens. Off by default.
     #[arg(long, env = "EMBARK_REST_LISTEN")]
     pub rest_listen: Option<SocketAddr>,
-    /// Operator HTTP address: /metrics, /healthz, /readyz.
+    /// Operator HTTP address: /metrics, /healthz, /readyz and the web
+    /// console (/console).
     #[arg(long, env = "EMBARK_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     pub metrics_listen: SocketAddr,
+    /// Serve the read-only web console at /console on the operator port
+    /// (no authentication of its own, like /metrics: keep that port on
+    /// the internal network). `--console false` turns it off.
+    #[arg(long, env = "EMBARK_CONSOLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub console: bool,
     /// Models to serve, comma-separated.
     #[arg(long, env = "EMBARK_MODELS", value_delimiter = ',', default_value = "minilm-l6-v2,efficientnet-lite0")]
     pub models: Vec<String>,
@@ -141,6 +147,8 @@ pub struct FrontArgs {
     /// Log as JSON lines.
     #[arg(long, env = "EMBARK_LOG_JSON")]
     pub log_json: bool,
+    #[command(flatten)]
+    pub traces: embark_ops::traces::TraceArgs,
 }
 
 /// The similarity indexes behind `Similar` (see docs/similarity.md).

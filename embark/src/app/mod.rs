@@ -219,7 +219,7 @@ async fn load_models(args: &FrontArgs, mode: &Mode) -> anyhow::Result<(Option<Ar
 
 /// Runs `embark up` or `embark serve` until SIGTERM/SIGINT.
 pub async fn run(args: FrontArgs, mode: Mode) -> anyhow::Result<()> {
-    let op = Operator::start(args.metrics_listen, args.log_json).await?;
+    let op = Operator::start(args.metrics_listen, args.log_json, &args.traces, "embark").await?;
     let backends = Backends::open(&args, &mode).await?;
     let (engine, specs) = load_models(&args, &mode).await?;
     let registry = ModelRegistry::new(&specs, &args.oov)?;
@@ -259,6 +259,10 @@ pub async fn run(args: FrontArgs, mode: Mode) -> anyhow::Result<()> {
     )
     .with_similar(indexes, args.similar.similar_max_k.max(1));
     let front = follow_other_replicas(front, &args, &properties, &op)?;
+    if args.console {
+        op.routes.mount(crate::console::router(front.clone())).map_err(|_| anyhow::anyhow!("console mounted twice"))?;
+        tracing::info!(console = %format!("http://{}/console", op.addr), "web console serving");
+    }
 
     // The fill loop stops on its own token, after the front has stopped
     // and the last misses were flushed.

@@ -286,6 +286,8 @@ impl Embedder for RemoteRetina {
         let n = inputs.len();
         let mut request = tonic::Request::new(EmbedRequest { model: model.to_owned(), inputs });
         request.set_timeout(self.timeout);
+        // Retina's spans join the trace of the fill that called it.
+        embark_ops::traces::inject_metadata(request.metadata_mut());
         let mut client = self.client.clone();
         let call = tokio::time::timeout(self.timeout + Duration::from_millis(500), client.embed(request));
         let reply = match call.await {

@@ -27,7 +27,7 @@ use rdkafka::{
 
 use crate::{
     MissPublisher,
-    codec::{encode_miss, message_key, parse_message_key},
+    codec::{message_key, miss_record, parse_message_key},
 };
 
 /// Told of each miss librdkafka gave up on, with its model and key (from
@@ -144,8 +144,12 @@ impl KafkaMissPublisher {
 impl MissPublisher for KafkaMissPublisher {
     fn publish(&self, event: MissEvent) -> bool {
         let key = message_key(&event.model, &event.key);
-        let payload = encode_miss(&event);
-        match self.producer.send(BaseRecord::to(&self.topic).key(&key).payload(&payload)) {
+        let (payload, headers) = miss_record(&event);
+        let mut record = BaseRecord::to(&self.topic).key(&key).payload(&payload);
+        if let Some(headers) = headers {
+            record = record.headers(headers);
+        }
+        match self.producer.send(record) {
             Ok(()) => true,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 metrics::counter!("embark_misses_dropped_total", "reason" => "buffer_full").increment(1);

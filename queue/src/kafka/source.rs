@@ -51,7 +51,9 @@ use super::{DEFAULT_DLQ_TOPIC, DEFAULT_MISS_TOPIC, MissToken, OffsetTracker, cli
 use crate::{
     MissSource, QueueError,
     backoff::{Backoff, StopSleeper},
-    codec::{MAX_RETRY_DELAY, decode_miss, encode_miss, fit_dead_letter, message_key, retry_wait},
+    codec::{
+        MAX_RETRY_DELAY, attach_trace_headers, decode_miss, fit_dead_letter, message_key, miss_record, retry_wait,
+    },
 };
 
 /// Times a produce that failed permanently (see [`super::is_permanent`]) is tried
@@ -288,7 +290,7 @@ impl KafkaMissSource {
                     None
                 }
                 m = self.consumer.recv(), if room => match m {
-                    Ok(m) => self.admit(m.partition(), m.offset(), m.payload(), &mut delayed).await,
+                    Ok(m) => self.admit(m.partition(), m.offset(), m.payload(), m.headers(), &mut delayed).await,
                     Err(e) => {
                         tracing::warn!(error = %e, "reading the miss topic");
                         metrics::counter!("kfc_consumer_errors_total").increment(1);
@@ -316,6 +318,7 @@ impl KafkaMissSource {
         partition: i32,
         offset: i64,
         payload: Option<&[u8]>,
+        headers: Option<&rdkafka::message::BorrowedHeaders>,
         delayed: &mut DelayQueue<Ready>,
     ) -> Option<Ready> {
         let Some(token) = self.tracker.begin(partition, offset) else {
@@ -324,7 +327,10 @@ impl KafkaMissSource {
         };
         metrics::counter!("kfc_misses_read_total").increment(1);
         let event = match decode_miss(payload) {
-            Ok(e) => e,
+            Ok(mut e) => {
+                attach_trace_headers(&mut e, headers);
+                e
+            }
             Err(poison) => {
                 let reason = poison.to_string();
                 tracing::warn!(partition, offset, %reason, "poison message on the miss topic");
@@ -391,12 +397,16 @@ impl KafkaMissSource {
     async fn publish_until_done(&self, retry: &[MissEvent], dead: &[DeadLetter]) -> Result<(), QueueError> {
         let records: Vec<Outgoing> = retry
             .iter()
-            .map(|e| Outgoing {
-                topic: &self.config.miss_topic,
-                key: message_key(&e.model, &e.key),
-                payload: encode_miss(e),
-                kind: "retry",
-                permanent_failures: 0,
+            .map(|e| {
+                let (payload, headers) = miss_record(e);
+                Outgoing {
+                    topic: &self.config.miss_topic,
+                    key: message_key(&e.model, &e.key),
+                    payload,
+                    headers,
+                    kind: "retry",
+                    permanent_failures: 0,
+                }
             })
             .chain(dead.iter().map(|d| {
                 let mut d = d.clone();
@@ -405,6 +415,7 @@ impl KafkaMissSource {
                     topic: &self.config.dlq_topic,
                     key: d.event.as_ref().map(|e| message_key(&e.model, &e.key)).unwrap_or_default(),
                     payload: d.encode_to_vec(),
+                    headers: None,
                     kind: "dead_letter",
                     permanent_failures: 0,
                 }
@@ -448,9 +459,13 @@ impl KafkaMissSource {
     /// [`MAX_PERMANENT_PRODUCE_ATTEMPTS`]th time is dropped and counted.
     async fn send_once<'a>(&self, pending: Vec<Outgoing<'a>>) -> (Vec<Outgoing<'a>>, Option<KafkaError>) {
         let queue = Timeout::After(Duration::from_secs(5));
-        let sends = pending
-            .iter()
-            .map(|o| self.producer.send(FutureRecord::to(o.topic).key(&o.key).payload(&o.payload), queue));
+        let sends = pending.iter().map(|o| {
+            let mut record = FutureRecord::to(o.topic).key(&o.key).payload(&o.payload);
+            if let Some(h) = &o.headers {
+                record = record.headers(h.clone());
+            }
+            self.producer.send(record, queue)
+        });
         let results = futures::future::join_all(sends).await;
         let mut failed = Vec::new();
         let mut last_error = None;
@@ -486,6 +501,7 @@ struct Outgoing<'a> {
     topic: &'a str,
     key: Vec<u8>,
     payload: Vec<u8>,
+    headers: Option<rdkafka::message::OwnedHeaders>,
     kind: &'static str,
     permanent_failures: u32,
 }
