@@ -30,13 +30,13 @@ use axum::{
 use base64::Engine as _;
 use embark_ops::auth::{Access, AuthLayer, Principal};
 use embark_proto::embark::v1::{
-    InvalidateRequest, LookupRequest, ModelKind, ModelsRequest, SimilarRequest, Source, emb_ark_server::EmbArk,
+    InvalidateRequest, LookupRequest, ModelsRequest, SimilarRequest, Source, emb_ark_server::EmbArk,
     similar_request::Query,
 };
 use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
 
-use crate::service::EmbArkService;
+use crate::{models::source_name, service::EmbArkService};
 
 /// The OpenAPI 3.0 document of the routes below (kept beside them, and
 /// checked against the live server by schemathesis in the test suite).
@@ -255,10 +255,6 @@ struct LookupAnswer {
     vectors_base64: Option<String>,
 }
 
-fn source_name(source: i32) -> &'static str {
-    Source::try_from(source).map(|s| s.as_str_name()).unwrap_or("SOURCE_UNSPECIFIED")
-}
-
 async fn lookup(
     State(rest): State<Rest>,
     principal: Option<axum::Extension<Principal>>,
@@ -270,8 +266,7 @@ async fn lookup(
     let (vectors, vectors_base64) = match body.encoding {
         Encoding::Base64 => (None, Some(base64::engine::general_purpose::STANDARD.encode(&answer.vectors))),
         Encoding::Floats => {
-            let floats: Vec<f32> =
-                answer.vectors.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let floats = embark_proto::f32_from_le(&answer.vectors).unwrap_or_default();
             let rows = floats.chunks(answer.dim.max(1) as usize).take(answer.sources.len());
             (Some(rows.map(<[f32]>::to_vec).collect()), None)
         }
@@ -376,16 +371,7 @@ async fn models(
     let models = answer
         .models
         .into_iter()
-        .map(|m| ModelRow {
-            kind: match ModelKind::try_from(m.kind) {
-                Ok(ModelKind::Image) => "image",
-                Ok(ModelKind::Text) => "text",
-                _ => "unspecified",
-            },
-            name: m.name,
-            dim: m.dim,
-            version: m.version,
-        })
+        .map(|m| ModelRow { kind: crate::models::kind_name(m.kind), name: m.name, dim: m.dim, version: m.version })
         .collect();
     Ok(Json(ModelsAnswer { models }))
 }

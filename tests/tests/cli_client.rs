@@ -6,7 +6,7 @@
 use std::{path::Path, process::Output, time::Duration};
 
 use embark_proto::embark::v1::{LookupRequest, Source};
-use embark_tests::{Server, binary, dev_certs, eventually};
+use embark_tests::{SecuredEmbark, Server, binary, eventually};
 
 const MODEL: &str = "minilm-l6-v2";
 
@@ -140,27 +140,8 @@ async fn get_similar_invalidate_and_models_against_a_live_server() -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_verbs_speak_tls_and_carry_tokens() -> anyhow::Result<()> {
-    let certs = tempfile::tempdir()?;
-    let c = certs.path();
-    dev_certs(c, &["--server", "embark", "--token", "ranker=read", "--token", "ops=admin"])?;
-    let data = tempfile::tempdir()?;
-    let server = Server::start(
-        &binary("embark"),
-        &[
-            "up",
-            "--models",
-            MODEL,
-            "--data-dir",
-            utf8(data.path()),
-            "--tls-cert",
-            utf8(&c.join("embark.pem")),
-            "--tls-key",
-            utf8(&c.join("embark.key")),
-            "--auth-tokens",
-            utf8(&c.join("tokens.toml")),
-        ],
-    )
-    .await?;
+    let secured = SecuredEmbark::start(MODEL, &[]).await?;
+    let (server, c) = (&secured.server, secured.certs());
     // The dev certificate names 127.0.0.1, so the host of --addr checks it.
     let addr = format!("https://{}", server.grpc);
     let ca = c.join("ca.pem");

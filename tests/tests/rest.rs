@@ -6,7 +6,7 @@
 use std::{path::Path, time::Duration};
 
 use embark_proto::embark::v1::{LookupRequest, Source};
-use embark_tests::{Server, binary, dev_certs, eventually, free_port};
+use embark_tests::{SecuredEmbark, Server, binary, eventually, free_port};
 use serde_json::{Value, json};
 
 const MODEL: &str = "minilm-l6-v2";
@@ -193,30 +193,9 @@ async fn schemathesis(schema_url: &str) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_takes_the_grpc_servers_tls_tokens_and_roles() -> anyhow::Result<()> {
-    let certs = tempfile::tempdir()?;
-    let c = certs.path();
-    dev_certs(c, &["--server", "embark", "--token", "ranker=read", "--token", "ops=admin"])?;
-    let data = tempfile::tempdir()?;
     let rest = format!("127.0.0.1:{}", free_port());
-    let _server = Server::start(
-        &binary("embark"),
-        &[
-            "up",
-            "--models",
-            MODEL,
-            "--data-dir",
-            utf8(data.path()),
-            "--rest-listen",
-            &rest,
-            "--tls-cert",
-            utf8(&c.join("embark.pem")),
-            "--tls-key",
-            utf8(&c.join("embark.key")),
-            "--auth-tokens",
-            utf8(&c.join("tokens.toml")),
-        ],
-    )
-    .await?;
+    let secured = SecuredEmbark::start(MODEL, &["--rest-listen", &rest]).await?;
+    let c = secured.certs();
     let ca = reqwest::Certificate::from_pem(&std::fs::read(c.join("ca.pem"))?)?;
     let https = reqwest::Client::builder()
         .add_root_certificate(ca)

@@ -44,12 +44,18 @@ def test_bad_requests_are_invalid_arguments(client: EmbArk) -> None:
         client.lookup(MODEL, ["x" * 9000])
 
 
-def test_a_batch_over_the_server_limit_is_resource_exhausted(server: Server) -> None:
+def test_a_batch_over_the_server_limit_is_resource_exhausted_at_once(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    # RESOURCE_EXHAUSTED is retried when it means load shedding; a batch
+    # over the server's limit would fail the same way every time.
+    caplog.set_level(logging.INFO, logger="embark_client")
     too_many = SERVER_MAX_BATCH_KEYS + 1
-    with EmbArk(server.target, max_batch_keys=too_many, retries=0) as c:
+    with EmbArk(server.target, max_batch_keys=too_many, retries=3, backoff=0.05) as c:
         with pytest.raises(ResourceExhausted, match="--max-batch-keys") as e:
             c.lookup(MODEL, fresh_keys(too_many))
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert retries_logged(caplog) == 0, "an oversized batch is not retried"
 
 
 def test_nothing_listening_is_retried_then_unavailable(caplog: pytest.LogCaptureFixture) -> None:

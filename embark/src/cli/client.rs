@@ -5,8 +5,8 @@
 //! as the Python client.
 //!
 //! Every call is retried on `UNAVAILABLE` (a server restarting) and
-//! `RESOURCE_EXHAUSTED` (load shedding, the Invalidate rate) with
-//! exponential backoff; other errors are final and printed with a hint at
+//! `RESOURCE_EXHAUSTED` (load shedding, the Invalidate rate; not a batch
+//! over `--max-batch-keys`) with exponential backoff; other errors are final and printed with a hint at
 //! their usual cause. Long key lists are sent in batches of
 //! `--batch-keys`, under the server's `--max-batch-keys`.
 
@@ -19,12 +19,13 @@ use std::{
 use anyhow::{Context, bail};
 use backon::{ExponentialBuilder, Retryable};
 use clap::Args;
+use embark::models::{kind_name, source_name};
 use embark_ops::{
     auth::BearerToken,
     tls::{ClientTlsFiles, client_tls},
 };
 use embark_proto::embark::v1::{
-    InvalidateRequest, LookupRequest, LookupResponse, ModelKind, ModelsRequest, SimilarRequest, Source,
+    InvalidateRequest, LookupRequest, LookupResponse, ModelsRequest, SimilarRequest, Source,
     emb_ark_client::EmbArkClient, similar_request::Query,
 };
 use serde::Serialize;
@@ -223,11 +224,21 @@ impl Api {
             .with_jitter();
         (|| call(self.client.clone()))
             .retry(backoff)
-            .when(|s: &Status| matches!(s.code(), Code::Unavailable | Code::ResourceExhausted))
+            .when(retryable)
             .notify(|s: &Status, after: Duration| tracing::info!(code = ?s.code(), ?after, "{what}: retrying"))
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| anyhow::anyhow!("{what}: {}", explain(&s)))
+    }
+}
+
+/// A server restarting or shedding load is asked again; a batch over the
+/// server's limit is not (it would be refused every time).
+fn retryable(s: &Status) -> bool {
+    match s.code() {
+        Code::Unavailable => true,
+        Code::ResourceExhausted => !s.message().contains(embark::front::BATCH_LIMIT_FLAG),
+        _ => false,
     }
 }
 
@@ -260,10 +271,6 @@ fn read_keys(args: &[String]) -> anyhow::Result<Vec<String>> {
         }
     }
     Ok(keys)
-}
-
-fn source_name(source: i32) -> &'static str {
-    Source::try_from(source).map(|s| s.as_str_name()).unwrap_or("SOURCE_UNKNOWN")
 }
 
 fn still_pending(source: i32) -> bool {
@@ -341,8 +348,7 @@ pub(crate) async fn get(args: GetArgs) -> anyhow::Result<i32> {
                 answer.vectors.len()
             );
         }
-        let floats: Vec<f32> =
-            answer.vectors.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let floats = embark_proto::f32_from_le(&answer.vectors).unwrap_or_default();
         for ((key, source), vector) in batch.iter().zip(&answer.sources).zip(floats.chunks(width.max(1))) {
             rows.push(GetRow { key: key.clone(), source: source_name(*source), vector: vector.to_vec() });
         }
@@ -464,16 +470,7 @@ pub(crate) async fn models(args: ModelsArgs) -> anyhow::Result<i32> {
     let models: Vec<ModelRow> = answer
         .models
         .into_iter()
-        .map(|m| ModelRow {
-            kind: match ModelKind::try_from(m.kind) {
-                Ok(ModelKind::Image) => "image",
-                Ok(ModelKind::Text) => "text",
-                _ => "unknown",
-            },
-            name: m.name,
-            dim: m.dim,
-            version: m.version,
-        })
+        .map(|m| ModelRow { kind: kind_name(m.kind), name: m.name, dim: m.dim, version: m.version })
         .collect();
     if args.conn.json {
         print_json(&models)?;
@@ -498,11 +495,21 @@ mod tests {
     }
 
     #[test]
+    fn shedding_is_retried_an_oversized_batch_is_not() {
+        assert!(retryable(&Status::unavailable("restarting")));
+        assert!(retryable(&Status::resource_exhausted("too many requests in progress; retry with backoff")));
+        assert!(!retryable(&Status::resource_exhausted(
+            "5000 keys in one request; the limit is 4096 (--max-batch-keys): split the batch"
+        )));
+        assert!(!retryable(&Status::not_found("no model x")));
+    }
+
+    #[test]
     fn pending_means_ask_again() {
         assert!(still_pending(Source::OovPending as i32));
         assert!(still_pending(Source::OovUnavailable as i32));
         assert!(!still_pending(Source::OovFailed as i32));
         assert!(!still_pending(Source::Store as i32));
-        assert_eq!(source_name(99), "SOURCE_UNKNOWN");
+        assert_eq!(source_name(99), "SOURCE_UNSPECIFIED");
     }
 }

@@ -35,6 +35,10 @@ DEFAULT_MAX_BATCH_KEYS = 256
 
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
+#: What the server's refusal of an oversized batch names (RESOURCE_EXHAUSTED
+#: too, but the same request can never succeed: not retried).
+BATCH_LIMIT_FLAG = "--max-batch-keys"
+
 
 @dataclass(frozen=True)
 class Call:
@@ -62,11 +66,16 @@ class RetryPolicy:
     backoff: float
     max_backoff: float
 
-    def pause(self, code: Optional[grpc.StatusCode], retry: int, remaining: float) -> Optional[float]:
+    def pause(
+        self, code: Optional[grpc.StatusCode], retry: int, remaining: float, message: str = ""
+    ) -> Optional[float]:
         """How long to wait before retry number ``retry`` (0-based) after a
-        failure with ``code``, or None to give up: the code is final, the
-        retries are spent, or the pause would outlast the deadline."""
+        failure with ``code`` and ``message``, or None to give up: the code
+        is final, the request is over the server's batch limit, the retries
+        are spent, or the pause would outlast the deadline."""
         if code not in _RETRYABLE or retry >= self.retries:
+            return None
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and BATCH_LIMIT_FLAG in message:
             return None
         pause = random.uniform(0.0, min(self.max_backoff, self.backoff * (2.0**retry)))
         return pause if pause < remaining else None

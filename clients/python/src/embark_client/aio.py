@@ -140,7 +140,7 @@ class AsyncEmbArk:
                 return await rpc(call.request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as e:
                 error = from_rpc_error(e, call.method)
-                pause = self._settings.retry.pause(error.code, retry, deadline - time.monotonic())
+                pause = self._settings.retry.pause(error.code, retry, deadline - time.monotonic(), error.message)
                 if pause is None:
                     raise error from e
             logger.info("%s: %s; retry %d in %.3f s", call.method, error, retry + 1, pause)

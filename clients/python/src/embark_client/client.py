@@ -35,7 +35,8 @@ class EmbArk:
     ``timeout`` (seconds) bounds each method call, its retries and, for a
     long key list, all of its batches; every method also takes its own
     ``timeout=``. Calls answered UNAVAILABLE (server down or restarting)
-    or RESOURCE_EXHAUSTED (load shed, rate limit) are retried up to
+    or RESOURCE_EXHAUSTED (load shed, rate limit; not a batch over the
+    server's ``--max-batch-keys``, which would fail again) are retried up to
     ``retries`` times with exponential backoff (from ``backoff`` seconds,
     doubling up to ``max_backoff``) and full jitter; other errors are raised
     at once as the typed exceptions of :mod:`embark_client.errors`.
@@ -180,7 +181,7 @@ class EmbArk:
                 return rpc(call.request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as e:
                 error = from_rpc_error(e, call.method)
-                pause = self._settings.retry.pause(error.code, retry, deadline - time.monotonic())
+                pause = self._settings.retry.pause(error.code, retry, deadline - time.monotonic(), error.message)
                 if pause is None:
                     raise error from e
             logger.info("%s: %s; retry %d in %.3f s", call.method, error, retry + 1, pause)
