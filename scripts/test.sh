@@ -18,6 +18,8 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "setup: model weights, grpcurl, Python client, schemathesis, Chromium, Kafka broker (tansu)"
 scripts/setup-models.sh
+# A team's own model, served by configuration only (tests/tests/own_model.rs).
+scripts/setup-example-model.sh
 scripts/install-grpcurl.sh >/dev/null
 examples/python/setup.sh >/dev/null
 # schemathesis checks the REST API against its OpenAPI document (tests/tests/rest.rs).

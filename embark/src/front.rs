@@ -646,7 +646,7 @@ mod tests {
         let inner = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
         let store = Arc::new(Instrumented { inner, reads: Default::default() });
         let publisher = Arc::new(Recorder::default());
-        let spec = retina::catalog::spec(MODEL).expect("a known model");
+        let spec = retina::catalog::builtin().spec(MODEL).expect("a known model");
         let front = Front::new(
             ModelRegistry::new(&[spec], &[]).expect("registry"),
             VectorCache::new(64 << 20, None),
@@ -866,7 +866,7 @@ mod tests {
     async fn similar_has_no_concurrency_bound() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).expect("open"));
-        let spec = retina::catalog::spec(MODEL).expect("a known model");
+        let spec = retina::catalog::builtin().spec(MODEL).expect("a known model");
         let front = Front::new(
             ModelRegistry::new(&[spec], &[]).expect("registry"),
             VectorCache::new(1 << 20, None),
@@ -914,7 +914,7 @@ mod tests {
             entered: tokio::sync::Notify::new(),
             gate: tokio::sync::Semaphore::new(0),
         });
-        let spec = retina::catalog::spec(MODEL).expect("a known model");
+        let spec = retina::catalog::builtin().spec(MODEL).expect("a known model");
         let guard = GuardConfig { deadline: Duration::from_secs(10), ..GuardConfig::default() };
         let front = Arc::new(Front::new(
             ModelRegistry::new(&[spec], &[]).expect("registry"),

@@ -90,7 +90,8 @@ pub struct ModelRegistry {
 }
 
 impl ModelRegistry {
-    /// `oov_flags` are `MODEL=PATH` pairs; models without one get zeros.
+    /// `oov_flags` are `MODEL=PATH` pairs; a model without one takes its
+    /// catalogue entry's `oov_file`, else zeros.
     pub fn new(specs: &[&'static ModelSpec], oov_flags: &[String]) -> Result<Self, ModelConfigError> {
         let mut policies: HashMap<String, OovPolicy> = HashMap::new();
         for flag in oov_flags {
@@ -98,17 +99,21 @@ impl ModelRegistry {
             if !specs.iter().any(|s| s.name == model) {
                 return Err(ModelConfigError::Unknown {
                     name: model.to_owned(),
-                    known: specs.iter().map(|s| s.name).collect(),
+                    known: specs.iter().map(|s| s.name.as_str()).collect(),
                 });
             }
             policies.insert(model.to_owned(), OovPolicy::File(PathBuf::from(path)));
         }
         let mut models = HashMap::new();
         for &spec in specs {
-            let policy = policies.remove(spec.name).unwrap_or(OovPolicy::Zeros);
+            let name = spec.name.as_str();
+            let policy = policies
+                .remove(name)
+                .or_else(|| spec.oov_file.clone().map(OovPolicy::File))
+                .unwrap_or(OovPolicy::Zeros);
             let oov = oov_row(spec, &policy)?;
             let oov_le = crate::cache::le_bytes(&oov);
-            models.insert(spec.name, ServedModel { spec, oov, oov_le, metrics: ModelMetrics::new(spec.name) });
+            models.insert(name, ServedModel { spec, oov, oov_le, metrics: ModelMetrics::new(name) });
         }
         Ok(Self { models })
     }
@@ -128,13 +133,13 @@ impl ModelRegistry {
             .models
             .values()
             .map(|m| ModelInfo {
-                name: m.spec.name.to_owned(),
+                name: m.spec.name.clone(),
                 dim: m.spec.dim as u32,
                 kind: match m.spec.kind {
                     ModelKind::Image => WireKind::Image,
                     ModelKind::Text => WireKind::Text,
                 } as i32,
-                version: m.spec.version.to_owned(),
+                version: m.spec.version.clone(),
             })
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
@@ -147,7 +152,7 @@ fn oov_row(spec: &ModelSpec, policy: &OovPolicy) -> Result<Arc<[f32]>, ModelConf
         OovPolicy::Zeros => Ok(vec![0f32; spec.dim].into()),
         OovPolicy::File(path) => {
             let err = |reason: String| ModelConfigError::OovFile {
-                model: spec.name.to_owned(),
+                model: spec.name.clone(),
                 path: path.display().to_string(),
                 reason,
             };
@@ -171,24 +176,41 @@ fn oov_row(spec: &ModelSpec, policy: &OovPolicy) -> Result<Arc<[f32]>, ModelConf
 #[cfg(test)]
 mod tests {
     use super::*;
-    use retina::catalog::MINILM_L6_V2;
+
+    fn minilm() -> &'static ModelSpec {
+        retina::catalog::builtin().spec("minilm-l6-v2").expect("the built-in text model")
+    }
 
     #[test]
     fn oov_defaults_to_zeros_and_reads_files() {
-        let r = ModelRegistry::new(&[&MINILM_L6_V2], &[]).expect("registry");
+        let r = ModelRegistry::new(&[minilm()], &[]).expect("registry");
         assert!(r.get("minilm-l6-v2").expect("model").oov.iter().all(|v| *v == 0.0));
 
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("oov.txt");
         std::fs::write(&path, vec!["0.5"; 384].join(", ")).expect("write");
         let flag = format!("minilm-l6-v2={}", path.display());
-        let r = ModelRegistry::new(&[&MINILM_L6_V2], &[flag]).expect("registry");
+        let r = ModelRegistry::new(&[minilm()], &[flag]).expect("registry");
         assert!(r.get("minilm-l6-v2").expect("model").oov.iter().all(|v| *v == 0.5));
 
         std::fs::write(&path, "1 2 3").expect("write");
         let flag = format!("minilm-l6-v2={}", path.display());
-        let e = ModelRegistry::new(&[&MINILM_L6_V2], &[flag]).expect_err("short file");
+        let e = ModelRegistry::new(&[minilm()], &[flag]).expect_err("short file");
         assert!(e.to_string().contains("3 values, the model's dim is 384"), "{e}");
-        assert!(ModelRegistry::new(&[&MINILM_L6_V2], &["nope=x".into()]).is_err());
+        assert!(ModelRegistry::new(&[minilm()], &["nope=x".into()]).is_err());
+    }
+
+    #[test]
+    fn a_catalogue_oov_file_is_used_unless_a_flag_overrides_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (entry, flag) = (dir.path().join("entry.txt"), dir.path().join("flag.txt"));
+        std::fs::write(&entry, vec!["0.25"; 384].join(" ")).expect("write");
+        std::fs::write(&flag, vec!["0.75"; 384].join(" ")).expect("write");
+        let spec: &'static ModelSpec =
+            Box::leak(Box::new(ModelSpec { oov_file: Some(entry.clone()), ..minilm().clone() }));
+        let r = ModelRegistry::new(&[spec], &[]).expect("registry");
+        assert!(r.get("minilm-l6-v2").expect("model").oov.iter().all(|v| *v == 0.25));
+        let r = ModelRegistry::new(&[spec], &[format!("minilm-l6-v2={}", flag.display())]).expect("registry");
+        assert!(r.get("minilm-l6-v2").expect("model").oov.iter().all(|v| *v == 0.75));
     }
 }

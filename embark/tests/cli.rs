@@ -33,5 +33,5 @@ fn bad_options_fail_with_a_clear_message() {
         .expect("run embark");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("run scripts/setup-models.sh"), "{err}");
+    assert!(err.contains("is missing") && err.contains("scripts/setup-models.sh"), "{err}");
 }

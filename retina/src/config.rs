@@ -17,6 +17,22 @@ pub struct ModelsDirArg {
     pub models_dir: PathBuf,
 }
 
+/// Which catalogue of models: a TOML file, or the shipped one built in.
+#[derive(Debug, Clone, Args)]
+pub struct CatalogArg {
+    /// The model catalogue (models.toml: names, versions, weights,
+    /// preprocessing; see docs/models.md). Default: the shipped catalogue.
+    #[arg(long, env = "EMBARK_MODELS_CONFIG")]
+    pub models_config: Option<PathBuf>,
+}
+
+impl CatalogArg {
+    /// Reads and checks it (once per process).
+    pub fn load(&self) -> Result<&'static crate::catalog::Catalog, crate::catalog::CatalogError> {
+        crate::catalog::Catalog::load(self.models_config.as_deref())
+    }
+}
+
 /// `~/.cache/embark/models`, where the setup script puts the weights.
 pub fn default_models_dir() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(".cache/embark/models")

@@ -20,11 +20,11 @@ use std::sync::Arc;
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::{
-    catalog::{self, ModelKind, ModelSpec},
+    catalog::{Architecture, EngineKind, ModelKind, ModelSpec},
     fetch::{FetchConfig, FetchError, Fetcher},
     image_model::EfficientNetLite0,
     preprocess::{self, DecodeError, DecodeLimits},
-    text::MiniLm,
+    text::{BertEncoder, BertFiles},
 };
 
 #[derive(Debug, Clone)]
@@ -86,7 +86,7 @@ pub enum EngineError {
     #[error("model {0:?} has stopped")]
     Stopped(String),
     #[error(
-        "model {name:?}: file {path} is missing; run scripts/setup-models.sh (or point --models-dir at its output)"
+        "model {name:?}: file {path} is missing; install its weights (scripts/setup-models.sh for the shipped models) or point --models-dir at them"
     )]
     MissingFile { name: String, path: String },
     #[error("loading model {name:?}: {reason}")]
@@ -96,7 +96,7 @@ pub enum EngineError {
 /// An input ready for its model: a text, or an image's preprocessed pixels.
 enum Prepared {
     Text(String),
-    /// `224 x 224 x 3` HWC, normalised.
+    /// `crop x crop x 3` values in the entry's layout, normalised.
     Pixels(Vec<f32>),
 }
 
@@ -175,7 +175,7 @@ trait BatchModel: Send + 'static {
     fn embed_batch(&self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String>;
 }
 
-impl BatchModel for MiniLm {
+impl BatchModel for BertEncoder {
     fn embed_batch(&self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
         let texts = inputs
             .iter()
@@ -188,16 +188,22 @@ impl BatchModel for MiniLm {
     }
 }
 
-impl BatchModel for EfficientNetLite0 {
+/// EfficientNet-Lite0 at the side its catalogue entry crops to.
+struct ImageEncoder {
+    net: EfficientNetLite0,
+    side: usize,
+}
+
+impl BatchModel for ImageEncoder {
     fn embed_batch(&self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
-        let mut pixels = Vec::with_capacity(inputs.len() * 224 * 224 * 3);
+        let mut pixels = Vec::with_capacity(inputs.len() * self.side * self.side * 3);
         for p in inputs {
             match p {
                 Prepared::Pixels(px) => pixels.extend_from_slice(px),
                 Prepared::Text(_) => return Err("an image model was given text".into()),
             }
         }
-        let pooled = self.embed(&pixels, inputs.len()).map_err(|e| e.to_string())?;
+        let pooled = self.net.embed(&pixels, inputs.len(), self.side).map_err(|e| e.to_string())?;
         pooled.to_vec2::<f32>().map_err(|e| e.to_string())
     }
 }
@@ -230,30 +236,69 @@ fn decode_failure(e: DecodeError) -> InputFailure {
     failure(code, e.to_string(), false)
 }
 
-impl Engine {
-    /// Loads the named models from `<models_dir>/<name>/` and starts their
-    /// threads. Fails on an unknown name or a missing or bad file.
-    pub fn load(models_dir: &Path, names: &[String], config: EngineConfig) -> Result<Self, EngineError> {
-        let mut models: Vec<(&'static ModelSpec, Box<dyn BatchModel>)> = Vec::new();
-        for name in names {
-            let spec = catalog::spec(name).ok_or_else(|| EngineError::UnknownModel {
-                name: name.clone(),
-                available: catalog::names().into_iter().map(String::from).collect(),
-            })?;
-            let dir = models_dir.join(spec.name);
-            for f in spec.files {
-                let path = dir.join(f);
-                if !path.is_file() {
-                    return Err(EngineError::MissingFile { name: name.clone(), path: path.display().to_string() });
-                }
-            }
-            let started = Instant::now();
-            let load_err = |e: &dyn std::fmt::Display| EngineError::Load { name: name.clone(), reason: e.to_string() };
-            let model: Box<dyn BatchModel> = match spec.kind {
-                ModelKind::Text => Box::new(MiniLm::load(&dir).map_err(|e| load_err(&e))?),
-                ModelKind::Image => Box::new(EfficientNetLite0::load(&dir).map_err(|e| load_err(&e))?),
+/// Reads `spec`'s files (checked against the catalogue's digests) and
+/// builds its network.
+fn load_model(models_dir: &Path, spec: &'static ModelSpec) -> Result<Box<dyn BatchModel>, EngineError> {
+    let name = spec.name.clone();
+    let file_err = |e: crate::catalog::FileError| match e {
+        crate::catalog::FileError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
+            EngineError::MissingFile { name: name.clone(), path }
+        }
+        other => EngineError::Load { name: name.clone(), reason: other.to_string() },
+    };
+    let load_err = |e: &dyn std::fmt::Display| EngineError::Load { name: spec.name.clone(), reason: e.to_string() };
+    let weights = spec.weights.read_checked(models_dir).map_err(file_err)?;
+    let model: Box<dyn BatchModel> = match (spec.engine, spec.architecture, &spec.text, &spec.image) {
+        (EngineKind::Candle, Architecture::Bert, Some(text), _) => {
+            let files = BertFiles {
+                config: text.config.read_checked(models_dir).map_err(file_err)?,
+                config_path: text.config.resolve(models_dir).display().to_string(),
+                tokenizer: text.tokenizer.read_checked(models_dir).map_err(file_err)?,
+                tokenizer_path: text.tokenizer.resolve(models_dir).display().to_string(),
+                weights,
             };
-            tracing::info!(model = spec.name, dim = spec.dim, elapsed = ?started.elapsed(), "model loaded");
+            Box::new(BertEncoder::load(files, text).map_err(|e| load_err(&e))?)
+        }
+        (EngineKind::Candle, Architecture::EfficientnetLite0, _, Some(image)) => {
+            let net = EfficientNetLite0::from_safetensors(&weights).map_err(|e| load_err(&e))?;
+            Box::new(ImageEncoder { net, side: image.crop })
+        }
+        // The catalogue refuses these combinations when it is read.
+        _ => return Err(load_err(&"its catalogue entry lacks the settings its architecture needs")),
+    };
+    check_output(spec, &*model).map_err(|reason| load_err(&reason))?;
+    Ok(model)
+}
+
+/// One forward pass on a neutral input at load: the network must give
+/// `spec.dim` finite values, or the entry's `dim` (or its weights) is
+/// wrong. Caught here, not as a failure of every fill later.
+fn check_output(spec: &ModelSpec, model: &dyn BatchModel) -> Result<(), String> {
+    let probe = match &spec.image {
+        Some(image) => Prepared::Pixels(vec![0.0; image.input_len()]),
+        None => Prepared::Text("a probe sentence".into()),
+    };
+    let out = model.embed_batch(&[&probe]).map_err(|e| format!("a probe input failed: {e}"))?;
+    let got = out.first().map_or(0, Vec::len);
+    if got != spec.dim {
+        return Err(format!("the network gives {got} values per input, but the catalogue says dim = {}", spec.dim));
+    }
+    if out.iter().flatten().any(|v| !v.is_finite()) {
+        return Err("the network gives non-finite values on a probe input".into());
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// Loads `specs` (their files under `models_dir`, each checked against
+    /// its SHA-256) and starts their threads. Fails on a missing, wrong or
+    /// bad file, naming the model.
+    pub fn load(models_dir: &Path, specs: &[&'static ModelSpec], config: EngineConfig) -> Result<Self, EngineError> {
+        let mut models: Vec<(&'static ModelSpec, Box<dyn BatchModel>)> = Vec::new();
+        for &spec in specs {
+            let started = Instant::now();
+            let model = load_model(models_dir, spec)?;
+            tracing::info!(model = %spec.name, version = %spec.version, dim = spec.dim, elapsed = ?started.elapsed(), "model loaded");
             models.push((spec, model));
         }
         Self::start(models, config)
@@ -273,13 +318,13 @@ impl Engine {
                 .name(format!("retina-{}", spec.name))
                 .spawn(move || run_model(spec, model, rx, cfg))
                 .map_err(|e| EngineError::Load {
-                    name: spec.name.into(),
+                    name: spec.name.clone(),
                     reason: format!("spawning its thread: {e}"),
                 })?;
             // At 0 from the start, so a scrape tells "nothing embedded yet"
             // from a series that does not exist.
-            metrics::counter!("retina_embedded_inputs_total", "model" => spec.name).increment(0);
-            workers.insert(spec.name, Worker { spec, queue: tx });
+            metrics::counter!("retina_embedded_inputs_total", "model" => spec.name.as_str()).increment(0);
+            workers.insert(spec.name.as_str(), Worker { spec, queue: tx });
         }
         let fetcher = Fetcher::new(config.fetch.clone())
             .map_err(|e| EngineError::Load { name: "fetcher".into(), reason: e.to_string() })?;
@@ -328,7 +373,7 @@ impl Engine {
             ModelKind::Text => pending.into_iter().map(|(i, t)| (i, Prepared::Text(t))).collect(),
             ModelKind::Image => {
                 let jobs =
-                    pending.into_iter().map(|(i, url)| async move { (i, self.prepare_image(model, &url).await) });
+                    pending.into_iter().map(|(i, url)| async move { (i, self.prepare_image(worker.spec, &url).await) });
                 let mut ok = Vec::new();
                 for (i, r) in futures::future::join_all(jobs).await {
                     match r {
@@ -376,7 +421,11 @@ impl Engine {
     /// decoding never stalls the runtime. A downloaded body keeps its
     /// download slot until a decode slot is free, so bodies waiting to be
     /// decoded are bounded by `fetch_concurrency` too.
-    async fn prepare_image(&self, model: &str, url: &str) -> Result<Vec<f32>, InputFailure> {
+    async fn prepare_image(&self, spec: &'static ModelSpec, url: &str) -> Result<Vec<f32>, InputFailure> {
+        let model = spec.name.as_str();
+        let Some(settings) = &spec.image else {
+            return Err(failure(FailureCode::Internal, "an image model without image settings", false));
+        };
         let started = Instant::now();
         let stopped = || failure(FailureCode::Internal, "stopped", true);
         let host = reqwest::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
@@ -395,7 +444,7 @@ impl Engine {
         drop(fetch_slot);
         let limits = self.config.decode.clone();
         let decoding = tracing::info_span!("retina.decode", model, bytes = bytes.len());
-        tokio::task::spawn_blocking(move || decoding.in_scope(|| preprocess::prepare(&bytes, &limits)))
+        tokio::task::spawn_blocking(move || decoding.in_scope(|| preprocess::prepare(&bytes, &limits, settings)))
             .await
             .map_err(|e| failure(FailureCode::Internal, format!("decode task: {e}"), true))?
             .map_err(decode_failure)
@@ -405,12 +454,14 @@ impl Engine {
 /// A model thread: gather jobs for up to `max_wait` or `max_batch` inputs,
 /// run them shortest-first in batches (less padding), reply to each job.
 fn run_model(spec: &'static ModelSpec, model: Box<dyn BatchModel>, rx: Receiver<Job>, cfg: EngineConfig) {
-    let name = spec.name;
+    let name = spec.name.as_str();
+    // The entry's own batch limit, else the engine's.
+    let max_batch = spec.max_batch.unwrap_or(cfg.max_batch).max(1);
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         let mut queued = jobs[0].inputs.len();
         let deadline = Instant::now() + cfg.max_wait;
-        while queued < cfg.max_batch {
+        while queued < max_batch {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(job) => {
                     queued += job.inputs.len();
@@ -429,7 +480,7 @@ fn run_model(spec: &'static ModelSpec, model: Box<dyn BatchModel>, rx: Receiver<
             Prepared::Pixels(_) => 0,
         });
 
-        for chunk in valid.chunks(cfg.max_batch.max(1)) {
+        for chunk in valid.chunks(max_batch) {
             let batch: Vec<&Prepared> = chunk.iter().map(|&(j, i)| &jobs[j].inputs[i]).collect();
             let infer =
                 tracing::info_span!(parent: &jobs[chunk[0].0].span, "retina.infer", model = name, batch = chunk.len());
@@ -516,7 +567,7 @@ mod tests {
     fn an_inference_failure_is_counted_once() {
         let recorder = metrics_util::debugging::DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
-        let spec = catalog::spec("minilm-l6-v2").expect("a text model");
+        let spec = crate::catalog::builtin().spec("minilm-l6-v2").expect("a text model");
         let config = EngineConfig::default();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let results = std::thread::scope(|scope| {
@@ -526,7 +577,7 @@ mod tests {
             scope.spawn(move || metrics::with_local_recorder(recorder, || run_model(spec, Box::new(Failing), rx, cfg)));
             let _rt = rt.enter();
             let engine = Engine {
-                workers: BTreeMap::from([(spec.name, Worker { spec, queue: tx })]),
+                workers: BTreeMap::from([(spec.name.as_str(), Worker { spec, queue: tx })]),
                 fetcher: Fetcher::new(config.fetch.clone()).expect("fetcher"),
                 fetch_slots: Arc::new(Semaphore::new(1)),
                 host_slots: HostSlots::default(),
@@ -534,7 +585,7 @@ mod tests {
                 config,
             };
             let inputs = vec!["a".to_owned(), "b".to_owned()];
-            let results = metrics::with_local_recorder(recorder, || rt.block_on(engine.embed(spec.name, inputs)));
+            let results = metrics::with_local_recorder(recorder, || rt.block_on(engine.embed(&spec.name, inputs)));
             // Closes the queue: the model thread stops.
             drop(engine);
             results
@@ -603,7 +654,7 @@ mod tests {
             let batches = Arc::new(Mutex::new(Vec::new()));
             let model: Box<dyn BatchModel> =
                 Box::new(GatedModel { batches: batches.clone(), entered: entered_tx, proceed: proceed_rx });
-            let spec = catalog::spec(MODEL).expect("a known model");
+            let spec = crate::catalog::builtin().spec(MODEL).expect("a known model");
             let config = EngineConfig { max_wait: Duration::from_secs(30), ..config };
             let engine = Engine::start(vec![(spec, model)], config).expect("start");
             Self { engine, batches, entered, proceed }

@@ -18,7 +18,8 @@ use std::{collections::HashMap, path::Path};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Input side after preprocessing.
+/// The input side EfficientNet-Lite0 was trained at (its catalogue entry's
+/// `image.crop`); the network itself takes any side of at least 32.
 pub const INPUT_SIZE: usize = 224;
 pub const DIM: usize = 1280;
 const BN_EPS: f64 = 1e-3;
@@ -227,12 +228,18 @@ impl Weights {
 }
 
 impl EfficientNetLite0 {
-    /// Loads `model.safetensors` (converted by scripts/setup-models.sh).
+    /// Loads `model.safetensors` (converted by scripts/setup-models.sh)
+    /// from `dir`.
     pub fn load(dir: &Path) -> Result<Self, ImageModelError> {
         let path = dir.join("model.safetensors");
         let bytes =
             std::fs::read(&path).map_err(|source| ImageModelError::Io { path: path.display().to_string(), source })?;
-        let weights = Weights(candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?);
+        Self::from_safetensors(&bytes)
+    }
+
+    /// Builds the network from the bytes of its safetensors file.
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, ImageModelError> {
+        let weights = Weights(candle_core::safetensors::load_buffer(bytes, &Device::Cpu)?);
 
         let (w, b) = weights.conv_bn("_conv_stem", "_bn0", [32, 3, 3, 3])?;
         // (O, C, ky, kx) -> rows (ky, kx, c), columns o.
@@ -287,10 +294,9 @@ impl EfficientNetLite0 {
     }
 
     /// Pooled 1280-d vectors of a batch of preprocessed images, each
-    /// `224 x 224 x 3` (HWC) values, concatenated.
-    pub fn embed(&self, pixels: &[f32], n: usize) -> Result<Tensor, ImageModelError> {
-        let side = INPUT_SIZE;
-        if pixels.len() != n * side * side * 3 {
+    /// `side x side x 3` (HWC) values, concatenated.
+    pub fn embed(&self, pixels: &[f32], n: usize, side: usize) -> Result<Tensor, ImageModelError> {
+        if side < 32 || pixels.len() != n * side * side * 3 {
             return Err(ImageModelError::Weight {
                 name: "input".into(),
                 reason: format!("{} values for {n} images", pixels.len()),

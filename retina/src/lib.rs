@@ -1,14 +1,18 @@
 //! Retina, the embedding worker: inputs -> model -> vectors.
 //!
-//! - [`catalog`]: the models EmbArk knows (name, kind, dim, version, files).
-//!   Static, so the front can validate requests without loading weights.
-//! - [`text`]: `minilm-l6-v2`, BERT on candle with mean pooling and L2 norm.
+//! - [`catalog`]: the model catalogue (`models.toml`: name, kind, dim,
+//!   version, engine and architecture, weights and their SHA-256,
+//!   preprocessing), checked when read; the front validates requests
+//!   against it without loading weights.
+//! - [`text`]: BERT-family sentence encoders on candle (`minilm-l6-v2`),
+//!   pooled and normalised as the catalogue says.
 //! - [`image_model`]: `efficientnet-lite0`, EfficientNet-Lite0 on candle
 //!   (NHWC, BatchNorm folded at load), returning the 1280-d pooled vector.
 //! - [`fetch`]: SSRF-safe downloads of untrusted image URLs (public
 //!   addresses only, checked on every redirect; bounded size and time).
 //! - [`preprocess`]: untrusted bytes to the model's input tensor as Pillow
-//!   makes it (format sniffing, decode limits, Pillow-exact resize, crop).
+//!   makes it (format sniffing, decode limits, Pillow-exact resize, crop,
+//!   normalisation, channel order and layout from the catalogue).
 //! - [`engine`]: one inference thread per loaded model, fed by a bounded
 //!   queue; requests arriving together are batched (max batch, max wait).
 //!   Async callers never run inference on the runtime's worker threads.
@@ -28,5 +32,5 @@ pub mod preprocess;
 pub mod service;
 pub mod text;
 
-pub use catalog::{CATALOG, ModelKind, ModelSpec};
+pub use catalog::{Catalog, ModelKind, ModelSpec};
 pub use engine::{Engine, EngineConfig, EngineError, InputFailure, InputResult};

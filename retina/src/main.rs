@@ -8,7 +8,7 @@ use embark_ops::operator::Operator;
 use embark_proto::retina::v1::retina_server::RetinaServer;
 use retina::{
     Engine,
-    config::{EngineArgs, ModelsDirArg},
+    config::{CatalogArg, EngineArgs, ModelsDirArg},
     service::RetinaService,
 };
 
@@ -31,8 +31,11 @@ struct Args {
     auth: embark_ops::auth::AuthArgs,
     #[command(flatten)]
     models_dir: ModelsDirArg,
-    /// Models to load, comma-separated.
-    #[arg(long, env = "RETINA_MODELS", value_delimiter = ',', default_value = "minilm-l6-v2,efficientnet-lite0")]
+    #[command(flatten)]
+    catalog: CatalogArg,
+    /// Models to load, comma-separated (default: every model of the
+    /// catalogue).
+    #[arg(long, env = "RETINA_MODELS", value_delimiter = ',')]
     models: Vec<String>,
     #[command(flatten)]
     engine: EngineArgs,
@@ -52,8 +55,10 @@ async fn main() -> anyhow::Result<()> {
     let op = Operator::start(args.metrics_listen, args.log_json, &args.traces, "retina").await?;
     let models_dir = args.models_dir.models_dir.clone();
     let config = args.engine.config();
-    let names = args.models.clone();
-    let engine = tokio::task::spawn_blocking(move || Engine::load(&models_dir, &names, config))
+    let catalog = args.catalog.load()?;
+    let specs = catalog.select(&args.models).map_err(anyhow::Error::msg)?;
+    let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    let engine = tokio::task::spawn_blocking(move || Engine::load(&models_dir, &specs, config))
         .await
         .context("model loading task")??;
     let engine = Arc::new(engine);
@@ -79,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
     // Retina is warned about only without TLS: it changes no state, and
     // its callers may be named by client certificates or by tokens.
     embark_ops::grpc::warn_if_exposed(grpc_addr, tls.is_some());
-    tracing::info!(grpc = %grpc_addr, metrics = %op.addr, models = ?args.models, tls = tls.is_some(), auth = auth.is_some(), "retina serving");
+    tracing::info!(grpc = %grpc_addr, metrics = %op.addr, models = ?names, catalog = %catalog.source, tls = tls.is_some(), auth = auth.is_some(), "retina serving");
     let limits = embark_ops::grpc::ServerLimits::default();
     // No request is larger than a full batch of the longest inputs, and
     // none carries more fields than a full batch: bounded memory per request.

@@ -6,19 +6,19 @@
 //!    is decoded (a decompression bomb costs a header read).
 //! 2. [`to_rgb8`]: 8-bit RGB; alpha dropped, grayscale replicated, 16-bit
 //!    scaled by 1/257 (rounded).
-//! 3. [`resize_crop_normalize`]: shorter side to 256 with Pillow's
-//!    antialiased bilinear filter (the same fixed-point arithmetic, so
-//!    lossless inputs match Pillow pixel for pixel), centre crop 224 with
-//!    offsets floored, then `(x - 127) / 128`, HWC.
+//! 3. [`resize_crop_normalize`]: shorter side to the model's `resize`
+//!    (256 for EfficientNet-Lite0) with Pillow's antialiased bilinear
+//!    filter (the same fixed-point arithmetic, so lossless inputs match
+//!    Pillow pixel for pixel), centre crop `crop` (224) with offsets
+//!    floored, then `(x - mean) / std` per channel (`(x - 127) / 128`), in
+//!    the model's channel order and layout: all from its catalogue entry
+//!    ([`ImageSettings`]).
 
 use std::io::Cursor;
 
 use image::{DynamicImage, ImageFormat, ImageReader};
 
-use crate::image_model::INPUT_SIZE;
-
-/// Shorter side before the centre crop.
-pub const RESIZE_TO: usize = 256;
+use crate::catalog::{ChannelOrder, ImageSettings, Layout};
 
 #[derive(Debug, Clone)]
 pub struct DecodeLimits {
@@ -232,28 +232,35 @@ fn clip8(acc: i32) -> u8 {
 }
 
 /// The output size Pillow code `resize` would be called with: shorter side
-/// `RESIZE_TO`, the other rounded (half to even, as Python's `round`).
-pub fn resized_size(width: usize, height: usize) -> (usize, usize) {
-    let r = RESIZE_TO as f64;
+/// `resize`, the other rounded (half to even, as Python's `round`).
+pub fn resized_size(width: usize, height: usize, resize: usize) -> (usize, usize) {
+    let r = resize as f64;
     if width <= height {
-        (RESIZE_TO, (height as f64 * r / width as f64).round_ties_even() as usize)
+        (resize, (height as f64 * r / width as f64).round_ties_even() as usize)
     } else {
-        ((width as f64 * r / height as f64).round_ties_even() as usize, RESIZE_TO)
+        ((width as f64 * r / height as f64).round_ties_even() as usize, resize)
     }
 }
 
-/// Shorter side to 256 (antialiased bilinear), centre crop 224, normalise.
-/// Only the crop window is computed; each output pixel is what Pillow's
-/// full resize would give there. Returns `224 * 224 * 3` HWC values; an
-/// image without pixels, or whose pixels do not match its size, is refused.
-pub fn resize_crop_normalize(img: &Rgb8) -> Result<Vec<f32>, DecodeError> {
+/// Shorter side to `s.resize` (antialiased bilinear), centre crop
+/// `s.crop`, normalise, in `s.channels` order and `s.layout`. Only the crop
+/// window is computed; each output pixel is what Pillow's full resize would
+/// give there. Returns `crop * crop * 3` values; an image without pixels,
+/// or whose pixels do not match its size, is refused.
+pub fn resize_crop_normalize(img: &Rgb8, s: &ImageSettings) -> Result<Vec<f32>, DecodeError> {
     let (w, h) = (img.width, img.height);
     if w == 0 || h == 0 || img.pixels.len() != w * h * 3 {
         return Err(DecodeError::Undecodable(format!("{w}x{h} image with {} bytes of pixels", img.pixels.len())));
     }
-    let (nw, nh) = resized_size(w, h);
-    let (left, top) = ((nw.saturating_sub(INPUT_SIZE)) / 2, (nh.saturating_sub(INPUT_SIZE)) / 2);
-    let side = INPUT_SIZE;
+    let (nw, nh) = resized_size(w, h, s.resize);
+    let side = s.crop;
+    let (left, top) = ((nw.saturating_sub(side)) / 2, (nh.saturating_sub(side)) / 2);
+    // Per output channel: the input channel it takes.
+    let source: [usize; 3] = match s.channels {
+        ChannelOrder::Rgb => [0, 1, 2],
+        ChannelOrder::Bgr => [2, 1, 0],
+    };
+    let plane = side * side;
 
     // Horizontal pass (skipped when the width does not change, as Pillow
     // does), over the input rows the vertical pass will read. Coefficient
@@ -289,6 +296,7 @@ pub fn resize_crop_normalize(img: &Rgb8) -> Result<Vec<f32>, DecodeError> {
         }
     }
     let mut out = vec![0f32; side * side * 3];
+    let mut px = [0u8; 3];
     for oy in 0..side {
         let yy = top + oy;
         for ox in 0..side {
@@ -304,7 +312,14 @@ pub fn resize_crop_normalize(img: &Rgb8) -> Result<Vec<f32>, DecodeError> {
                     }
                     None => temp[((yy - row0) * side + ox) * 3 + c],
                 };
-                out[(oy * side + ox) * 3 + c] = (v as f32 - 127.0) / 128.0;
+                px[c] = v;
+            }
+            for oc in 0..3 {
+                let at = match s.layout {
+                    Layout::Nhwc => (oy * side + ox) * 3 + oc,
+                    Layout::Nchw => oc * plane + oy * side + ox,
+                };
+                out[at] = (px[source[oc]] as f32 - s.mean[oc]) / s.std[oc];
             }
         }
     }
@@ -312,20 +327,57 @@ pub fn resize_crop_normalize(img: &Rgb8) -> Result<Vec<f32>, DecodeError> {
 }
 
 /// Decode, convert and preprocess in one go.
-pub fn prepare(bytes: &[u8], limits: &DecodeLimits) -> Result<Vec<f32>, DecodeError> {
-    resize_crop_normalize(&to_rgb8(decode(bytes, limits)?))
+pub fn prepare(bytes: &[u8], limits: &DecodeLimits, settings: &ImageSettings) -> Result<Vec<f32>, DecodeError> {
+    resize_crop_normalize(&to_rgb8(decode(bytes, limits)?), settings)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn efficientnet() -> &'static ImageSettings {
+        crate::catalog::builtin().spec("efficientnet-lite0").and_then(|s| s.image.as_ref()).expect("image settings")
+    }
+
     #[test]
     fn sizes_round_like_python() {
-        assert_eq!(resized_size(451, 300), (385, 256));
-        assert_eq!(resized_size(200, 300), (256, 384));
-        assert_eq!(resized_size(14, 25), (256, 457));
-        assert_eq!(resized_size(256, 256), (256, 256));
+        assert_eq!(resized_size(451, 300, 256), (385, 256));
+        assert_eq!(resized_size(200, 300, 256), (256, 384));
+        assert_eq!(resized_size(14, 25, 256), (256, 457));
+        assert_eq!(resized_size(256, 256, 256), (256, 256));
+    }
+
+    /// The same pixels in another channel order, layout, scale and crop.
+    #[test]
+    fn channel_order_layout_and_normalisation_follow_the_settings() {
+        let img =
+            Rgb8 { width: 4, height: 4, pixels: (0..16).flat_map(|i| [10 * i as u8, 100, 200 - i as u8]).collect() };
+        let nhwc = ImageSettings {
+            resize: 4,
+            crop: 2,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            channels: ChannelOrder::Rgb,
+            layout: Layout::Nhwc,
+        };
+        let base = resize_crop_normalize(&img, &nhwc).expect("rgb");
+        assert_eq!(base.len(), 2 * 2 * 3);
+        // Crop (1,1)..(3,3) of the 4x4 image: pixel 5 first.
+        assert_eq!(&base[..3], &[50.0, 100.0, 195.0]);
+        let bgr_chw = ImageSettings {
+            mean: [1.0, 2.0, 3.0],
+            std: [2.0, 2.0, 2.0],
+            channels: ChannelOrder::Bgr,
+            layout: Layout::Nchw,
+            ..nhwc.clone()
+        };
+        let other = resize_crop_normalize(&img, &bgr_chw).expect("bgr");
+        for p in 0..4 {
+            for oc in 0..3 {
+                let rgb = base[p * 3 + (2 - oc)];
+                assert_eq!(other[oc * 4 + p], (rgb - bgr_chw.mean[oc]) / 2.0, "pixel {p} channel {oc}");
+            }
+        }
     }
 
     #[test]
@@ -400,10 +452,10 @@ mod tests {
     #[test]
     fn a_0x0_gif_or_bmp_reaches_an_out_of_bounds_index_in_the_resize() {
         let empty = Rgb8 { width: 0, height: 0, pixels: Vec::new() };
-        assert!(resize_crop_normalize(&empty).is_err());
+        assert!(resize_crop_normalize(&empty, efficientnet()).is_err());
         let lying = Rgb8 { width: 10, height: 10, pixels: vec![0; 3] };
-        assert!(resize_crop_normalize(&lying).is_err());
-        assert!(prepare(&empty_bmp(), &DecodeLimits::default()).is_err());
+        assert!(resize_crop_normalize(&lying, efficientnet()).is_err());
+        assert!(prepare(&empty_bmp(), &DecodeLimits::default(), efficientnet()).is_err());
     }
 
     /// Defect 11.9: resize coefficients covered the whole resized axis (a
@@ -412,8 +464,8 @@ mod tests {
     #[test]
     fn retina_memory_exceeds_its_bounds() {
         let tall = Rgb8 { width: 1, height: 8192, pixels: vec![128; 8192 * 3] };
-        let out = resize_crop_normalize(&tall).expect("resized");
-        assert_eq!(out.len(), INPUT_SIZE * INPUT_SIZE * 3);
+        let out = resize_crop_normalize(&tall, efficientnet()).expect("resized");
+        assert_eq!(out.len(), 224 * 224 * 3);
         // Same pixels as the full-table computation would give: a flat
         // image stays flat.
         assert!(out.iter().all(|v| (*v - (128.0 - 127.0) / 128.0).abs() < 1e-6));

@@ -54,7 +54,7 @@ fn the_network_equals_the_reference_on_identical_input() {
     // A batch of two: both rows must match (batching must not mix images).
     let mut two = synthetic();
     two.extend(synthetic());
-    let got = model.embed(&two, 2).expect("embed").to_vec2::<f32>().expect("vec2");
+    let got = model.embed(&two, 2, INPUT_SIZE).expect("embed").to_vec2::<f32>().expect("vec2");
     for row in &got {
         let c = cosine(row, &want);
         eprintln!("cosine to the numpy reference on identical input: {c:.7}");
@@ -74,8 +74,8 @@ fn fixture_images_match_the_pillow_fed_reference_and_the_cat_is_a_cat() {
     for case in cases {
         let file = case["file"].as_str().expect("file");
         let bytes = std::fs::read(dir.join(file)).expect("fixture image");
-        let pixels = retina::preprocess::prepare(&bytes, &Default::default()).expect("decodes");
-        let pooled = model.embed(&pixels, 1).expect("embed");
+        let pixels = retina::preprocess::prepare(&bytes, &Default::default(), image_settings()).expect("decodes");
+        let pooled = model.embed(&pixels, 1, INPUT_SIZE).expect("embed");
         let got = pooled.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("vec");
         let c = cosine(&got, &floats(&case["vector"]));
         let lossy = file.ends_with(".jpg") || file.ends_with(".webp");
@@ -89,4 +89,9 @@ fn fixture_images_match_the_pillow_fed_reference_and_the_cat_is_a_cat() {
             assert!((281..=285).contains(&top), "cat.jpg classified as ImageNet class {top}");
         }
     }
+}
+
+/// The shipped catalogue's preprocessing of the model.
+fn image_settings() -> &'static retina::catalog::ImageSettings {
+    retina::catalog::builtin().spec("efficientnet-lite0").and_then(|s| s.image.as_ref()).expect("image settings")
 }

@@ -96,13 +96,15 @@ fn near_duplicates_score_above_every_distinct_pair() {
     let model = EfficientNetLite0::load(&models_dir().join("efficientnet-lite0"))
         .unwrap_or_else(|e| panic!("{e}: run scripts/setup-models.sh"));
     let limits = DecodeLimits::default();
+    let settings =
+        retina::catalog::builtin().spec("efficientnet-lite0").and_then(|s| s.image.as_ref()).expect("image settings");
     let mut vectors: Vec<Vec<f32>> = Vec::new();
     for chunk in items.chunks(16) {
         let mut pixels = Vec::new();
         for (_, label, bytes) in chunk {
-            pixels.extend(prepare(bytes, &limits).unwrap_or_else(|e| panic!("{label}: {e}")));
+            pixels.extend(prepare(bytes, &limits, settings).unwrap_or_else(|e| panic!("{label}: {e}")));
         }
-        let out = model.embed(&pixels, chunk.len()).expect("embed").to_vec2::<f32>().expect("vec2");
+        let out = model.embed(&pixels, chunk.len(), 224).expect("embed").to_vec2::<f32>().expect("vec2");
         vectors.extend(out.into_iter().map(unit));
     }
 

@@ -82,7 +82,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The model's own time, in this process, same weights and inputs.
     let engine = {
         let dir = models_dir();
-        let names = vec!["minilm-l6-v2".to_owned(), "efficientnet-lite0".to_owned()];
+        let specs = retina::catalog::builtin().select(&[]).map_err(anyhow::Error::msg)?;
         let config = retina::EngineConfig {
             fetch: retina::fetch::FetchConfig {
                 allow: vec!["127.0.0.0/8".parse()?],
@@ -90,7 +90,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             },
             ..retina::EngineConfig::default()
         };
-        tokio::task::spawn_blocking(move || retina::Engine::load(&dir, &names, config)).await??
+        tokio::task::spawn_blocking(move || retina::Engine::load(&dir, &specs, config)).await??
     };
 
     println!("miss-to-fill on `embark up`, {} fresh keys per model, polled every {} ms", args.keys, args.poll_ms);

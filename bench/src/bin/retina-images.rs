@@ -84,19 +84,23 @@ fn main() -> anyhow::Result<()> {
 
     let one: Vec<f32> = (0..INPUT_SIZE * INPUT_SIZE * 3).map(|i| (0.9 * (0.0137 * i as f64).sin()) as f32).collect();
     let limits = preprocess::DecodeLimits::default();
+    let settings = retina::catalog::builtin()
+        .spec("efficientnet-lite0")
+        .and_then(|s| s.image.as_ref())
+        .ok_or_else(|| anyhow::anyhow!("no image settings for efficientnet-lite0"))?;
     let mut rust = serde_json::Map::new();
     for &b in &args.batches {
         let tensor = one.repeat(b);
         let t = timed(args.seconds, || {
-            model.embed(&tensor, b)?;
+            model.embed(&tensor, b, INPUT_SIZE)?;
             Ok(b)
         })?;
         let e = timed(args.seconds, || {
             let pixels: Vec<Vec<f32>> = (0..b)
                 .into_par_iter()
-                .map(|i| preprocess::prepare(&jpegs[i % jpegs.len()], &limits))
+                .map(|i| preprocess::prepare(&jpegs[i % jpegs.len()], &limits, settings))
                 .collect::<Result<_, _>>()?;
-            model.embed(&pixels.concat(), b)?;
+            model.embed(&pixels.concat(), b, INPUT_SIZE)?;
             Ok(b)
         })?;
         eprintln!("candle  batch {b:>2}: {t:7.1} img/s tensors, {e:7.1} img/s from JPEG");

@@ -59,11 +59,15 @@ pub struct FrontArgs {
     /// the internal network). `--console false` turns it off.
     #[arg(long, env = "EMBARK_CONSOLE", default_value_t = true, action = clap::ArgAction::Set)]
     pub console: bool,
-    /// Models to serve, comma-separated.
-    #[arg(long, env = "EMBARK_MODELS", value_delimiter = ',', default_value = "minilm-l6-v2,efficientnet-lite0")]
+    #[command(flatten)]
+    pub catalog: retina::config::CatalogArg,
+    /// Models to serve, comma-separated (default: every model of the
+    /// catalogue).
+    #[arg(long, env = "EMBARK_MODELS", value_delimiter = ',')]
     pub models: Vec<String>,
-    /// OOV row of a model read from a file (MODEL=PATH, dim numbers); zeros
-    /// otherwise. Repeat or comma-separate for several models.
+    /// OOV row of a model read from a file (MODEL=PATH, dim numbers); its
+    /// catalogue entry's `oov_file`, else zeros, otherwise. Repeat or
+    /// comma-separate for several models.
     #[arg(long, env = "EMBARK_OOV", value_delimiter = ',')]
     pub oov: Vec<String>,
     /// Size of the in-process tier: bytes, or with KiB/MiB/GiB.

@@ -191,29 +191,20 @@ impl Misses {
     }
 }
 
-/// The served models: loaded into Retina's engine for `up`; for `serve`,
-/// only their specs (dim, kind) from the catalogue.
+/// The served models, from the catalogue: loaded into Retina's engine for
+/// `up`; for `serve`, only their specs (dim, kind, version).
 async fn load_models(args: &FrontArgs, mode: &Mode) -> anyhow::Result<(Option<Arc<Engine>>, Vec<&'static ModelSpec>)> {
+    let catalog = args.catalog.load()?;
+    let specs = catalog.select(&args.models).map_err(anyhow::Error::msg)?;
     match mode {
         Mode::Up(fill) => {
             let dir = fill.models_dir.models_dir.clone();
-            let names = args.models.clone();
             let config = fill.engine.config();
-            let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&dir, &names, config)).await??);
-            let specs = engine.models().collect();
+            let load = specs.clone();
+            let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&dir, &load, config)).await??);
             Ok((Some(engine), specs))
         }
-        Mode::Serve => {
-            let specs = args
-                .models
-                .iter()
-                .map(|n| {
-                    retina::catalog::spec(n)
-                        .with_context(|| format!("unknown model {n:?}; known: {:?}", retina::catalog::names()))
-                })
-                .collect::<anyhow::Result<_>>()?;
-            Ok((None, specs))
-        }
+        Mode::Serve => Ok((None, specs)),
     }
 }
 

@@ -40,7 +40,7 @@ use kfc::{Decision, Embedder, FillPolicy, Stands, embed_checked};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{EXIT_INTERRUPTED, Progress, StoreLocation, model_dim};
+use super::{EXIT_INTERRUPTED, Progress, StoreLocation, model_spec};
 
 #[derive(Debug, Args)]
 pub(crate) struct BackfillArgs {
@@ -165,7 +165,8 @@ fn read_keys(input: &PathBuf) -> anyhow::Result<(Vec<String>, usize)> {
 
 pub(crate) async fn run(args: BackfillArgs) -> anyhow::Result<i32> {
     // Vectors of another dim are stale (embedded again) or refused.
-    let dim = u32::try_from(model_dim(&args.model)?).context("the model's dim")?;
+    let spec = model_spec(&args.location.catalog, &args.model)?;
+    let dim = u32::try_from(spec.dim).context("the model's dim")?;
     let policy = policy(args.max_attempts, args.retry_failed);
     let (keys, duplicate_lines) = read_keys(&args.input)?;
     let store = args.location.open().await?;
@@ -173,8 +174,8 @@ pub(crate) async fn run(args: BackfillArgs) -> anyhow::Result<i32> {
     let embedder_stop = CancellationToken::new();
     let embedder: Arc<dyn Embedder> = if args.retina.is_empty() {
         let dir = args.models_dir.models_dir.clone();
-        let (names, config) = (vec![args.model.clone()], args.engine.config());
-        let engine = tokio::task::spawn_blocking(move || retina::Engine::load(&dir, &names, config)).await??;
+        let config = args.engine.config();
+        let engine = tokio::task::spawn_blocking(move || retina::Engine::load(&dir, &[spec], config)).await??;
         Arc::new(kfc::InProcessRetina::new(Arc::new(engine)))
     } else {
         Arc::new(kfc::RemoteRetina::start(

@@ -72,7 +72,7 @@ pub(crate) async fn run(args: DedupArgs) -> anyhow::Result<i32> {
 
 /// The dedup of `store`'s vectors, until done or until `stop`.
 async fn dedup(store: &dyn EmbeddingStore, args: &DedupArgs, stop: CancellationToken) -> anyhow::Result<i32> {
-    let dim = model_dim(&args.model)?;
+    let dim = model_dim(&args.location.catalog, &args.model)?;
     if !(-1.0..=1.0).contains(&args.threshold) {
         anyhow::bail!("--threshold {} is not a cosine in [-1, 1]", args.threshold);
     }

@@ -93,7 +93,7 @@ pub(crate) async fn run(args: ExportArgs) -> anyhow::Result<i32> {
 
 /// The export, from `store`, until done or until `stop`.
 async fn export(store: &dyn EmbeddingStore, args: &ExportArgs, stop: CancellationToken) -> anyhow::Result<i32> {
-    let dim = model_dim(&args.model)?;
+    let dim = model_dim(&args.location.catalog, &args.model)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let out = |name: &str| args.out.join(name);
     let (npy_partial, keys_partial) = (out("vectors.npy.partial"), out("keys.jsonl.partial"));

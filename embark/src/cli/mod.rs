@@ -37,6 +37,10 @@ pub(crate) struct StoreLocation {
     pub store: embark_store::args::StoreArgs,
     #[command(flatten)]
     pub embedded: embark_store::args::EmbeddedArgs,
+    /// Where the model's name is looked up (its dim, and for backfill its
+    /// weights).
+    #[command(flatten)]
+    pub catalog: retina::config::CatalogArg,
 }
 
 impl StoreLocation {
@@ -48,11 +52,20 @@ impl StoreLocation {
     }
 }
 
-/// The dimension of a known model, or an error listing the known ones.
-pub(crate) fn model_dim(model: &str) -> anyhow::Result<usize> {
-    retina::catalog::spec(model)
-        .map(|s| s.dim)
-        .with_context(|| format!("unknown model {model:?}; known: {:?}", retina::catalog::names()))
+/// The catalogue entry of `model`, or an error listing the known ones.
+pub(crate) fn model_spec(
+    catalog: &retina::config::CatalogArg,
+    model: &str,
+) -> anyhow::Result<&'static retina::ModelSpec> {
+    let catalog = catalog.load()?;
+    catalog
+        .spec(model)
+        .with_context(|| format!("unknown model {model:?}; {} has {:?}", catalog.source, catalog.names()))
+}
+
+/// The dimension of `model`.
+pub(crate) fn model_dim(catalog: &retina::config::CatalogArg, model: &str) -> anyhow::Result<usize> {
+    model_spec(catalog, model).map(|s| s.dim)
 }
 
 /// A progress bar on stderr with rate and ETA (a spinner with the rate when
