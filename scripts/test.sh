@@ -20,6 +20,9 @@ step "setup: model weights, grpcurl, Python client, schemathesis, Chromium, Kafk
 scripts/setup-models.sh
 # A team's own model, served by configuration only (tests/tests/own_model.rs).
 scripts/setup-example-model.sh
+# ONNX Runtime for the ONNX engine (the library PyPI's wheel ships).
+EMBARK_ONNXRUNTIME_LIB="$(scripts/setup-onnxruntime.sh)"
+export EMBARK_ONNXRUNTIME_LIB
 scripts/install-grpcurl.sh >/dev/null
 examples/python/setup.sh >/dev/null
 # schemathesis checks the REST API against its OpenAPI document (tests/tests/rest.rs).

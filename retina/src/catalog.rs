@@ -36,7 +36,11 @@ pub enum ModelKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EngineKind {
+    /// In-process Rust (candle): the architectures built in code.
     Candle,
+    /// ONNX Runtime on an exported graph (`weights` is the `.onnx` file);
+    /// text encoders in this build.
+    Onnx,
 }
 
 /// The network's architecture, for engines that build it in code.
@@ -121,8 +125,9 @@ pub enum Pooling {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TextSettings {
-    /// The encoder's `config.json` (Hugging Face format).
-    pub config: ModelFile,
+    /// The encoder's `config.json` (Hugging Face format); the candle engine
+    /// builds the network from it (the ONNX engine needs none).
+    pub config: Option<ModelFile>,
     /// A fast-tokenizer `tokenizer.json`.
     pub tokenizer: ModelFile,
     /// Longer inputs are truncated to this many tokens.
@@ -130,6 +135,10 @@ pub struct TextSettings {
     pub pooling: Pooling,
     /// L2-normalise the sentence vector.
     pub normalize: bool,
+    /// The ONNX engine: the graph output to read (default: the first).
+    /// Token vectors `(n, tokens, hidden)` are pooled; a sentence vector
+    /// `(n, dim)` is taken as it is.
+    pub onnx_output: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -358,13 +367,25 @@ fn check_model(m: &ModelSpec, names: &mut HashSet<String>) -> Result<(), (&'stat
             if m.image.is_some() {
                 return Err(("image", "a text model takes no [model.image] table".into()));
             }
-            check_file(&t.config, "text.config.path", "text.config.sha256", false)?;
+            match (&t.config, m.engine) {
+                (Some(config), _) => check_file(config, "text.config.path", "text.config.sha256", false)?,
+                (None, EngineKind::Candle) => {
+                    return Err(("text.config", "the candle engine builds the encoder from its config.json".into()));
+                }
+                (None, EngineKind::Onnx) => {}
+            }
+            if t.onnx_output.is_some() && m.engine != EngineKind::Onnx {
+                return Err(("text.onnx_output", "only the ONNX engine reads a graph output".into()));
+            }
             check_file(&t.tokenizer, "text.tokenizer.path", "text.tokenizer.sha256", false)?;
             if t.max_tokens == 0 || t.max_tokens > 8192 {
                 return Err(("text.max_tokens", format!("{} is not a token limit (1 to 8192)", t.max_tokens)));
             }
         }
         ModelKind::Image => {
+            if m.engine == EngineKind::Onnx {
+                return Err(("engine", "the ONNX engine serves text models in this build; use \"candle\"".into()));
+            }
             let Some(img) = &m.image else {
                 return Err(("image", "an image model needs a [model.image] table (resize, crop, ...)".into()));
             };

@@ -33,6 +33,11 @@ impl CatalogArg {
     }
 }
 
+/// Where `scripts/setup-onnxruntime.sh` puts ONNX Runtime.
+pub fn default_onnxruntime_lib() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(".cache/embark/onnxruntime/libonnxruntime.so")
+}
+
 /// `~/.cache/embark/models`, where the setup script puts the weights.
 pub fn default_models_dir() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(".cache/embark/models")
@@ -84,6 +89,10 @@ pub struct EngineArgs {
     /// Images decoded at once (decoding is CPU work; default: the CPU count).
     #[arg(long, env = "RETINA_DECODE_CONCURRENCY")]
     pub decode_concurrency: Option<usize>,
+    /// ONNX Runtime's shared library, for models with `engine = "onnx"`
+    /// (scripts/setup-onnxruntime.sh puts it in the cache).
+    #[arg(long, env = "EMBARK_ONNXRUNTIME_LIB", default_value_os_t = default_onnxruntime_lib())]
+    pub onnxruntime_lib: PathBuf,
     /// Widest and tallest image decoded, in pixels.
     #[arg(long, env = "RETINA_DECODE_MAX_SIDE", default_value_t = DecodeLimits::default().max_width)]
     pub decode_max_side: u32,
@@ -115,6 +124,7 @@ impl EngineArgs {
                 max_height: self.decode_max_side,
                 max_alloc: self.decode_max_alloc,
             },
+            onnxruntime_lib: self.onnxruntime_lib.clone(),
             decode_concurrency: self
                 .decode_concurrency
                 .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),

@@ -48,6 +48,8 @@ pub struct EngineConfig {
     pub decode: DecodeLimits,
     /// Images decoded at once (CPU work on the blocking pool).
     pub decode_concurrency: usize,
+    /// ONNX Runtime's shared library (models with `engine = "onnx"`).
+    pub onnxruntime_lib: std::path::PathBuf,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +64,7 @@ impl Default for EngineConfig {
             fetch_per_host: 8,
             decode: DecodeLimits::default(),
             decode_concurrency: 2,
+            onnxruntime_lib: crate::config::default_onnxruntime_lib(),
         }
     }
 }
@@ -172,11 +175,11 @@ impl std::fmt::Debug for Engine {
 
 /// What a model thread runs: a batch of valid inputs in, vectors out.
 trait BatchModel: Send + 'static {
-    fn embed_batch(&self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String>;
+    fn embed_batch(&mut self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String>;
 }
 
 impl BatchModel for BertEncoder {
-    fn embed_batch(&self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
+    fn embed_batch(&mut self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
         let texts = inputs
             .iter()
             .map(|p| match p {
@@ -194,8 +197,21 @@ struct ImageEncoder {
     side: usize,
 }
 
+impl BatchModel for crate::onnx::OnnxTextEncoder {
+    fn embed_batch(&mut self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
+        let texts = inputs
+            .iter()
+            .map(|p| match p {
+                Prepared::Text(t) => Ok(t.as_str()),
+                Prepared::Pixels(_) => Err("a text model was given pixels".to_string()),
+            })
+            .collect::<Result<Vec<&str>, String>>()?;
+        self.embed(&texts).map_err(|e| e.to_string())
+    }
+}
+
 impl BatchModel for ImageEncoder {
-    fn embed_batch(&self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
+    fn embed_batch(&mut self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
         let mut pixels = Vec::with_capacity(inputs.len() * self.side * self.side * 3);
         for p in inputs {
             match p {
@@ -238,7 +254,11 @@ fn decode_failure(e: DecodeError) -> InputFailure {
 
 /// Reads `spec`'s files (checked against the catalogue's digests) and
 /// builds its network.
-fn load_model(models_dir: &Path, spec: &'static ModelSpec) -> Result<Box<dyn BatchModel>, EngineError> {
+fn load_model(
+    models_dir: &Path,
+    spec: &'static ModelSpec,
+    config: &EngineConfig,
+) -> Result<Box<dyn BatchModel>, EngineError> {
     let name = spec.name.clone();
     let file_err = |e: crate::catalog::FileError| match e {
         crate::catalog::FileError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
@@ -250,14 +270,24 @@ fn load_model(models_dir: &Path, spec: &'static ModelSpec) -> Result<Box<dyn Bat
     let weights = spec.weights.read_checked(models_dir).map_err(file_err)?;
     let model: Box<dyn BatchModel> = match (spec.engine, spec.architecture, &spec.text, &spec.image) {
         (EngineKind::Candle, Architecture::Bert, Some(text), _) => {
+            let Some(config_file) = &text.config else {
+                return Err(load_err(&"the candle engine needs text.config"));
+            };
             let files = BertFiles {
-                config: text.config.read_checked(models_dir).map_err(file_err)?,
-                config_path: text.config.resolve(models_dir).display().to_string(),
+                config: config_file.read_checked(models_dir).map_err(file_err)?,
+                config_path: config_file.resolve(models_dir).display().to_string(),
                 tokenizer: text.tokenizer.read_checked(models_dir).map_err(file_err)?,
                 tokenizer_path: text.tokenizer.resolve(models_dir).display().to_string(),
                 weights,
             };
             Box::new(BertEncoder::load(files, text).map_err(|e| load_err(&e))?)
+        }
+        (EngineKind::Onnx, Architecture::Bert, Some(text), _) => {
+            let tokenizer = text.tokenizer.read_checked(models_dir).map_err(file_err)?;
+            Box::new(
+                crate::onnx::OnnxTextEncoder::load(&config.onnxruntime_lib, &weights, &tokenizer, text)
+                    .map_err(|e| load_err(&e))?,
+            )
         }
         (EngineKind::Candle, Architecture::EfficientnetLite0, _, Some(image)) => {
             let net = EfficientNetLite0::from_safetensors(&weights).map_err(|e| load_err(&e))?;
@@ -266,17 +296,20 @@ fn load_model(models_dir: &Path, spec: &'static ModelSpec) -> Result<Box<dyn Bat
         // The catalogue refuses these combinations when it is read.
         _ => return Err(load_err(&"its catalogue entry lacks the settings its architecture needs")),
     };
-    check_output(spec, &*model).map_err(|reason| load_err(&reason))?;
+    let mut model = model;
+    check_output(spec, &mut *model).map_err(|reason| load_err(&reason))?;
     Ok(model)
 }
 
 /// One forward pass on a neutral input at load: the network must give
 /// `spec.dim` finite values, or the entry's `dim` (or its weights) is
-/// wrong. Caught here, not as a failure of every fill later.
-fn check_output(spec: &ModelSpec, model: &dyn BatchModel) -> Result<(), String> {
-    let probe = match &spec.image {
-        Some(image) => Prepared::Pixels(vec![0.0; image.input_len()]),
-        None => Prepared::Text("a probe sentence".into()),
+/// wrong; a text probe is `max_tokens` long, so a model with fewer
+/// positions fails here. Caught at start, not as failed fills later.
+fn check_output(spec: &ModelSpec, model: &mut dyn BatchModel) -> Result<(), String> {
+    let probe = match (&spec.image, &spec.text) {
+        (Some(image), _) => Prepared::Pixels(vec![0.0; image.input_len()]),
+        (None, Some(text)) => Prepared::Text("probe ".repeat(text.max_tokens)),
+        (None, None) => Prepared::Text("probe".into()),
     };
     let out = model.embed_batch(&[&probe]).map_err(|e| format!("a probe input failed: {e}"))?;
     let got = out.first().map_or(0, Vec::len);
@@ -297,7 +330,7 @@ impl Engine {
         let mut models: Vec<(&'static ModelSpec, Box<dyn BatchModel>)> = Vec::new();
         for &spec in specs {
             let started = Instant::now();
-            let model = load_model(models_dir, spec)?;
+            let model = load_model(models_dir, spec, &config)?;
             tracing::info!(model = %spec.name, version = %spec.version, dim = spec.dim, elapsed = ?started.elapsed(), "model loaded");
             models.push((spec, model));
         }
@@ -453,7 +486,7 @@ impl Engine {
 
 /// A model thread: gather jobs for up to `max_wait` or `max_batch` inputs,
 /// run them shortest-first in batches (less padding), reply to each job.
-fn run_model(spec: &'static ModelSpec, model: Box<dyn BatchModel>, rx: Receiver<Job>, cfg: EngineConfig) {
+fn run_model(spec: &'static ModelSpec, mut model: Box<dyn BatchModel>, rx: Receiver<Job>, cfg: EngineConfig) {
     let name = spec.name.as_str();
     // The entry's own batch limit, else the engine's.
     let max_batch = spec.max_batch.unwrap_or(cfg.max_batch).max(1);
@@ -556,7 +589,7 @@ mod tests {
     struct Failing;
 
     impl BatchModel for Failing {
-        fn embed_batch(&self, _: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
+        fn embed_batch(&mut self, _: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
             Err("out of memory".into())
         }
     }
@@ -622,7 +655,7 @@ mod tests {
     }
 
     impl BatchModel for GatedModel {
-        fn embed_batch(&self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
+        fn embed_batch(&mut self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
             let texts: Vec<String> = inputs
                 .iter()
                 .map(|p| match p {

@@ -8,6 +8,8 @@
 //!   pooled and normalised as the catalogue says.
 //! - [`image_model`]: `efficientnet-lite0`, EfficientNet-Lite0 on candle
 //!   (NHWC, BatchNorm folded at load), returning the 1280-d pooled vector.
+//! - [`onnx`]: the ONNX engine: ONNX Runtime (loaded at start from the
+//!   library PyPI's wheel ships) on an exported text encoder.
 //! - [`fetch`]: SSRF-safe downloads of untrusted image URLs (public
 //!   addresses only, checked on every redirect; bounded size and time).
 //! - [`preprocess`]: untrusted bytes to the model's input tensor as Pillow
@@ -28,6 +30,7 @@ pub mod config;
 pub mod engine;
 pub mod fetch;
 pub mod image_model;
+pub mod onnx;
 pub mod preprocess;
 pub mod service;
 pub mod text;

@@ -4,6 +4,8 @@
 //! `scripts/setup-example-model.sh`.
 //! - `embark up` serves it: its Lookups answer its vectors, equal to
 //!   onnxruntime's on the original ONNX export (an independent reference);
+//! - the ONNX engine serves the model's original ONNX export with ONNX
+//!   Runtime, equal to the candle engine on the same texts;
 //! - the `retina` binary serves what the catalogue says too;
 //! - a catalogue with a bad field, weights whose SHA-256 differs, or a
 //!   `dim` the network does not give, is refused at start with a message
@@ -113,6 +115,60 @@ async fn a_model_added_by_configuration_answers_lookups_with_its_vectors() -> an
     .await?;
     for v in rows(&shipped.vectors, DIM) {
         assert!((norm(&v) - 1.0).abs() < 1e-4);
+    }
+    Ok(())
+}
+
+/// Looks `keys` up in `model` until every one has its vector.
+async fn filled(
+    client: &embark_proto::embark::v1::emb_ark_client::EmbArkClient<tonic::transport::Channel>,
+    model: &str,
+    keys: &[String],
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let mut first = client.clone();
+    first.lookup(LookupRequest { model: model.into(), keys: keys.to_vec() }).await?;
+    let answer = eventually(Duration::from_secs(60), "every key filled", || {
+        let mut client = client.clone();
+        let (model, keys) = (model.to_owned(), keys.to_vec());
+        async move {
+            let a = client.lookup(LookupRequest { model, keys }).await?.into_inner();
+            Ok(a.sources.iter().all(|s| *s == Source::Store as i32 || *s == Source::Cache as i32).then_some(a))
+        }
+    })
+    .await?;
+    Ok(rows(&answer.vectors, answer.dim as usize))
+}
+
+/// The ONNX engine serves the original export (ONNX Runtime from the PyPI
+/// wheel): its vectors equal the candle engine's on the same texts, and
+/// onnxruntime's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_onnx_engine_serves_an_exported_encoder_equal_to_candle() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let catalogue = catalogue();
+    let onnx = format!("{OWN}-onnx");
+    let embark = Server::start(
+        &binary("embark"),
+        &[
+            "up",
+            "--models-config",
+            path(&catalogue),
+            "--models",
+            &format!("{OWN},{onnx}"),
+            "--data-dir",
+            path(data.path()),
+        ],
+    )
+    .await?;
+    let client = embark.embark_client().await?;
+    let want = reference();
+    let keys: Vec<String> = want.iter().map(|(t, _)| t.clone()).collect();
+    let from_onnx = filled(&client, &onnx, &keys).await?;
+    let from_candle = filled(&client, OWN, &keys).await?;
+    assert_matches_reference(&from_onnx, &want);
+    for ((o, c), text) in from_onnx.iter().zip(&from_candle).zip(&keys) {
+        let cos = cosine(o, c);
+        assert!(cos >= 0.9999, "{text:?}: ONNX vs candle cosine {cos}");
     }
     Ok(())
 }
