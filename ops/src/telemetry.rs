@@ -27,13 +27,21 @@ pub fn init_with_traces(json: bool, traces: &TraceArgs, service: &'static str) -
     // A closed stderr (a supervisor or a pipe gone) must not turn a log line
     // into a panic: by default tracing reports a failed write with
     // `eprintln!`, which panics when stderr itself is what failed.
-    let logs = fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).log_internal_errors(false);
-    let logs = if json { logs.json().boxed() } else { logs.boxed() };
     let (spans, handle) = crate::traces::layer(traces, service)?;
     // A second init (tests running several servers in one process) is fine.
+    let Some(spans) = spans else {
+        // No traces: one global filter, the plain subscriber (no per-layer
+        // filtering state on librdkafka's threads, whose logs come here).
+        let builder =
+            fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).log_internal_errors(false);
+        let _ = if json { builder.json().try_init() } else { builder.try_init() };
+        return Ok(handle);
+    };
+    let logs = fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).log_internal_errors(false);
+    let logs = if json { logs.json().boxed() } else { logs.boxed() };
     let _ = tracing_subscriber::registry()
         .with(logs.with_filter(filter))
-        .with(spans.map(|l| l.with_filter(LevelFilter::INFO)))
+        .with(spans.with_filter(LevelFilter::INFO))
         .try_init();
     Ok(handle)
 }

@@ -38,8 +38,7 @@ pub enum ModelKind {
 pub enum EngineKind {
     /// In-process Rust (candle): the architectures built in code.
     Candle,
-    /// ONNX Runtime on an exported graph (`weights` is the `.onnx` file);
-    /// text encoders in this build.
+    /// ONNX Runtime on an exported graph (`weights` is the `.onnx` file).
     Onnx,
 }
 
@@ -49,15 +48,18 @@ pub enum EngineKind {
 pub enum Architecture {
     /// EfficientNet-Lite0 (image): the global-average-pooled 1280-d head.
     EfficientnetLite0,
-    /// A BERT-family encoder (text) in safetensors with its `config.json`
-    /// and `tokenizer.json`, pooled into a sentence vector.
+    /// A BERT-family encoder (text) with its `tokenizer.json`, pooled into
+    /// a sentence vector (candle: safetensors and `config.json`).
     Bert,
+    /// Any image encoder exported to ONNX: preprocessed pixels in, one
+    /// vector per image out (the ONNX engine only).
+    ImageEncoder,
 }
 
 impl Architecture {
     fn kind(self) -> ModelKind {
         match self {
-            Self::EfficientnetLite0 => ModelKind::Image,
+            Self::EfficientnetLite0 | Self::ImageEncoder => ModelKind::Image,
             Self::Bert => ModelKind::Text,
         }
     }
@@ -135,10 +137,6 @@ pub struct TextSettings {
     pub pooling: Pooling,
     /// L2-normalise the sentence vector.
     pub normalize: bool,
-    /// The ONNX engine: the graph output to read (default: the first).
-    /// Token vectors `(n, tokens, hidden)` are pooled; a sentence vector
-    /// `(n, dim)` is taken as it is.
-    pub onnx_output: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -205,6 +203,10 @@ pub struct ModelSpec {
     /// Most inputs per forward pass for this model (default: the engine's
     /// `--max-batch`).
     pub max_batch: Option<usize>,
+    /// The ONNX engine: the graph output to read (default: the first). A
+    /// text model's token vectors `(n, tokens, hidden)` are pooled as its
+    /// entry says; `(n, dim)` (or `(n, dim, 1, 1)`) is taken as it is.
+    pub onnx_output: Option<String>,
 }
 
 /// Why a catalogue was refused.
@@ -356,6 +358,15 @@ fn check_model(m: &ModelSpec, names: &mut HashSet<String>) -> Result<(), (&'stat
         ));
     }
     check_file(&m.weights, "weights.path", "weights.sha256", true)?;
+    if m.onnx_output.is_some() && m.engine != EngineKind::Onnx {
+        return Err(("onnx_output", "only the ONNX engine reads a graph output".into()));
+    }
+    if m.engine == EngineKind::Candle && m.architecture == Architecture::ImageEncoder {
+        return Err((
+            "architecture",
+            "candle builds \"efficientnet-lite0\" images; \"image-encoder\" needs engine = \"onnx\"".into(),
+        ));
+    }
     if m.max_batch == Some(0) {
         return Err(("max_batch", "must be at least 1".into()));
     }
@@ -374,18 +385,13 @@ fn check_model(m: &ModelSpec, names: &mut HashSet<String>) -> Result<(), (&'stat
                 }
                 (None, EngineKind::Onnx) => {}
             }
-            if t.onnx_output.is_some() && m.engine != EngineKind::Onnx {
-                return Err(("text.onnx_output", "only the ONNX engine reads a graph output".into()));
-            }
+
             check_file(&t.tokenizer, "text.tokenizer.path", "text.tokenizer.sha256", false)?;
             if t.max_tokens == 0 || t.max_tokens > 8192 {
                 return Err(("text.max_tokens", format!("{} is not a token limit (1 to 8192)", t.max_tokens)));
             }
         }
         ModelKind::Image => {
-            if m.engine == EngineKind::Onnx {
-                return Err(("engine", "the ONNX engine serves text models in this build; use \"candle\"".into()));
-            }
             let Some(img) = &m.image else {
                 return Err(("image", "an image model needs a [model.image] table (resize, crop, ...)".into()));
             };
@@ -407,7 +413,7 @@ fn check_model(m: &ModelSpec, names: &mut HashSet<String>) -> Result<(), (&'stat
             if img.std.iter().any(|v| !v.is_finite() || *v <= 0.0) {
                 return Err(("image.std", "three positive numbers, on 0..255 values".into()));
             }
-            if m.architecture == Architecture::EfficientnetLite0 && img.layout != Layout::Nhwc {
+            if m.engine == EngineKind::Candle && img.layout != Layout::Nhwc {
                 return Err(("image.layout", "the candle EfficientNet-Lite0 takes \"nhwc\"".into()));
             }
             if m.architecture == Architecture::EfficientnetLite0 && img.crop < 32 {

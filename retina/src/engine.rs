@@ -210,6 +210,19 @@ impl BatchModel for crate::onnx::OnnxTextEncoder {
     }
 }
 
+impl BatchModel for crate::onnx::OnnxImageEncoder {
+    fn embed_batch(&mut self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
+        let mut pixels = Vec::new();
+        for p in inputs {
+            match p {
+                Prepared::Pixels(px) => pixels.extend_from_slice(px),
+                Prepared::Text(_) => return Err("an image model was given text".into()),
+            }
+        }
+        self.embed(pixels, inputs.len()).map_err(|e| e.to_string())
+    }
+}
+
 impl BatchModel for ImageEncoder {
     fn embed_batch(&mut self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
         let mut pixels = Vec::with_capacity(inputs.len() * self.side * self.side * 3);
@@ -285,10 +298,14 @@ fn load_model(
         (EngineKind::Onnx, Architecture::Bert, Some(text), _) => {
             let tokenizer = text.tokenizer.read_checked(models_dir).map_err(file_err)?;
             Box::new(
-                crate::onnx::OnnxTextEncoder::load(&config.onnxruntime_lib, &weights, &tokenizer, text)
+                crate::onnx::OnnxTextEncoder::load(&config.onnxruntime_lib, &weights, &tokenizer, spec, text)
                     .map_err(|e| load_err(&e))?,
             )
         }
+        (EngineKind::Onnx, _, _, Some(image)) => Box::new(
+            crate::onnx::OnnxImageEncoder::load(&config.onnxruntime_lib, &weights, spec, image)
+                .map_err(|e| load_err(&e))?,
+        ),
         (EngineKind::Candle, Architecture::EfficientnetLite0, _, Some(image)) => {
             let net = EfficientNetLite0::from_safetensors(&weights).map_err(|e| load_err(&e))?;
             Box::new(ImageEncoder { net, side: image.crop })

@@ -9,7 +9,7 @@
 //! - [`image_model`]: `efficientnet-lite0`, EfficientNet-Lite0 on candle
 //!   (NHWC, BatchNorm folded at load), returning the 1280-d pooled vector.
 //! - [`onnx`]: the ONNX engine: ONNX Runtime (loaded at start from the
-//!   library PyPI's wheel ships) on an exported text encoder.
+//!   library PyPI's wheel ships) on an exported text or image encoder.
 //! - [`fetch`]: SSRF-safe downloads of untrusted image URLs (public
 //!   addresses only, checked on every redirect; bounded size and time).
 //! - [`preprocess`]: untrusted bytes to the model's input tensor as Pillow

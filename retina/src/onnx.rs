@@ -12,10 +12,15 @@
 //!
 //! Text encoders (`architecture = "bert"`) take `input_ids` and
 //! `attention_mask` (and `token_type_ids`, zeros, when the graph has it),
-//! tokenized as the entry says. The entry's `text.onnx_output` names the
-//! output to read (default: the first): token vectors `(n, len, hidden)`
-//! are pooled as the entry says; a sentence vector `(n, dim)` is taken as
-//! it is. `normalize` applies to both.
+//! tokenized as the entry says. The entry's `onnx_output` names the output
+//! to read (default: the first): token vectors `(n, len, hidden)` are
+//! pooled as the entry says; a sentence vector `(n, dim)` is taken as it
+//! is. `normalize` applies to both.
+//!
+//! Image encoders take the graph's first input, the pixels as the entry's
+//! `[model.image]` preprocesses them (`(n, 3, crop, crop)` for `"nchw"`,
+//! `(n, crop, crop, 3)` for `"nhwc"`), and give `(n, dim)` or
+//! `(n, dim, 1, 1)`.
 
 use std::{path::Path, sync::OnceLock};
 
@@ -26,7 +31,7 @@ use ort::{
 };
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-use crate::catalog::{Pooling, TextSettings};
+use crate::catalog::{ImageSettings, Layout, ModelSpec, Pooling, TextSettings};
 
 /// Why the ONNX engine could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +46,9 @@ pub enum OnnxError {
     Tokenizer(String),
     #[error("the ONNX model has no output {name:?}; it has {available:?}")]
     NoOutput { name: String, available: Vec<String> },
-    #[error("output {name:?} has shape {shape:?}; expected (batch, dim) or (batch, tokens, hidden)")]
+    #[error(
+        "output {name:?} has shape {shape:?}; expected (batch, dim), (batch, dim, 1, 1) or (batch, tokens, hidden)"
+    )]
     Shape { name: String, shape: Vec<i64> },
 }
 
@@ -79,27 +86,39 @@ impl std::fmt::Debug for OnnxTextEncoder {
     }
 }
 
+/// A session on `graph` with every optimisation, one thread per core, and
+/// the name of the output the entry reads.
+fn session(lib: &Path, graph: &[u8], spec: &ModelSpec) -> Result<(Session, String), OnnxError> {
+    let env = runtime(lib)?;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let session = Session::builder(env)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(ort::Error::from)?
+        .with_intra_threads(threads)
+        .map_err(ort::Error::from)?
+        .commit_from_memory(graph)?;
+    let outputs: Vec<String> = session.outputs().iter().map(|o| o.name().to_owned()).collect();
+    let output = match &spec.onnx_output {
+        Some(name) if outputs.contains(name) => name.clone(),
+        Some(name) => return Err(OnnxError::NoOutput { name: name.clone(), available: outputs }),
+        None => {
+            outputs.first().cloned().ok_or_else(|| OnnxError::NoOutput { name: "(any)".into(), available: vec![] })?
+        }
+    };
+    Ok((session, output))
+}
+
 impl OnnxTextEncoder {
     /// Builds the session from the graph's bytes, with ONNX Runtime from
     /// `lib`, and the tokenizer from its bytes.
-    pub fn load(lib: &Path, graph: &[u8], tokenizer: &[u8], settings: &TextSettings) -> Result<Self, OnnxError> {
-        let env = runtime(lib)?;
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-        let session = Session::builder(env)?
-            .with_optimization_level(GraphOptimizationLevel::Level3)
-            .map_err(ort::Error::from)?
-            .with_intra_threads(threads)
-            .map_err(ort::Error::from)?
-            .commit_from_memory(graph)?;
-        let outputs: Vec<String> = session.outputs().iter().map(|o| o.name().to_owned()).collect();
-        let output = match &settings.onnx_output {
-            Some(name) if outputs.contains(name) => name.clone(),
-            Some(name) => return Err(OnnxError::NoOutput { name: name.clone(), available: outputs }),
-            None => outputs
-                .first()
-                .cloned()
-                .ok_or_else(|| OnnxError::NoOutput { name: "(any)".into(), available: vec![] })?,
-        };
+    pub fn load(
+        lib: &Path,
+        graph: &[u8],
+        tokenizer: &[u8],
+        spec: &ModelSpec,
+        settings: &TextSettings,
+    ) -> Result<Self, OnnxError> {
+        let (session, output) = session(lib, graph, spec)?;
         let token_types = session.inputs().iter().any(|i| i.name() == "token_type_ids");
         let mut tokenizer = Tokenizer::from_bytes(tokenizer).map_err(|e| OnnxError::Tokenizer(e.to_string()))?;
         tokenizer
@@ -159,6 +178,54 @@ impl OnnxTextEncoder {
             }
         }
         Ok(vectors)
+    }
+}
+
+/// An image encoder graph.
+pub struct OnnxImageEncoder {
+    session: Session,
+    input: String,
+    output: String,
+    side: usize,
+    layout: Layout,
+}
+
+impl std::fmt::Debug for OnnxImageEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnnxImageEncoder").field("input", &self.input).field("output", &self.output).finish()
+    }
+}
+
+impl OnnxImageEncoder {
+    /// Builds the session from the graph's bytes, with ONNX Runtime from
+    /// `lib`; inputs are preprocessed as `settings` say.
+    pub fn load(lib: &Path, graph: &[u8], spec: &ModelSpec, settings: &ImageSettings) -> Result<Self, OnnxError> {
+        let (session, output) = session(lib, graph, spec)?;
+        let input = session
+            .inputs()
+            .first()
+            .map(|i| i.name().to_owned())
+            .ok_or_else(|| OnnxError::NoOutput { name: "(an input)".into(), available: vec![] })?;
+        Ok(Self { session, input, output, side: settings.crop, layout: settings.layout })
+    }
+
+    /// One vector per image of `pixels` (`n` images, preprocessed).
+    pub fn embed(&mut self, pixels: Vec<f32>, n: usize) -> Result<Vec<Vec<f32>>, OnnxError> {
+        let s = self.side as i64;
+        let shape = match self.layout {
+            Layout::Nchw => [n as i64, 3, s, s],
+            Layout::Nhwc => [n as i64, s, s, 3],
+        };
+        let outputs = self.session.run(ort::inputs![self.input.as_str() => Tensor::from_array((shape, pixels))?])?;
+        let value = outputs
+            .get(self.output.as_str())
+            .ok_or_else(|| OnnxError::NoOutput { name: self.output.clone(), available: vec![] })?;
+        let (out_shape, data) = value.try_extract_tensor::<f32>()?;
+        let dims: Vec<i64> = out_shape.iter().copied().collect();
+        match dims.as_slice() {
+            [b, d] | [b, d, 1, 1] if *b as usize == n => Ok(data.chunks(*d as usize).map(<[f32]>::to_vec).collect()),
+            _ => Err(OnnxError::Shape { name: self.output.clone(), shape: dims }),
+        }
     }
 }
 

@@ -5,7 +5,9 @@
 //! - `embark up` serves it: its Lookups answer its vectors, equal to
 //!   onnxruntime's on the original ONNX export (an independent reference);
 //! - the ONNX engine serves the model's original ONNX export with ONNX
-//!   Runtime, equal to the candle engine on the same texts;
+//!   Runtime, equal to the candle engine on the same texts; and the
+//!   shipped image model exported to ONNX by our own script, equal to the
+//!   candle engine end to end on the same photos;
 //! - the `retina` binary serves what the catalogue says too;
 //! - a catalogue with a bad field, weights whose SHA-256 differs, or a
 //!   `dim` the network does not give, is refused at start with a message
@@ -17,7 +19,7 @@ use embark_proto::{
     embark::v1::{LookupRequest, ModelsRequest, Source},
     retina::v1::{EmbedRequest, ModelsRequest as RetinaModelsRequest},
 };
-use embark_tests::{Server, binary, cosine, eventually, fixtures, models_dir, rows};
+use embark_tests::{Server, binary, cosine, eventually, fixtures, http_fixtures::ImageServer, models_dir, rows};
 
 const OWN: &str = "paraphrase-minilm-l3-v2";
 const DIM: usize = 384;
@@ -169,6 +171,44 @@ async fn the_onnx_engine_serves_an_exported_encoder_equal_to_candle() -> anyhow:
     for ((o, c), text) in from_onnx.iter().zip(&from_candle).zip(&keys) {
         let cos = cosine(o, c);
         assert!(cos >= 0.9999, "{text:?}: ONNX vs candle cosine {cos}");
+    }
+    Ok(())
+}
+
+/// The shipped image model exported to ONNX by our own script
+/// (NCHW input): through the ONNX engine, end to end from the image
+/// files, its vectors equal the candle engine's (NHWC) on the same photos.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_onnx_engine_serves_an_exported_image_encoder_equal_to_candle() -> anyhow::Result<()> {
+    let images = ImageServer::start().await?;
+    let data = tempfile::tempdir()?;
+    let catalogue = catalogue();
+    let embark = Server::start(
+        &binary("embark"),
+        &[
+            "up",
+            "--models-config",
+            path(&catalogue),
+            "--models",
+            "efficientnet-lite0,efficientnet-lite0-onnx",
+            "--data-dir",
+            path(data.path()),
+            "--fetch-allow-nets",
+            "127.0.0.0/8",
+        ],
+    )
+    .await?;
+    let client = embark.embark_client().await?;
+    let keys: Vec<String> = ["/img/cat.jpg", "/img/coffee.webp", "/img/astronaut.png", "/photos/rocket.jpg"]
+        .iter()
+        .map(|p| images.url(p))
+        .collect();
+    let from_onnx = filled(&client, "efficientnet-lite0-onnx", &keys).await?;
+    let from_candle = filled(&client, "efficientnet-lite0", &keys).await?;
+    for ((o, c), key) in from_onnx.iter().zip(&from_candle).zip(&keys) {
+        assert_eq!(o.len(), 1280);
+        let cos = cosine(o, c);
+        assert!(cos >= 0.9999, "{key}: ONNX vs candle cosine {cos}");
     }
     Ok(())
 }

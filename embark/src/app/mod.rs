@@ -253,6 +253,14 @@ pub async fn run(args: FrontArgs, mode: Mode) -> anyhow::Result<()> {
     if args.console {
         op.routes.mount(crate::console::router(front.clone())).map_err(|_| anyhow::anyhow!("console mounted twice"))?;
         tracing::info!(console = %format!("http://{}/console", op.addr), "web console serving");
+        if !op.addr.ip().is_loopback() {
+            // The console searches stored keys with no login of its own.
+            tracing::warn!(
+                addr = %op.addr,
+                "the web console listens beyond loopback with no authentication: keep --metrics-listen on the \
+                 internal network, or --console false (docs/security.md)"
+            );
+        }
     }
 
     // The fill loop stops on its own token, after the front has stopped
