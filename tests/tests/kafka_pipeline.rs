@@ -236,7 +236,14 @@ async fn a_backlog_survives_kill_9_of_kfc() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(900)).await;
         Ok((stack.stored(&keys).await? == keys.len()).then_some(()))
     })
-    .await?;
+    .await
+    .map_err(|e| {
+        // What the restarted KFC saw: a stall here has been seen on the
+        // test broker (consumer group recovery after the kill).
+        let log = kfc.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        anyhow::anyhow!("{e}; the restarted kfc's log ends:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+    })?;
     let after = kfc.metric(&series).await?;
     let skipped = kfc.metric(&format!("kfc_skipped_total{{model=\"{MODEL}\"}}")).await?;
     eprintln!(
