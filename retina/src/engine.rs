@@ -178,16 +178,33 @@ trait BatchModel: Send + 'static {
     fn embed_batch(&mut self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String>;
 }
 
+/// A text model's batch: the texts, or an error if it was given pixels.
+fn texts<'a>(inputs: &[&'a Prepared]) -> Result<Vec<&'a str>, String> {
+    inputs
+        .iter()
+        .map(|p| match p {
+            Prepared::Text(t) => Ok(t.as_str()),
+            Prepared::Pixels(_) => Err("a text model was given pixels".to_string()),
+        })
+        .collect()
+}
+
+/// An image model's batch: the images' values, concatenated.
+fn pixels(inputs: &[&Prepared]) -> Result<Vec<f32>, String> {
+    let mut out =
+        Vec::with_capacity(inputs.iter().map(|p| if let Prepared::Pixels(px) = p { px.len() } else { 0 }).sum());
+    for p in inputs {
+        match p {
+            Prepared::Pixels(px) => out.extend_from_slice(px),
+            Prepared::Text(_) => return Err("an image model was given text".into()),
+        }
+    }
+    Ok(out)
+}
+
 impl BatchModel for BertEncoder {
     fn embed_batch(&mut self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
-        let texts = inputs
-            .iter()
-            .map(|p| match p {
-                Prepared::Text(t) => Ok(t.as_str()),
-                Prepared::Pixels(_) => Err("a text model was given pixels".to_string()),
-            })
-            .collect::<Result<Vec<&str>, String>>()?;
-        self.embed(&texts).map_err(|e| e.to_string())
+        self.embed(&texts(inputs)?).map_err(|e| e.to_string())
     }
 }
 
@@ -199,40 +216,19 @@ struct ImageEncoder {
 
 impl BatchModel for crate::onnx::OnnxTextEncoder {
     fn embed_batch(&mut self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
-        let texts = inputs
-            .iter()
-            .map(|p| match p {
-                Prepared::Text(t) => Ok(t.as_str()),
-                Prepared::Pixels(_) => Err("a text model was given pixels".to_string()),
-            })
-            .collect::<Result<Vec<&str>, String>>()?;
-        self.embed(&texts).map_err(|e| e.to_string())
+        self.embed(&texts(inputs)?).map_err(|e| e.to_string())
     }
 }
 
 impl BatchModel for crate::onnx::OnnxImageEncoder {
     fn embed_batch(&mut self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
-        let mut pixels = Vec::new();
-        for p in inputs {
-            match p {
-                Prepared::Pixels(px) => pixels.extend_from_slice(px),
-                Prepared::Text(_) => return Err("an image model was given text".into()),
-            }
-        }
-        self.embed(pixels, inputs.len()).map_err(|e| e.to_string())
+        self.embed(pixels(inputs)?, inputs.len()).map_err(|e| e.to_string())
     }
 }
 
 impl BatchModel for ImageEncoder {
     fn embed_batch(&mut self, inputs: &[&Prepared]) -> Result<Vec<Vec<f32>>, String> {
-        let mut pixels = Vec::with_capacity(inputs.len() * self.side * self.side * 3);
-        for p in inputs {
-            match p {
-                Prepared::Pixels(px) => pixels.extend_from_slice(px),
-                Prepared::Text(_) => return Err("an image model was given text".into()),
-            }
-        }
-        let pooled = self.net.embed(&pixels, inputs.len(), self.side).map_err(|e| e.to_string())?;
+        let pooled = self.net.embed(&pixels(inputs)?, inputs.len(), self.side).map_err(|e| e.to_string())?;
         pooled.to_vec2::<f32>().map_err(|e| e.to_string())
     }
 }

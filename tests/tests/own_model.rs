@@ -92,30 +92,11 @@ async fn a_model_added_by_configuration_answers_lookups_with_its_vectors() -> an
     let keys: Vec<String> = want.iter().map(|(t, _)| t.clone()).collect();
     let first = client.lookup(LookupRequest { model: OWN.into(), keys: keys.clone() }).await?.into_inner();
     assert!(first.sources.iter().all(|s| *s == Source::OovPending as i32));
-    let answer = eventually(Duration::from_secs(60), "the new model's vectors", || {
-        let mut client = client.clone();
-        let keys = keys.clone();
-        async move {
-            let a = client.lookup(LookupRequest { model: OWN.into(), keys }).await?.into_inner();
-            Ok(a.sources.iter().all(|s| *s == Source::Store as i32 || *s == Source::Cache as i32).then_some(a))
-        }
-    })
-    .await?;
-    assert_eq!(answer.dim as usize, DIM);
-    assert_matches_reference(&rows(&answer.vectors, DIM), &want);
+    let own_vectors = filled(&client, OWN, &keys).await?;
+    assert_matches_reference(&own_vectors, &want);
 
     // The shipped model beside it keeps its own pipeline (L2-normalised).
-    let _ = client.lookup(LookupRequest { model: "minilm-l6-v2".into(), keys: keys.clone() }).await?;
-    let shipped = eventually(Duration::from_secs(60), "minilm-l6-v2's vectors", || {
-        let mut client = client.clone();
-        let keys = keys.clone();
-        async move {
-            let a = client.lookup(LookupRequest { model: "minilm-l6-v2".into(), keys }).await?.into_inner();
-            Ok(a.sources.iter().all(|s| *s == Source::Store as i32 || *s == Source::Cache as i32).then_some(a))
-        }
-    })
-    .await?;
-    for v in rows(&shipped.vectors, DIM) {
+    for v in filled(&client, "minilm-l6-v2", &keys).await? {
         assert!((norm(&v) - 1.0).abs() < 1e-4);
     }
     Ok(())
