@@ -96,8 +96,7 @@ struct ModelView {
     kind: &'static str,
     dim: u32,
     version: String,
-    /// The version Lookups get when they name none (every served version
-    /// is current until the catalogue serves several).
+    /// The version Lookups get when they name none.
     current: bool,
     /// Vectors in the model's similarity index (the stored vectors once
     /// loaded); `None` when `Similar` is off.
@@ -107,17 +106,18 @@ struct ModelView {
 }
 
 async fn models(State(front): State<Arc<Front>>) -> Json<ModelsAnswer> {
+    // The current version of each model: the metrics below are per model.
     let models = front
-        .models()
-        .infos()
+        .model_infos()
         .into_iter()
+        .filter(|m| m.current)
         .map(|m| {
             let coverage = front.similar_coverage(&m.name);
             ModelView {
                 kind: kind_name(m.kind),
                 dim: m.dim,
                 version: m.version,
-                current: true,
+                current: m.current,
                 coverage: coverage.map(|(n, _)| n),
                 coverage_complete: coverage.is_some_and(|(_, loaded)| loaded),
                 name: m.name,

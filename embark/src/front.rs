@@ -55,6 +55,8 @@ pub enum FrontError {
 /// A Lookup's answer: `keys.len() x dim` little-endian f32 plus sources.
 #[derive(Debug)]
 pub struct LookupAnswer {
+    /// The model version every row belongs to.
+    pub version: &'static str,
     pub dim: usize,
     pub vectors: Vec<u8>,
     pub sources: Vec<Source>,
@@ -87,6 +89,9 @@ pub struct Front {
     delete_deadline: Duration,
     /// Tells the other replicas about an Invalidate (none on one machine).
     broadcast: Option<Arc<dyn InvalidationBroadcast>>,
+    /// Stored vectors per served version (namespace), as last counted by
+    /// [`crate::versions`], with when (ms since the epoch).
+    coverage: std::sync::Mutex<HashMap<String, (u64, i64)>>,
 }
 
 /// Tells every other EmbArk replica that keys were invalidated, so that
@@ -162,6 +167,7 @@ impl Front {
             invalidations: std::sync::atomic::AtomicU64::new(0),
             delete_deadline: DEFAULT_DELETE_DEADLINE,
             broadcast: None,
+            coverage: Default::default(),
         }
     }
 
@@ -178,26 +184,61 @@ impl Front {
     }
 
     /// Drops keys another replica invalidated from this replica's tier,
-    /// dedup window and similarity index (the store row is gone already).
+    /// dedup window and similarity indexes, in every version of the model
+    /// (the store rows are gone already).
     pub fn forget_local(&self, model: &str, keys: &[String]) {
         use std::sync::atomic::Ordering::AcqRel;
         // A Lookup of this replica reading the store right now must not
         // cache what it read.
         self.invalidations.fetch_add(1, AcqRel);
-        for k in keys {
-            let h = key_hash(model, k);
-            self.tier.invalidate(&h);
-            self.dedup.forget(&h);
-        }
+        let Some(versions) = self.models.versions(model) else { return };
         let stored: Vec<String> = keys.iter().map(|k| embark_store::storage_key(k).into_owned()).collect();
-        self.similar.remove(model, &stored);
+        for served in versions.all() {
+            for k in keys {
+                let h = key_hash(&served.namespace, k);
+                self.tier.invalidate(&h);
+                self.dedup.forget(&h);
+            }
+            self.similar.remove(&served.namespace, &stored);
+        }
         metrics::counter!("embark_remote_invalidated_keys_total").increment(keys.len() as u64);
     }
 
-    /// The vectors `model`'s similarity index holds and whether it is
-    /// loaded (`None`: no index, `Similar` is off).
+    /// The vectors the similarity index of `model`'s current version holds
+    /// and whether it is loaded (`None`: no index, `Similar` is off).
     pub fn similar_coverage(&self, model: &str) -> Option<(usize, bool)> {
-        self.similar.coverage(model)
+        self.similar.coverage(&self.models.get(model)?.namespace)
+    }
+
+    /// Records a count of a version's stored vectors (by namespace).
+    pub fn set_coverage(&self, namespace: &str, stored: u64, at_ms: i64) {
+        if let Ok(mut c) = self.coverage.lock() {
+            c.insert(namespace.to_owned(), (stored, at_ms));
+        }
+    }
+
+    /// Every served version with its coverage as last counted, and which
+    /// version is current (the `Models` answer).
+    pub fn model_infos(&self) -> Vec<embark_proto::embark::v1::ModelInfo> {
+        let mut infos = self.models.infos();
+        let coverage = self.coverage.lock().map(|c| c.clone()).unwrap_or_default();
+        for info in &mut infos {
+            let ns = embark_store::namespace(&info.name, &info.version);
+            if let Some(&(stored, at)) = coverage.get(&ns) {
+                (info.stored_vectors, info.stored_vectors_counted_at_unix_ms) = (stored, at);
+            }
+        }
+        infos
+    }
+
+    /// Makes `version` current for `model` on this replica (a promote read
+    /// from the store). Returns whether that changed anything.
+    pub fn set_current(&self, model: &str, version: &str) -> Result<bool, FrontError> {
+        self.models.set_current(model, version).map_err(|served| {
+            FrontError::NotFound(format!(
+                "this EmbArk does not serve version {version:?} of {model:?}; it serves {served:?}"
+            ))
+        })
     }
 
     pub fn models(&self) -> &ModelRegistry {
@@ -219,15 +260,22 @@ impl Front {
         self.store.is_open()
     }
 
-    fn model(&self, name: &str) -> Result<&ServedModel, FrontError> {
+    /// The served `version` of `name` (empty: its current version).
+    fn model(&self, name: &str, version: &str) -> Result<&ServedModel, FrontError> {
         if name.is_empty() {
             return Err(FrontError::InvalidArgument(format!(
                 "model is required; this EmbArk serves {:?}",
                 self.models.names()
             )));
         }
-        self.models.get(name).ok_or_else(|| {
+        let versions = self.models.versions(name).ok_or_else(|| {
             FrontError::NotFound(format!("unknown model {name:?}; this EmbArk serves {:?}", self.models.names()))
+        })?;
+        versions.get(version).ok_or_else(|| {
+            FrontError::NotFound(format!(
+                "model {name:?} has no version {version:?} here; this EmbArk serves {:?} (Models lists them)",
+                versions.version_names()
+            ))
         })
     }
 
@@ -254,13 +302,28 @@ impl Front {
         Ok(())
     }
 
-    /// Answers a batch: every key gets a row, never an error for an
-    /// unknown key. Duplicate keys are resolved once and answered alike.
+    /// Answers a batch from `model`'s current version (see
+    /// [`Front::lookup_version`]).
     pub async fn lookup(&self, model: &str, keys: &[String]) -> Result<LookupAnswer, FrontError> {
+        self.lookup_version(model, "", keys).await
+    }
+
+    /// Answers a batch from `model` at `version` (empty: the current one):
+    /// every key gets a row, never an error for an unknown key. Duplicate
+    /// keys are resolved once and answered alike. Every row is of the one
+    /// version the answer names: tier entries, store rows and misses are
+    /// all keyed by the version's namespace.
+    pub async fn lookup_version(
+        &self,
+        model: &str,
+        version: &str,
+        keys: &[String],
+    ) -> Result<LookupAnswer, FrontError> {
         let started = std::time::Instant::now();
-        let served = self.model(model)?;
+        let served = self.model(model, version)?;
         self.check_keys(keys)?;
         let dim = served.spec.dim;
+        let ns = served.namespace.as_str();
 
         // Distinct keys, each resolved once: `slot[i]` is key i's distinct index.
         let mut first: HashMap<&str, usize> = HashMap::with_capacity(keys.len());
@@ -270,7 +333,7 @@ impl Front {
             let next = distinct.len();
             let s = *first.entry(k.as_str()).or_insert(next);
             if s == next {
-                distinct.push((k.as_str(), key_hash(model, k)));
+                distinct.push((k.as_str(), key_hash(ns, k)));
             }
             slot.push(s);
         }
@@ -293,7 +356,7 @@ impl Front {
             let epoch = self.invalidations.load(std::sync::atomic::Ordering::Acquire);
             let rows = self
                 .store
-                .get_many(model, &wanted)
+                .get_many(ns, &wanted)
                 .instrument(tracing::info_span!("store.read", model, keys = wanted.len()))
                 .await;
             let may_cache = self.invalidations.load(std::sync::atomic::Ordering::Acquire) == epoch;
@@ -323,7 +386,7 @@ impl Front {
                     // Unknown, an expired failure, a corrupt row or a
                     // vector of another dim (stale model output): queue it.
                     _ => {
-                        self.queue_miss(model, dim, key, h, now);
+                        self.queue_miss(served, key, h, now);
                         (served.oov_le.clone(), Source::OovPending)
                     }
                 });
@@ -350,10 +413,11 @@ impl Front {
         }
         served.metrics.lookups.increment(1);
         served.metrics.latency.record(started.elapsed().as_secs_f64());
-        Ok(LookupAnswer { dim, vectors, sources })
+        Ok(LookupAnswer { version: served.spec.version.as_str(), dim, vectors, sources })
     }
 
-    fn queue_miss(&self, model: &str, dim: usize, key: &str, h: KeyHash, now: i64) {
+    fn queue_miss(&self, served: &ServedModel, key: &str, h: KeyHash, now: i64) {
+        let model = served.spec.name.as_str();
         if !self.dedup.first_in_window(h) {
             metrics::counter!("embark_misses_deduplicated_total").increment(1);
             return;
@@ -368,8 +432,9 @@ impl Front {
             first_seen_unix_ms: now,
             attempts: 0,
             not_before_unix_ms: 0,
-            dim: dim as u32,
+            dim: served.spec.dim as u32,
             trace_context: embark_ops::traces::current_carrier(),
+            version: served.spec.version.clone(),
         };
         if self.publisher.publish(event) {
             metrics::counter!("embark_misses_published_total").increment(1);
@@ -387,7 +452,21 @@ impl Front {
         k: usize,
         min_score: f32,
     ) -> Result<SimilarAnswer, FrontError> {
-        let served = self.model(model)?;
+        self.similar_version(model, "", query, k, min_score).await
+    }
+
+    /// [`Front::similar`] among the vectors of `model` at `version`
+    /// (empty: the current one).
+    pub async fn similar_version(
+        &self,
+        model: &str,
+        version: &str,
+        query: SimilarQuery,
+        k: usize,
+        min_score: f32,
+    ) -> Result<SimilarAnswer, FrontError> {
+        let served = self.model(model, version)?;
+        let version = served.spec.version.as_str();
         let dim = served.spec.dim;
         let max_k = self.max_similar_k;
         if k == 0 || k > max_k {
@@ -415,7 +494,7 @@ impl Front {
                 (vector, None)
             }
             SimilarQuery::Key(key) => {
-                let answer = self.lookup(model, std::slice::from_ref(&key)).await?;
+                let answer = self.lookup_version(model, version, std::slice::from_ref(&key)).await?;
                 match answer.sources.first() {
                     Some(Source::Cache | Source::Store) => {}
                     Some(s) => {
@@ -434,7 +513,7 @@ impl Front {
             metrics::counter!("embark_similar_shed_total").increment(1);
             FrontError::ResourceExhausted("every similarity search slot is busy (one per core); retry shortly".into())
         })?;
-        let (indexes, model_name) = (self.similar.clone(), model.to_owned());
+        let (indexes, model_name) = (self.similar.clone(), served.namespace.clone());
         let found = tokio::task::spawn_blocking(move || {
             let _slot = slot;
             indexes.search(&model_name, &vector, k, min_score, exclude.as_deref())
@@ -454,17 +533,26 @@ impl Front {
         })
     }
 
-    /// Forgets the keys' vectors (tier and store) and queues them again.
-    /// Returns how many distinct keys were invalidated.
+    /// Forgets the keys' vectors (tier and store) in every served version
+    /// of the model, and queues them again for the current one (the other
+    /// versions fill again on their next Lookup). Returns how many
+    /// distinct keys were invalidated.
     pub async fn invalidate(&self, model: &str, keys: &[String]) -> Result<usize, FrontError> {
-        let dim = self.model(model)?.spec.dim;
+        let current = self.model(model, "")?;
         self.check_keys(keys)?;
         let mut distinct: Vec<String> = keys.to_vec();
         distinct.sort_unstable();
         distinct.dedup();
+        let namespaces: Vec<&str> = self
+            .models
+            .versions(model)
+            .map(|v| v.all().iter().map(|m| m.namespace.as_str()).collect())
+            .unwrap_or_default();
         use std::sync::atomic::Ordering::AcqRel;
         self.invalidations.fetch_add(1, AcqRel);
-        let deleted = tokio::time::timeout(self.delete_deadline, self.store.inner().delete(model, &distinct)).await;
+        let store = self.store.inner();
+        let deletes = futures::future::try_join_all(namespaces.iter().map(|ns| store.delete(ns, &distinct)));
+        let deleted = tokio::time::timeout(self.delete_deadline, deletes).await.map(|r| r.map(|_| ()));
         self.invalidations.fetch_add(1, AcqRel);
         match deleted {
             Ok(done) => done?,
@@ -477,10 +565,12 @@ impl Front {
         }
         let now = now_unix_ms();
         for k in &distinct {
-            let h = key_hash(model, k);
-            self.tier.invalidate(&h);
-            self.dedup.forget(&h);
-            self.queue_miss(model, dim, k, h, now);
+            for ns in &namespaces {
+                let h = key_hash(ns, k);
+                self.tier.invalidate(&h);
+                self.dedup.forget(&h);
+            }
+            self.queue_miss(current, k, key_hash(&current.namespace, k), now);
         }
         metrics::counter!("embark_invalidated_keys_total").increment(distinct.len() as u64);
         if let Some(b) = &self.broadcast
@@ -506,6 +596,15 @@ mod tests {
     use crate::store_guard::GuardConfig;
 
     const MODEL: &str = "minilm-l6-v2";
+
+    fn spec() -> &'static retina::ModelSpec {
+        retina::catalog::builtin().spec(MODEL).expect("a known model")
+    }
+
+    /// Where the model's current version keeps its rows and tier entries.
+    fn ns() -> String {
+        embark_store::namespace(MODEL, &spec().version)
+    }
 
     /// The embedded store, whose next read, once armed, waits at a gate
     /// after reading and before answering.
@@ -622,6 +721,8 @@ mod tests {
     }
 
     struct Options {
+        /// The served versions of MODEL (default: the built-in one).
+        specs: Vec<&'static retina::ModelSpec>,
         limits: Limits,
         dedup_window: Duration,
         failure_ttl: Duration,
@@ -633,6 +734,7 @@ mod tests {
     impl Default for Options {
         fn default() -> Self {
             Self {
+                specs: vec![spec()],
                 limits: Limits::default(),
                 dedup_window: Duration::from_secs(60),
                 failure_ttl: Duration::from_secs(3600),
@@ -646,9 +748,8 @@ mod tests {
         let inner = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
         let store = Arc::new(Instrumented { inner, reads: Default::default() });
         let publisher = Arc::new(Recorder::default());
-        let spec = retina::catalog::builtin().spec(MODEL).expect("a known model");
         let front = Front::new(
-            ModelRegistry::new(&[spec], &[]).expect("registry"),
+            ModelRegistry::new(&o.specs, &[]).expect("registry"),
             VectorCache::new(64 << 20, None),
             GuardedStore::new(store.clone(), GuardConfig { deadline: o.deadline, ..GuardConfig::default() }),
             publisher.clone(),
@@ -660,6 +761,57 @@ mod tests {
     }
 
     const DIM: usize = 384;
+
+    /// A second version of MODEL, current by the catalogue.
+    fn v2() -> &'static retina::ModelSpec {
+        Box::leak(Box::new(retina::ModelSpec { version: "2".into(), current: true, ..spec().clone() }))
+    }
+
+    /// Part 3 of issue 12: rows, tier entries and misses are per version,
+    /// so one answer never mixes versions and a version never serves
+    /// another's row; which is current moves with a promote.
+    #[tokio::test]
+    async fn versions_are_served_side_by_side_and_never_mix() {
+        let v2 = v2();
+        let f = fixture(Options { specs: vec![spec(), v2], ..Options::default() });
+        let v2_rows = embark_store::namespace(MODEL, "2");
+        f.store.put_vectors(&ns(), vec![("k".into(), vec![0.5; DIM])]).await.expect("put");
+        f.store.put_vectors(&v2_rows, vec![("k".into(), vec![0.75; DIM])]).await.expect("put");
+
+        // The catalogue marks version 2 current.
+        let a = f.front.lookup(MODEL, &strings(&["k", "only in 1"])).await.expect("lookup");
+        assert_eq!((a.version, a.sources.clone()), ("2", vec![Source::Store, Source::OovPending]));
+        assert_eq!(&a.vectors[..DIM * 4], wire(0.75).as_slice());
+        let published = f.publisher.published();
+        assert_eq!((published[0].key.as_str(), published[0].version.as_str()), ("only in 1", "2"));
+
+        // Pinned to version 1: its own row, from the store then the tier.
+        let v1 = spec().version.as_str();
+        for source in [Source::Store, Source::Cache] {
+            let a = f.front.lookup_version(MODEL, v1, &strings(&["k"])).await.expect("lookup");
+            assert_eq!((a.version, a.sources, a.vectors), (v1, vec![source], wire(0.5)));
+        }
+        let e = f.front.lookup_version(MODEL, "3", &strings(&["k"])).await.expect_err("unknown version");
+        assert!(matches!(&e, FrontError::NotFound(m) if m.contains("no version \"3\"")), "{e}");
+
+        // A promote read from the store: version 1 is current, from its tier entry.
+        assert!(f.front.set_current(MODEL, v1).expect("served"));
+        let a = f.front.lookup(MODEL, &strings(&["k"])).await.expect("lookup");
+        assert_eq!((a.version, a.sources, a.vectors), (v1, vec![Source::Cache], wire(0.5)));
+        assert!(f.front.set_current(MODEL, "3").is_err(), "a version this front does not serve");
+        let infos = f.front.model_infos();
+        assert_eq!(
+            infos.iter().map(|i| (i.version.as_str(), i.current)).collect::<Vec<_>>(),
+            [(v1, true), ("2", false)]
+        );
+
+        // Invalidate forgets the key in every version.
+        f.front.invalidate(MODEL, &strings(&["k"])).await.expect("invalidate");
+        for version in [v1, "2"] {
+            let a = f.front.lookup_version(MODEL, version, &strings(&["k"])).await.expect("lookup");
+            assert_eq!(a.sources, vec![Source::OovPending], "version {version}");
+        }
+    }
 
     fn strings(k: &[&str]) -> Vec<String> {
         k.iter().map(|s| s.to_string()).collect()
@@ -678,8 +830,8 @@ mod tests {
     #[tokio::test]
     async fn a_tier_hit_is_served_without_reading_the_store() {
         let f = fixture(Options::default());
-        f.store.put_vectors(MODEL, vec![("k".into(), vec![0.5; DIM])]).await.expect("put");
-        f.front.tier().insert(key_hash(MODEL, "k"), CachedRow::Vector(le_bytes(&[0.25; DIM])));
+        f.store.put_vectors(&ns(), vec![("k".into(), vec![0.5; DIM])]).await.expect("put");
+        f.front.tier().insert(key_hash(&ns(), "k"), CachedRow::Vector(le_bytes(&[0.25; DIM])));
         let a = f.front.lookup(MODEL, &strings(&["k"])).await.expect("lookup");
         assert_eq!((a.dim, a.sources), (DIM, vec![Source::Cache]));
         assert_eq!(a.vectors, wire(0.25), "the tier's row, not the store's");
@@ -690,11 +842,11 @@ mod tests {
     #[tokio::test]
     async fn a_store_hit_is_served_then_answered_from_the_tier() {
         let f = fixture(Options::default());
-        f.store.put_vectors(MODEL, vec![("k".into(), vec![0.5; DIM])]).await.expect("put");
+        f.store.put_vectors(&ns(), vec![("k".into(), vec![0.5; DIM])]).await.expect("put");
         let first = f.front.lookup(MODEL, &strings(&["k"])).await.expect("lookup");
         assert_eq!((first.sources, first.vectors), (vec![Source::Store], wire(0.5)));
         // Gone from the store behind the front's back: the tier answers.
-        f.store.inner.delete(MODEL, &strings(&["k"])).await.expect("delete");
+        f.store.inner.delete(&ns(), &strings(&["k"])).await.expect("delete");
         let second = f.front.lookup(MODEL, &strings(&["k"])).await.expect("lookup");
         assert_eq!((second.sources, second.vectors), (vec![Source::Cache], wire(0.5)));
         assert_eq!(f.store.reads(), vec![strings(&["k"])], "read once");
@@ -721,6 +873,7 @@ mod tests {
             not_before_unix_ms: 0,
             dim: DIM as u32,
             trace_context: Default::default(),
+            version: spec().version.clone(),
         };
         assert_eq!(published, vec![want]);
         // Within the window: still OOV_PENDING, not queued again.
@@ -753,8 +906,8 @@ mod tests {
     #[tokio::test]
     async fn duplicate_keys_in_one_request_are_resolved_once_and_answered_alike() {
         let f = fixture(Options::default());
-        f.store.put_vectors(MODEL, vec![("s".into(), vec![0.5; DIM])]).await.expect("put");
-        f.front.tier().insert(key_hash(MODEL, "c"), CachedRow::Vector(le_bytes(&[0.25; DIM])));
+        f.store.put_vectors(&ns(), vec![("s".into(), vec![0.5; DIM])]).await.expect("put");
+        f.front.tier().insert(key_hash(&ns(), "c"), CachedRow::Vector(le_bytes(&[0.25; DIM])));
         let a = f.front.lookup(MODEL, &strings(&["s", "u", "c", "s", "u", "c"])).await.expect("lookup");
         use Source::{Cache, OovPending, Store};
         assert_eq!(a.sources, vec![Store, OovPending, Cache, Store, OovPending, Cache]);
@@ -768,20 +921,20 @@ mod tests {
     async fn a_stored_row_of_another_dim_is_queued_again_and_not_cached() {
         let f = fixture(Options::default());
         // Output of another model version: 10 values for a 384-d model.
-        f.store.put_vectors(MODEL, vec![("stale".into(), vec![0.5; 10])]).await.expect("put");
+        f.store.put_vectors(&ns(), vec![("stale".into(), vec![0.5; 10])]).await.expect("put");
         for _ in 0..2 {
             let a = f.front.lookup(MODEL, &strings(&["stale"])).await.expect("lookup");
             assert_eq!((a.sources, a.vectors), (vec![Source::OovPending], oov()));
         }
-        assert!(f.front.tier().get(&key_hash(MODEL, "stale")).is_none(), "the stale row is not cached");
+        assert!(f.front.tier().get(&key_hash(&ns(), "stale")).is_none(), "the stale row is not cached");
         assert_eq!(f.store.reads().len(), 2, "each Lookup read the store again");
         let published = f.publisher.published();
         assert_eq!(published.len(), 1, "queued once per window: {published:?}");
         assert_eq!((published[0].key.as_str(), published[0].dim), ("stale", DIM as u32));
 
         // A tier row of another dim is not served either: the store's is.
-        f.front.tier().insert(key_hash(MODEL, "t"), CachedRow::Vector(le_bytes(&[1.0; 10])));
-        f.store.put_vectors(MODEL, vec![("t".into(), vec![0.5; DIM])]).await.expect("put");
+        f.front.tier().insert(key_hash(&ns(), "t"), CachedRow::Vector(le_bytes(&[1.0; 10])));
+        f.store.put_vectors(&ns(), vec![("t".into(), vec![0.5; DIM])]).await.expect("put");
         let a = f.front.lookup(MODEL, &strings(&["t"])).await.expect("lookup");
         assert_eq!((a.sources, a.vectors), (vec![Source::Store], wire(0.5)));
     }
@@ -793,7 +946,7 @@ mod tests {
         let hour = 3_600_000;
         f.store
             .put_failures(
-                MODEL,
+                &ns(),
                 vec![("bad".into(), failure(now_unix_ms())), ("old".into(), failure(now_unix_ms() - 2 * hour))],
             )
             .await
@@ -810,13 +963,13 @@ mod tests {
     #[tokio::test]
     async fn rows_the_store_does_not_answer_in_time_are_oov_unavailable_and_not_queued() {
         let f = fixture(Options { deadline: Duration::from_secs(1), ..Options::default() });
-        f.store.put_vectors(MODEL, vec![("a".into(), vec![0.5; DIM])]).await.expect("put");
+        f.store.put_vectors(&ns(), vec![("a".into(), vec![0.5; DIM])]).await.expect("put");
         let stalled = format!("{STALL}b");
         let a = f.front.lookup(MODEL, &["a".to_string(), stalled.clone()]).await.expect("lookup");
         assert_eq!(a.sources, vec![Source::Store, Source::OovUnavailable]);
         assert_eq!(a.vectors, [wire(0.5), oov()].concat(), "the row that came in time is kept");
         assert_eq!(f.publisher.published(), vec![], "an unanswered key may well be stored: not queued");
-        assert!(f.front.tier().get(&key_hash(MODEL, &stalled)).is_none());
+        assert!(f.front.tier().get(&key_hash(&ns(), &stalled)).is_none());
         assert!(!f.front.store_breaker_open(), "a partly answered read is no failure");
     }
 
@@ -824,7 +977,7 @@ mod tests {
     async fn invalid_requests_are_refused_before_anything_is_read_or_queued() {
         let limits = Limits { max_batch_keys: 4, max_key_bytes: 8 };
         let f = fixture(Options { limits, ..Options::default() });
-        f.front.tier().insert(key_hash(MODEL, "cached"), CachedRow::Vector(le_bytes(&[0.25; DIM])));
+        f.front.tier().insert(key_hash(&ns(), "cached"), CachedRow::Vector(le_bytes(&[0.25; DIM])));
         let cases: [(&str, Vec<String>, &str); 5] = [
             ("", strings(&["fresh"]), "model is required; this EmbArk serves [\"minilm-l6-v2\"]"),
             ("nope", strings(&["fresh"]), "unknown model \"nope\"; this EmbArk serves [\"minilm-l6-v2\"]"),
@@ -866,9 +1019,8 @@ mod tests {
     async fn similar_has_no_concurrency_bound() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).expect("open"));
-        let spec = retina::catalog::builtin().spec(MODEL).expect("a known model");
         let front = Front::new(
-            ModelRegistry::new(&[spec], &[]).expect("registry"),
+            ModelRegistry::new(&[spec()], &[]).expect("registry"),
             VectorCache::new(1 << 20, None),
             GuardedStore::new(store, GuardConfig::default()),
             Arc::new(NoPublisher),
@@ -907,7 +1059,7 @@ mod tests {
     async fn invalidate_is_incoherent() {
         let dir = tempfile::tempdir().expect("tempdir");
         let inner = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
-        inner.put_vectors(MODEL, vec![("k".into(), vec![0.5; 384])]).await.expect("put");
+        inner.put_vectors(&ns(), vec![("k".into(), vec![0.5; 384])]).await.expect("put");
         let store = Arc::new(GatedStore {
             inner,
             armed: AtomicBool::new(true),
@@ -935,7 +1087,7 @@ mod tests {
         store.gate.add_permits(1);
         let answer = lookup.await.expect("task").expect("lookup");
         assert_eq!(answer.sources, vec![Source::Store], "the Lookup that raced the Invalidate");
-        assert!(front.tier().get(&key_hash(MODEL, "k")).is_none(), "the old vector is back in the tier");
+        assert!(front.tier().get(&key_hash(&ns(), "k")).is_none(), "the old vector is back in the tier");
         // The next Lookup reads the store, which no longer has it.
         let after = front.lookup(MODEL, &["k".to_string()]).await.expect("lookup");
         assert_eq!(after.sources, vec![Source::OovPending]);

@@ -10,8 +10,11 @@
 //! - [`front`]: the Lookup and Invalidate logic, request limits, errors.
 //! - [`cache`]: the tier (quick_cache, bounded in bytes) and the miss dedup
 //!   window (moka, for its per-entry time-to-live).
-//! - [`models`]: the served models, their OOV rows ([`models::OovPolicy`])
-//!   and per-model metric handles.
+//! - [`models`]: the served models, every version of each, their OOV rows
+//!   ([`models::OovPolicy`]), per-model metric handles, and which version
+//!   is current.
+//! - [`versions`]: the current versions every replica follows from the
+//!   store (`embark promote`), and each version's coverage.
 //! - [`store_guard`]: a deadline and a circuit breaker between Lookups and
 //!   the store; unanswered rows come back `OOV_UNAVAILABLE`.
 //! - [`invalidation`]: Invalidate across `embark serve` replicas, through
@@ -47,3 +50,4 @@ pub mod rest;
 pub mod service;
 pub mod similar;
 pub mod store_guard;
+pub mod versions;

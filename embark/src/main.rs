@@ -55,6 +55,14 @@ enum Command {
     },
     /// Embed every key of a file (or stdin) that is not stored yet; resumable.
     Backfill(cli::backfill::BackfillArgs),
+    /// Embed every key stored under a model's current version with another
+    /// version, beside it (shadow fill); resumable.
+    Reembed(cli::versions::ReembedArgs),
+    /// Make a model version current for every replica (refused below a
+    /// coverage threshold unless --force).
+    Promote(cli::versions::PromoteArgs),
+    /// Remove every stored row of a model version that is not current.
+    Retire(cli::versions::RetireArgs),
     /// Write a model's keys and vectors as .npy + keys.jsonl and Parquet; resumable.
     Export(cli::export::ExportArgs),
     /// Write the near-duplicate pairs of a model's keys as CSV; resumable.
@@ -89,6 +97,9 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Backfill(args) => tool(cli::backfill::run(args)).await,
+            Command::Reembed(args) => tool(cli::versions::reembed(args)).await,
+            Command::Promote(args) => tool(cli::versions::promote(args)).await,
+            Command::Retire(args) => tool(cli::versions::retire(args)).await,
             Command::Export(args) => tool(cli::export::run(args)).await,
             Command::Dedup(args) => tool(cli::dedup::run(args)).await,
             Command::Get(args) => tool(cli::client::get(args)).await,

@@ -1,7 +1,15 @@
-//! The models this front serves, each with its OOV row and its metric
-//! handles (resolved once, so the Lookup path does not format labels).
+//! The models this front serves, every version of each, with its OOV row
+//! and its metric handles (resolved once, so the Lookup path does not
+//! format labels), and which version of each model is current.
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc};
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use embark_proto::embark::v1::{ModelInfo, ModelKind as WireKind, Source};
 use retina::{ModelKind, ModelSpec};
@@ -27,10 +35,13 @@ pub enum ModelConfigError {
     OovFile { model: String, path: String, reason: String },
 }
 
-/// One served model.
+/// One served version of a model.
 #[derive(Debug)]
 pub struct ServedModel {
     pub spec: &'static ModelSpec,
+    /// Where this version's rows, tier entries and misses live
+    /// (`embark_store::namespace`: `name@version`).
+    pub namespace: String,
     /// The OOV row, `spec.dim` values.
     pub oov: Arc<[f32]>,
     /// The OOV row as the response carries it (little-endian bytes).
@@ -83,10 +94,43 @@ impl ModelMetrics {
     }
 }
 
+/// Every served version of one model, in catalogue order, and which is
+/// current.
+#[derive(Debug)]
+pub struct ServedVersions {
+    versions: Vec<ServedModel>,
+    /// Index into `versions`: what a Lookup naming no version gets. Starts
+    /// at the catalogue's `current` entry; a promote recorded in the
+    /// store moves it ([`ModelRegistry::set_current`]).
+    current: AtomicUsize,
+}
+
+impl ServedVersions {
+    pub fn current(&self) -> &ServedModel {
+        &self.versions[self.current.load(Ordering::Acquire).min(self.versions.len() - 1)]
+    }
+
+    /// The served `version`; the current one for an empty version.
+    pub fn get(&self, version: &str) -> Option<&ServedModel> {
+        if version.is_empty() {
+            return Some(self.current());
+        }
+        self.versions.iter().find(|m| m.spec.version == version)
+    }
+
+    pub fn all(&self) -> &[ServedModel] {
+        &self.versions
+    }
+
+    pub fn version_names(&self) -> Vec<&str> {
+        self.versions.iter().map(|m| m.spec.version.as_str()).collect()
+    }
+}
+
 /// The served models by name.
 #[derive(Debug, Default)]
 pub struct ModelRegistry {
-    models: HashMap<&'static str, ServedModel>,
+    models: HashMap<&'static str, ServedVersions>,
 }
 
 impl ModelRegistry {
@@ -104,22 +148,59 @@ impl ModelRegistry {
             }
             policies.insert(model.to_owned(), OovPolicy::File(PathBuf::from(path)));
         }
-        let mut models = HashMap::new();
+        let mut models: HashMap<&'static str, ServedVersions> = HashMap::new();
         for &spec in specs {
             let name = spec.name.as_str();
+            // A flag names the model: it serves every version of it.
             let policy = policies
-                .remove(name)
+                .get(name)
+                .cloned()
                 .or_else(|| spec.oov_file.clone().map(OovPolicy::File))
                 .unwrap_or(OovPolicy::Zeros);
             let oov = oov_row(spec, &policy)?;
             let oov_le = crate::cache::le_bytes(&oov);
-            models.insert(name, ServedModel { spec, oov, oov_le, metrics: ModelMetrics::new(name) });
+            let served = ServedModel {
+                spec,
+                namespace: embark_store::namespace(name, &spec.version),
+                oov,
+                oov_le,
+                metrics: ModelMetrics::new(name),
+            };
+            let entry = models
+                .entry(name)
+                .or_insert_with(|| ServedVersions { versions: Vec::new(), current: AtomicUsize::new(0) });
+            if spec.current {
+                entry.current.store(entry.versions.len(), Ordering::Release);
+            }
+            entry.versions.push(served);
         }
         Ok(Self { models })
     }
 
+    /// The current version of `name`.
     pub fn get(&self, name: &str) -> Option<&ServedModel> {
+        self.models.get(name).map(ServedVersions::current)
+    }
+
+    /// Every served version of `name`.
+    pub fn versions(&self, name: &str) -> Option<&ServedVersions> {
         self.models.get(name)
+    }
+
+    /// Every served version of every model.
+    pub fn all(&self) -> impl Iterator<Item = &ServedModel> {
+        self.models.values().flat_map(|v| v.versions.iter())
+    }
+
+    /// Makes `version` current for `name`. `Ok(true)` when that changed
+    /// which version is current; `Err` with the served versions when this
+    /// front does not serve it.
+    pub fn set_current(&self, name: &str, version: &str) -> Result<bool, Vec<String>> {
+        let Some(served) = self.models.get(name) else { return Err(Vec::new()) };
+        let Some(i) = served.versions.iter().position(|m| m.spec.version == version) else {
+            return Err(served.version_names().into_iter().map(str::to_owned).collect());
+        };
+        Ok(served.current.swap(i, Ordering::AcqRel) != i)
     }
 
     pub fn names(&self) -> Vec<&'static str> {
@@ -128,11 +209,14 @@ impl ModelRegistry {
         v
     }
 
+    /// One entry per served version, by name then catalogue order; the
+    /// coverage fields are the caller's to fill.
     pub fn infos(&self) -> Vec<ModelInfo> {
-        let mut v: Vec<ModelInfo> = self
-            .models
-            .values()
-            .map(|m| ModelInfo {
+        let mut v: Vec<ModelInfo> = Vec::new();
+        for name in self.names() {
+            let served = &self.models[name];
+            let current = served.current().spec.version.as_str();
+            v.extend(served.versions.iter().map(|m| ModelInfo {
                 name: m.spec.name.clone(),
                 dim: m.spec.dim as u32,
                 kind: match m.spec.kind {
@@ -140,9 +224,10 @@ impl ModelRegistry {
                     ModelKind::Text => WireKind::Text,
                 } as i32,
                 version: m.spec.version.clone(),
-            })
-            .collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
+                current: m.spec.version == current,
+                ..ModelInfo::default()
+            }));
+        }
         v
     }
 }

@@ -237,6 +237,9 @@ enum Encoding {
 struct LookupBody {
     model: String,
     keys: Vec<String>,
+    /// The model version; absent: the current one.
+    #[serde(default)]
+    version: String,
     #[serde(default)]
     encoding: Encoding,
 }
@@ -244,6 +247,8 @@ struct LookupBody {
 #[derive(Debug, Serialize)]
 struct LookupAnswer {
     model: String,
+    /// The version every row belongs to.
+    version: String,
     dim: u32,
     /// Per key: CACHE, STORE, OOV_PENDING, OOV_FAILED, OOV_UNAVAILABLE.
     sources: Vec<&'static str>,
@@ -260,7 +265,7 @@ async fn lookup(
     principal: Option<axum::Extension<Principal>>,
     Body(body): Body<LookupBody>,
 ) -> Result<Json<LookupAnswer>, ApiError> {
-    let request = LookupRequest { model: body.model.clone(), keys: body.keys };
+    let request = LookupRequest { model: body.model.clone(), keys: body.keys, version: body.version };
     let answer = rest.service.lookup(grpc_request(request, principal.map(|p| p.0))).await?.into_inner();
     let real = |s: &i32| *s == Source::Cache as i32 || *s == Source::Store as i32;
     let (vectors, vectors_base64) = match body.encoding {
@@ -273,6 +278,7 @@ async fn lookup(
     };
     Ok(Json(LookupAnswer {
         model: body.model,
+        version: answer.version,
         dim: answer.dim,
         mask: answer.sources.iter().map(real).collect(),
         sources: answer.sources.iter().copied().map(source_name).collect(),
@@ -285,6 +291,8 @@ async fn lookup(
 #[serde(deny_unknown_fields)]
 struct SimilarBody {
     model: String,
+    #[serde(default)]
+    version: String,
     key: Option<String>,
     vector: Option<Vec<f32>>,
     k: Option<u32>,
@@ -320,6 +328,7 @@ async fn similar(
         query: Some(query),
         k: body.k.unwrap_or(DEFAULT_SIMILAR_K),
         min_score: body.min_score.unwrap_or(0.0),
+        version: body.version,
     };
     let answer = rest.service.similar(grpc_request(request, principal.map(|p| p.0))).await?.into_inner();
     let neighbours = answer.keys.into_iter().zip(answer.scores).map(|(key, score)| Neighbour { key, score }).collect();
@@ -356,6 +365,11 @@ struct ModelRow {
     kind: &'static str,
     dim: u32,
     version: String,
+    /// Whether a request naming no version gets this one.
+    current: bool,
+    /// Coverage: stored vectors of this version, as last counted.
+    stored_vectors: u64,
+    stored_vectors_counted_at_unix_ms: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -371,7 +385,15 @@ async fn models(
     let models = answer
         .models
         .into_iter()
-        .map(|m| ModelRow { kind: crate::models::kind_name(m.kind), name: m.name, dim: m.dim, version: m.version })
+        .map(|m| ModelRow {
+            kind: crate::models::kind_name(m.kind),
+            name: m.name,
+            dim: m.dim,
+            version: m.version,
+            current: m.current,
+            stored_vectors: m.stored_vectors,
+            stored_vectors_counted_at_unix_ms: m.stored_vectors_counted_at_unix_ms,
+        })
         .collect();
     Ok(Json(ModelsAnswer { models }))
 }

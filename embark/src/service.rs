@@ -123,17 +123,18 @@ impl EmbArk for EmbArkService {
         let span =
             tracing::info_span!("embark.Lookup", model = %request.get_ref().model, keys = request.get_ref().keys.len());
         embark_ops::traces::extract_metadata(&span, request.metadata());
-        let LookupRequest { model, keys } = request.into_inner();
-        let answer = self.front.lookup(&model, &keys).instrument(span).await?;
+        let LookupRequest { model, keys, version } = request.into_inner();
+        let answer = self.front.lookup_version(&model, &version, &keys).instrument(span).await?;
         Ok(Response::new(LookupResponse {
             dim: answer.dim as u32,
             vectors: answer.vectors.into(),
             sources: answer.sources.into_iter().map(|s| s as i32).collect(),
+            version: answer.version.to_owned(),
         }))
     }
 
     async fn models(&self, _: Request<ModelsRequest>) -> Result<Response<ModelsResponse>, Status> {
-        Ok(Response::new(ModelsResponse { models: self.front.models().infos() }))
+        Ok(Response::new(ModelsResponse { models: self.front.model_infos() }))
     }
 
     async fn invalidate(&self, request: Request<InvalidateRequest>) -> Result<Response<InvalidateResponse>, Status> {
@@ -152,13 +153,14 @@ impl EmbArk for EmbArkService {
     async fn similar(&self, request: Request<SimilarRequest>) -> Result<Response<SimilarResponse>, Status> {
         let span = tracing::info_span!("embark.Similar", model = %request.get_ref().model, k = request.get_ref().k);
         embark_ops::traces::extract_metadata(&span, request.metadata());
-        let SimilarRequest { model, query, k, min_score } = request.into_inner();
+        let SimilarRequest { model, query, k, min_score, version } = request.into_inner();
         let query = match query {
             Some(Query::Key(key)) if !key.is_empty() => SimilarQuery::Key(key),
             Some(Query::Vector(v)) => SimilarQuery::Vector(v.to_vec()),
             _ => return Err(Status::invalid_argument("give a query: a non-empty `key` or a `vector`")),
         };
-        let answer = self.front.similar(&model, query, k as usize, min_score).instrument(span).await?;
+        let answer =
+            self.front.similar_version(&model, &version, query, k as usize, min_score).instrument(span).await?;
         Ok(Response::new(SimilarResponse { keys: answer.keys, scores: answer.scores, exact: answer.exact }))
     }
 }

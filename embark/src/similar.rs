@@ -108,7 +108,8 @@ impl SimilarIndexes {
     pub fn remove(&self, model: &str, keys: &[String]) {
         if let Some(m) = self.by_model.get(model) {
             m.index.remove(keys);
-            metrics::gauge!("embark_similar_vectors", "model" => model.to_owned()).set(m.index.len() as f64);
+            metrics::gauge!("embark_similar_vectors", "model" => name_of(model), "version" => version_of(model))
+                .set(m.index.len() as f64);
         }
     }
 
@@ -130,7 +131,7 @@ impl SimilarIndexes {
                     .when(|_| !stop.is_cancelled())
                     .notify(|e, delay| {
                         tracing::warn!(model, error = %e, ?delay, "loading the similarity index failed; retrying");
-                        metrics::counter!("embark_similar_load_failures_total", "model" => model.clone()).increment(1);
+                        metrics::counter!("embark_similar_load_failures_total", "model" => name_of(&model), "version" => version_of(&model)).increment(1);
                     });
                 let loaded = tokio::select! {
                     biased;
@@ -145,7 +146,7 @@ impl SimilarIndexes {
                         let secs = started.elapsed().as_secs_f64();
                         let m = &this.by_model[&model];
                         m.ready.store(true, Ordering::Release);
-                        metrics::gauge!("embark_similar_build_seconds", "model" => model.clone()).set(secs);
+                        metrics::gauge!("embark_similar_build_seconds", "model" => name_of(&model), "version" => version_of(&model)).set(secs);
                         tracing::info!(
                             model,
                             vectors = n,
@@ -202,7 +203,7 @@ impl SimilarIndexes {
             if stop.is_cancelled() {
                 break;
             }
-            let ScanPage { rows, next } = store.scan(model, cursor.take(), LOAD_PAGE).await?;
+            let ScanPage { rows, next, .. } = store.scan(model, cursor.take(), LOAD_PAGE).await?;
             let index = index.clone();
             let model_name = model.to_owned();
             total += tokio::task::spawn_blocking(move || {
@@ -223,19 +224,32 @@ impl SimilarIndexes {
     }
 }
 
+/// The `model` label of an index's metrics: the model's name (an index is
+/// keyed by its version's namespace, `name@version`).
+fn name_of(namespace: &str) -> String {
+    embark_proto::split_namespace(namespace).0.to_owned()
+}
+
+/// The `version` label of an index's metrics.
+fn version_of(namespace: &str) -> String {
+    embark_proto::split_namespace(namespace).1.to_owned()
+}
+
 fn record(model: &str, index: &SimilarityIndex, report: &InsertReport) {
     let m = model.to_owned();
-    metrics::gauge!("embark_similar_vectors", "model" => m.clone()).set(index.len() as f64);
-    metrics::gauge!("embark_similar_memory_bytes", "model" => m.clone()).set(index.memory_bytes() as f64);
-    metrics::gauge!("embark_similar_approximate", "model" => m.clone())
+    metrics::gauge!("embark_similar_vectors", "model" => name_of(&m), "version" => version_of(&m))
+        .set(index.len() as f64);
+    metrics::gauge!("embark_similar_memory_bytes", "model" => name_of(&m), "version" => version_of(&m))
+        .set(index.memory_bytes() as f64);
+    metrics::gauge!("embark_similar_approximate", "model" => name_of(&m), "version" => version_of(&m))
         .set(f64::from(u8::from(index.is_approximate())));
     if report.full > 0 {
-        metrics::counter!("embark_similar_not_indexed_total", "model" => m.clone(), "reason" => "full")
+        metrics::counter!("embark_similar_not_indexed_total", "model" => name_of(&m), "version" => version_of(&m), "reason" => "full")
             .increment(report.full as u64);
         tracing::warn!(model, skipped = report.full, "similarity index is full (--similar-max-vectors)");
     }
     if report.rejected > 0 {
-        metrics::counter!("embark_similar_not_indexed_total", "model" => m, "reason" => "invalid")
+        metrics::counter!("embark_similar_not_indexed_total", "model" => name_of(&m), "version" => version_of(&m), "reason" => "invalid")
             .increment(report.rejected as u64);
     }
 }

@@ -207,8 +207,25 @@ pub struct FillLoop<S, E> {
     labels: ModelLabels,
 }
 
-/// One model's misses of a round, with their tokens.
-type ModelGroup<T> = (String, Vec<(T, MissEvent)>);
+/// What a fill writes to: a model at a version, and the store rows that
+/// version's vectors live in.
+#[derive(Debug)]
+pub struct ModelVersion<'a> {
+    pub model: &'a str,
+    /// Empty: the embedder's current version, stored in the model's
+    /// unversioned rows (misses queued before versions existed).
+    pub version: &'a str,
+    pub namespace: String,
+}
+
+impl<'a> ModelVersion<'a> {
+    pub fn new(model: &'a str, version: &'a str) -> Self {
+        Self { model, version, namespace: embark_store::namespace(model, version) }
+    }
+}
+
+/// One model version's misses of a round, with their tokens.
+type ModelGroup<T> = ((String, String), Vec<(T, MissEvent)>);
 
 /// The `model` label of KFC's metrics. Model names arrive in messages
 /// anyone who can write the topic controls: the first
@@ -316,9 +333,9 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
         // dead letters never sent).
         let mut by_model: Vec<ModelGroup<S::Token>> = Vec::new();
         for (token, event) in batch {
-            match by_model.iter_mut().find(|(m, _)| *m == event.model) {
+            match by_model.iter_mut().find(|((m, v), _)| *m == event.model && *v == event.version) {
                 Some((_, group)) => group.push((token, event)),
-                None => by_model.push((event.model.clone(), vec![(token, event)])),
+                None => by_model.push(((event.model.clone(), event.version.clone()), vec![(token, event)])),
             }
         }
         let mut stats = RoundStats::default();
@@ -326,6 +343,7 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
         while let Some((model, group)) = groups.next() {
             let events: Vec<MissEvent> = group.iter().map(|(_, e)| e.clone()).collect();
             let (mut retry, mut dead) = (Vec::new(), Vec::new());
+            let model = ModelVersion::new(&model.0, &model.1);
             if let Err(e) = self.fill_model(&model, events, &mut stats, &mut retry, &mut dead).await {
                 let n = self.failures.load(Ordering::Relaxed) + 1;
                 let rest: Vec<_> = group.into_iter().chain(groups.flat_map(|(_, g)| g)).collect();
@@ -341,7 +359,7 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
 
     async fn fill_model(
         &self,
-        model: &str,
+        target: &ModelVersion<'_>,
         events: Vec<MissEvent>,
         stats: &mut RoundStats,
         retry: &mut Vec<MissEvent>,
@@ -366,9 +384,10 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
 
         let now = now_unix_ms();
         let policy = self.config.policy();
+        let model = target.model;
         let rows = self
             .store
-            .get_many(model, &keys)
+            .get_many(&target.namespace, &keys)
             .instrument(tracing::info_span!("kfc.store.read", model, keys = keys.len()))
             .await?;
         if rows.len() != keys.len() {
@@ -385,22 +404,23 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
         metrics::counter!("kfc_skipped_total", "model" => self.labels.get(model)).increment(skipped as u64);
 
         for chunk in todo.chunks(self.config.embed_batch.max(1)) {
-            self.fill_chunk(model, chunk, stats, retry, dead).await?;
+            self.fill_chunk(target, chunk, stats, retry, dead).await?;
         }
         Ok(())
     }
 
     async fn fill_chunk(
         &self,
-        model: &str,
+        target: &ModelVersion<'_>,
         chunk: &[MissEvent],
         stats: &mut RoundStats,
         retry: &mut Vec<MissEvent>,
         dead: &mut Vec<DeadLetter>,
     ) -> Result<(), FillError> {
+        let model = target.model;
         let inputs: Vec<String> = chunk.iter().map(|e| e.key.clone()).collect();
         let embedding = tracing::info_span!("kfc.embed", model, inputs = inputs.len());
-        let outcomes = match embed_checked(&*self.embedder, model, inputs).instrument(embedding).await {
+        let outcomes = match embed_checked(&*self.embedder, model, target.version, inputs).instrument(embedding).await {
             Ok(o) => o,
             Err(e) => {
                 let reason = e.to_string();
@@ -462,7 +482,7 @@ impl<S: MissSource, E: Embedder> FillLoop<S, E> {
             Vec::new()
         } else {
             let writing = tracing::info_span!("kfc.store.write", model, rows = vectors.len());
-            self.store.put_filled(model, vectors).instrument(writing).await?
+            self.store.put_filled(&target.namespace, vectors).instrument(writing).await?
         };
         let kept_vectors = written.iter().take(n_vectors).filter(|w| **w).count();
         let kept_failures = written.iter().skip(n_vectors).filter(|w| **w).count();
@@ -531,7 +551,12 @@ mod tests {
 
     #[async_trait]
     impl Embedder for OneVector {
-        async fn embed(&self, _model: &str, _inputs: Vec<String>) -> Result<Vec<EmbedOutcome>, EmbedError> {
+        async fn embed(
+            &self,
+            _model: &str,
+            _version: &str,
+            _inputs: Vec<String>,
+        ) -> Result<Vec<EmbedOutcome>, EmbedError> {
             Ok(vec![EmbedOutcome::Vector(vec![1.0])])
         }
     }
@@ -576,7 +601,7 @@ mod tests {
             Ok(())
         }
         async fn scan(&self, _: &str, _: Option<ScanCursor>, _: usize) -> Result<ScanPage, StoreError> {
-            Ok(ScanPage { rows: Vec::new(), next: None })
+            Ok(ScanPage::default())
         }
         async fn put_filled(&self, model: &str, rows: Vec<FilledRow>) -> Result<Vec<bool>, StoreError> {
             self.seen_at.lock().expect("lock").extend(rows.iter().map(|r| r.seen_at_ms));

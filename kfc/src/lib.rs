@@ -29,4 +29,4 @@ pub use embedder::{
     in_process::InProcessRetina,
     remote::{DEFAULT_RETINA_URL, RemoteRetina, RetinaClientConfig, RetinaTlsArgs},
 };
-pub use fill::{Decision, FillConfig, FillLoop, FillPolicy, Stands};
+pub use fill::{Decision, FillConfig, FillLoop, FillPolicy, ModelVersion, Stands};

@@ -38,12 +38,15 @@ impl MissSource for RecordingSource {
 struct ScriptedEmbedder {
     script: Mutex<VecDeque<Result<Vec<EmbedOutcome>, EmbedError>>>,
     calls: Mutex<Vec<Vec<String>>>,
+    /// The version each call named.
+    versions: Mutex<Vec<String>>,
 }
 
 #[async_trait]
 impl Embedder for ScriptedEmbedder {
-    async fn embed(&self, _model: &str, inputs: Vec<String>) -> Result<Vec<EmbedOutcome>, EmbedError> {
+    async fn embed(&self, _model: &str, version: &str, inputs: Vec<String>) -> Result<Vec<EmbedOutcome>, EmbedError> {
         self.calls.lock().expect("lock").push(inputs);
+        self.versions.lock().expect("lock").push(version.to_owned());
         self.script
             .lock()
             .expect("lock")
@@ -61,6 +64,7 @@ fn miss(key: &str, attempts: u32) -> MissEvent {
         not_before_unix_ms: 0,
         dim: 0,
         trace_context: Default::default(),
+        version: String::new(),
     }
 }
 
@@ -98,6 +102,29 @@ async fn stored_keys_are_skipped_duplicates_embedded_once_and_everything_settled
     assert_eq!(settled, vec![(vec![1, 2, 3], vec![])]);
     let rows = r.store.get_many("m", &["new".into()]).await.expect("get");
     assert!(matches!(&rows[0], Some(StoredRow::Vector { vector, .. }) if vector == &[1.0, 2.0]));
+}
+
+/// Each miss is embedded by the version it names and stored in that
+/// version's rows: a key stored under version 1 is not skipped for a miss
+/// of version 2, and version 1's row is left as it was.
+#[tokio::test]
+async fn misses_are_routed_to_their_model_version_and_stored_apart() {
+    let r = rig(vec![Ok(vec![EmbedOutcome::Vector(vec![2.0, 2.0])]), Ok(vec![EmbedOutcome::Vector(vec![1.0, 1.0])])]);
+    let (v1, v2) = (embark_store::namespace("m", "1"), embark_store::namespace("m", "2"));
+    r.store.put_vectors(&v1, vec![("both".into(), vec![9.0, 9.0])]).await.expect("put");
+    let of = |key: &str, version: &str| MissEvent { version: version.into(), ..miss(key, 0) };
+    let stats =
+        r.fill.round(vec![(1, of("both", "2")), (2, of("both", "1")), (3, of("new", "1"))]).await.expect("round");
+    assert_eq!((stats.embedded, stats.skipped), (2, 1), "version 1 had `both`, version 2 did not");
+    assert_eq!(*r.embedder.versions.lock().expect("lock"), vec!["2".to_string(), "1".to_string()]);
+    let row = |ns: &str, key: &str| {
+        let (store, ns, key) = (r.store.clone(), ns.to_owned(), key.to_owned());
+        async move { store.get_many(&ns, &[key]).await.expect("get").remove(0) }
+    };
+    assert!(matches!(row(&v2, "both").await, Some(StoredRow::Vector { vector, .. }) if vector == [2.0, 2.0]));
+    assert!(matches!(row(&v1, "both").await, Some(StoredRow::Vector { vector, .. }) if vector == [9.0, 9.0]));
+    assert!(matches!(row(&v1, "new").await, Some(StoredRow::Vector { vector, .. }) if vector == [1.0, 1.0]));
+    assert!(row(&v2, "new").await.is_none());
 }
 
 #[tokio::test]

@@ -115,7 +115,7 @@ mod tests {
 
     #[test]
     fn fields_are_counted_without_decoding() {
-        let req = LookupRequest { model: "m".into(), keys: vec![String::new(); 1000] };
+        let req = LookupRequest { model: "m".into(), keys: vec![String::new(); 1000], ..Default::default() };
         let bytes = req.encode_to_vec();
         assert_eq!(count_fields(&bytes, usize::MAX), Some(1001));
         assert_eq!(count_fields(&bytes, 1000), None);

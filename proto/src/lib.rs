@@ -68,6 +68,32 @@ pub fn now_unix_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// The model name and version of a [`model_namespace`] (an empty version
+/// for the bare name), e.g. for metric labels.
+pub fn split_namespace(namespace: &str) -> (&str, &str) {
+    namespace.split_once(VERSION_SEPARATOR).unwrap_or((namespace, ""))
+}
+
+/// What separates a model's name from its version in a [`model_namespace`].
+/// Catalogue names cannot contain it.
+pub const VERSION_SEPARATOR: char = '@';
+
+/// Where the rows of `model` at `version` live (the store's model column,
+/// the tier's and the miss topic's keys): `model@version`, so vectors of
+/// two versions never share a row, and a version's rows are scanned,
+/// counted and retired apart. An empty version names the unversioned rows
+/// of releases before versions.
+pub fn model_namespace(model: &str, version: &str) -> String {
+    if version.is_empty() {
+        return model.to_owned();
+    }
+    let mut out = String::with_capacity(model.len() + 1 + version.len());
+    out.push_str(model);
+    out.push(VERSION_SEPARATOR);
+    out.push_str(version);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +122,14 @@ mod tests {
         // before the package moved decodes the same.
         let e = internal::v1::MissEvent { model: "m".into(), key: "k".into(), attempts: 3, ..Default::default() };
         assert_eq!(e.encode_to_vec(), [0x0a, 1, b'm', 0x12, 1, b'k', 0x20, 3]);
+    }
+
+    #[test]
+    fn a_version_has_its_own_namespace_an_empty_one_is_the_bare_name() {
+        assert_eq!(super::model_namespace("m", "2"), "m@2");
+        assert_eq!(super::model_namespace("m", ""), "m");
+        assert_ne!(super::model_namespace("m", "1"), super::model_namespace("m", "2"));
+        assert_eq!(super::split_namespace("m@a@b"), ("m", "a@b"));
+        assert_eq!(super::split_namespace("m"), ("m", ""));
     }
 }

@@ -22,8 +22,9 @@ pub const MAX_DEAD_LETTER_RAW: usize = 64 << 10;
 /// The longest reason a dead letter carries, in bytes.
 pub const MAX_DEAD_LETTER_REASON: usize = 4096;
 
-/// The message key of a miss: model, a newline, key. The same key always
-/// lands on the same partition, so its misses are ordered.
+/// The message key of a miss: its model namespace (`model@version`, see
+/// `embark_proto::model_namespace`), a newline, key. The same key of one
+/// version always lands on the same partition, so its misses are ordered.
 pub fn message_key(model: &str, key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(model.len() + 1 + key.len());
     k.extend_from_slice(model.as_bytes());

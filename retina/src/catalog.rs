@@ -184,8 +184,15 @@ impl ImageSettings {
 pub struct ModelSpec {
     /// What Lookups name (`[a-z0-9._-]`, 1 to 64 characters).
     pub name: String,
-    /// Changes whenever the output for the same input changes.
+    /// Changes whenever the output for the same input changes. Several
+    /// entries may share a name with different versions: each is served,
+    /// and stored, apart.
     pub version: String,
+    /// Of several versions of one name, the one a request naming no
+    /// version gets until `embark promote` records another in the store.
+    /// A name with one entry needs no mark.
+    #[serde(default)]
+    pub current: bool,
     pub kind: ModelKind,
     pub engine: EngineKind,
     pub architecture: Architecture,
@@ -262,6 +269,15 @@ impl Catalog {
         }
         let mut names = HashSet::new();
         for (i, m) in file.models.iter().enumerate() {
+            if names.contains(&(m.name.clone(), m.version.clone())) {
+                return Err(CatalogError::Field {
+                    path: source.to_owned(),
+                    entry: i + 1,
+                    name: m.name.clone(),
+                    field: "version",
+                    reason: "another entry has this name and version".into(),
+                });
+            }
             let field = |field: &'static str, reason: String| CatalogError::Field {
                 path: source.to_owned(),
                 entry: i + 1,
@@ -269,8 +285,10 @@ impl Catalog {
                 field,
                 reason,
             };
-            check_model(m, &mut names).map_err(|(f, r)| field(f, r))?;
+            check_model(m).map_err(|(f, r)| field(f, r))?;
+            names.insert((m.name.clone(), m.version.clone()));
         }
+        check_versions(&file.models, source)?;
         Ok(Self { source: source.to_owned(), models: file.models })
     }
 
@@ -300,29 +318,60 @@ impl Catalog {
         Ok(Box::leak(Box::new(catalog)))
     }
 
+    /// The current version of `name`: its entry marked `current`, or its
+    /// only entry.
     pub fn spec(&'static self, name: &str) -> Option<&'static ModelSpec> {
-        self.models.iter().find(|s| s.name == name)
+        let mut versions = self.models.iter().filter(|s| s.name == name);
+        let first = versions.next()?;
+        Some(if first.current { first } else { versions.find(|s| s.current).unwrap_or(first) })
     }
 
+    /// The entry of `name` at `version`; the current one for an empty
+    /// version.
+    pub fn spec_version(&'static self, name: &str, version: &str) -> Option<&'static ModelSpec> {
+        if version.is_empty() {
+            return self.spec(name);
+        }
+        self.models.iter().find(|s| s.name == name && s.version == version)
+    }
+
+    /// Every entry: every version of every model, in file order.
     pub fn specs(&'static self) -> impl Iterator<Item = &'static ModelSpec> {
         self.models.iter()
     }
 
-    /// Every model's name, in file order (what `--models` defaults to).
+    /// Every model's name once, in file order (what `--models` defaults to).
     pub fn names(&'static self) -> Vec<&'static str> {
-        self.models.iter().map(|s| s.name.as_str()).collect()
+        let mut names: Vec<&'static str> = Vec::new();
+        for s in &self.models {
+            if !names.contains(&s.name.as_str()) {
+                names.push(s.name.as_str());
+            }
+        }
+        names
     }
 
-    /// The specs of `names`, or an error naming the unknown one and the
-    /// known ones; every model of the catalogue for an empty list.
+    /// The versions of `name`, in file order.
+    pub fn versions(&'static self, name: &str) -> Vec<&'static str> {
+        self.models.iter().filter(|s| s.name == name).map(|s| s.version.as_str()).collect()
+    }
+
+    /// Every version of each of `names`, or an error naming the unknown
+    /// one and the known ones; every entry of the catalogue for an empty
+    /// list.
     pub fn select(&'static self, names: &[String]) -> Result<Vec<&'static ModelSpec>, String> {
         if names.is_empty() {
             return Ok(self.specs().collect());
         }
-        names
-            .iter()
-            .map(|n| self.spec(n).ok_or_else(|| format!("unknown model {n:?}; {} has {:?}", self.source, self.names())))
-            .collect()
+        let mut out = Vec::new();
+        for n in names {
+            let before = out.len();
+            out.extend(self.models.iter().filter(|s| &s.name == n));
+            if out.len() == before {
+                return Err(format!("unknown model {n:?}; {} has {:?}", self.source, self.names()));
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -333,17 +382,55 @@ pub fn builtin() -> &'static Catalog {
     BUILTIN.get_or_init(|| Catalog::parse(BUILTIN_TOML, BUILTIN_SOURCE).expect("the built-in models.toml is valid"))
 }
 
+/// The rules across entries of one name: versions of one model share its
+/// kind (a ranker's keys are URLs or texts whatever the version), and of
+/// several versions exactly one is marked `current`.
+fn check_versions(models: &[ModelSpec], source: &str) -> Result<(), CatalogError> {
+    let field = |i: usize, field: &'static str, reason: String| CatalogError::Field {
+        path: source.to_owned(),
+        entry: i + 1,
+        name: models[i].name.clone(),
+        field,
+        reason,
+    };
+    for (i, m) in models.iter().enumerate() {
+        if let Some(other) = models[..i].iter().find(|s| s.name == m.name && s.kind != m.kind) {
+            return Err(field(
+                i,
+                "kind",
+                format!(
+                    "version {:?} of this model is {:?}; every version must be {:?}",
+                    other.version, other.kind, m.kind
+                ),
+            ));
+        }
+    }
+    for (i, m) in models.iter().enumerate() {
+        let siblings: Vec<&ModelSpec> = models.iter().filter(|s| s.name == m.name).collect();
+        let current = siblings.iter().filter(|s| s.current).count();
+        if siblings.len() > 1 && current != 1 {
+            let versions: Vec<&str> = siblings.iter().map(|s| s.version.as_str()).collect();
+            return Err(field(
+                i,
+                "current",
+                format!(
+                    "{current} of its {} versions {versions:?} are marked current; mark exactly one `current = true`",
+                    siblings.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Every semantic rule an entry must meet: `(field, reason)` of the first
 /// broken one.
-fn check_model(m: &ModelSpec, names: &mut HashSet<String>) -> Result<(), (&'static str, String)> {
+fn check_model(m: &ModelSpec) -> Result<(), (&'static str, String)> {
     let valid_name = !m.name.is_empty()
         && m.name.len() <= 64
         && m.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
     if !valid_name {
         return Err(("name", "use 1 to 64 characters of a-z, 0-9, '.', '_' or '-'".into()));
-    }
-    if !names.insert(m.name.clone()) {
-        return Err(("name", "another entry has this name".into()));
     }
     if m.version.trim().is_empty() || m.version.len() > 256 {
         return Err(("version", "give a version of 1 to 256 characters; change it whenever the output changes".into()));
@@ -485,7 +572,7 @@ mod tests {
         let e = refused(&edited("kind = \"image\"", "kind = \"text\""));
         assert!(e.contains("field `architecture`"), "{e}");
         let e = refused(&edited("name = \"efficientnet-lite0\"", "name = \"minilm-l6-v2\""));
-        assert!(e.contains("model 2") && e.contains("another entry has this name"), "{e}");
+        assert!(e.contains("model 2") && e.contains("field `kind`"), "{e}");
         let e = refused(&edited("std = [128.0, 128.0, 128.0]", "std = [128.0, 0.0, 128.0]"));
         assert!(e.contains("field `image.std`"), "{e}");
         let e = refused(&edited("sha256 = \"c0e82d97", "sha256 = \"zz"));
@@ -528,6 +615,42 @@ mod tests {
         let e = file(&wrong).read_checked(dir.path()).expect_err("differs");
         assert!(matches!(e, FileError::Digest { .. }), "{e}");
         assert!(e.to_string().contains(&right), "{e}");
+    }
+
+    /// The built-in catalogue plus a second version of the text model
+    /// (`extra` appended to the new entry).
+    fn two_versions(extra: &str) -> String {
+        let start = BUILTIN_TOML.find("[[model]]").expect("an entry");
+        let end = BUILTIN_TOML[start + 1..].find("[[model]]").map(|i| i + start + 1).expect("a second entry");
+        let minilm = &BUILTIN_TOML[start..end];
+        let v2 = minilm.replacen("version = \"", &format!("{extra}\nversion = \"v2-"), 1);
+        format!("{BUILTIN_TOML}\n{v2}")
+    }
+
+    #[test]
+    fn versions_of_one_model_are_entries_with_one_marked_current() {
+        let c: &'static Catalog =
+            Box::leak(Box::new(Catalog::parse(&two_versions("current = true"), "t").expect("valid")));
+        assert_eq!(c.names(), vec!["minilm-l6-v2", "efficientnet-lite0"], "a name once");
+        let versions = c.versions("minilm-l6-v2");
+        assert_eq!(versions.len(), 2);
+        assert!(versions[1].starts_with("v2-"));
+        assert_eq!(c.spec("minilm-l6-v2").map(|s| s.version.as_str()), Some(versions[1]), "the current one");
+        assert_eq!(c.spec_version("minilm-l6-v2", versions[0]).map(|s| s.version.as_str()), Some(versions[0]));
+        assert_eq!(c.spec_version("minilm-l6-v2", "").map(|s| s.version.as_str()), Some(versions[1]));
+        assert!(c.spec_version("minilm-l6-v2", "nope").is_none());
+        assert_eq!(c.select(&["minilm-l6-v2".into()]).expect("known").len(), 2, "every version");
+
+        let e = refused(&two_versions(""));
+        assert!(e.contains("field `current`") && e.contains("0 of its 2 versions"), "{e}");
+        let both = two_versions("current = true").replacen(
+            "name = \"minilm-l6-v2\"",
+            "name = \"minilm-l6-v2\"\ncurrent = true",
+            1,
+        );
+        assert!(refused(&both).contains("2 of its 2 versions"));
+        let same = two_versions("current = true").replace("version = \"v2-", "version = \"");
+        assert!(refused(&same).contains("another entry has this name and version"));
     }
 
     #[test]

@@ -119,7 +119,9 @@ struct Worker {
 /// The loaded models. Dropping the engine stops its threads once their
 /// queues drain.
 pub struct Engine {
-    workers: BTreeMap<&'static str, Worker>,
+    /// By (name, version): each loaded version of a model has its own
+    /// thread and queue.
+    workers: BTreeMap<(&'static str, &'static str), Worker>,
     fetcher: Fetcher,
     fetch_slots: Arc<Semaphore>,
     host_slots: HostSlots,
@@ -370,7 +372,7 @@ impl Engine {
             // At 0 from the start, so a scrape tells "nothing embedded yet"
             // from a series that does not exist.
             metrics::counter!("retina_embedded_inputs_total", "model" => spec.name.as_str()).increment(0);
-            workers.insert(spec.name.as_str(), Worker { spec, queue: tx });
+            workers.insert((spec.name.as_str(), spec.version.as_str()), Worker { spec, queue: tx });
         }
         let fetcher = Fetcher::new(config.fetch.clone())
             .map_err(|e| EngineError::Load { name: "fetcher".into(), reason: e.to_string() })?;
@@ -384,22 +386,48 @@ impl Engine {
         })
     }
 
-    /// The loaded models, by name.
+    /// The loaded models, every version, by name.
     pub fn models(&self) -> impl Iterator<Item = &'static ModelSpec> + '_ {
         self.workers.values().map(|w| w.spec)
     }
 
+    /// The current version of `name` among the loaded ones: the entry
+    /// marked `current`, else the only (or first) loaded one.
     pub fn spec(&self, name: &str) -> Option<&'static ModelSpec> {
-        self.workers.get(name).map(|w| w.spec)
+        let mut loaded = self.workers.range((name, "")..).take_while(|((n, _), _)| *n == name).map(|(_, w)| w.spec);
+        let first = loaded.next()?;
+        Some(if first.current { first } else { loaded.find(|s| s.current).unwrap_or(first) })
     }
 
-    /// Embeds `inputs` with `model`: one result per input, in order. Waits
-    /// without blocking the runtime; refuses at once when the queue is full.
+    /// The loaded entry of `name` at `version` (empty: the current one).
+    pub fn spec_version(&self, name: &str, version: &str) -> Option<&'static ModelSpec> {
+        if version.is_empty() {
+            return self.spec(name);
+        }
+        self.workers.get(&(name, version)).map(|w| w.spec)
+    }
+
+    /// Embeds `inputs` with the current version of `model`.
     pub async fn embed(&self, model: &str, inputs: Vec<String>) -> Result<Vec<InputResult>, EngineError> {
-        let worker = self.workers.get(model).ok_or_else(|| EngineError::UnknownModel {
-            name: model.to_owned(),
-            available: self.workers.keys().map(|s| s.to_string()).collect(),
-        })?;
+        self.embed_version(model, "", inputs).await
+    }
+
+    /// Embeds `inputs` with `model` at `version` (empty: the current
+    /// one): one result per input, in order. Waits without blocking the
+    /// runtime; refuses at once when the queue is full.
+    pub async fn embed_version(
+        &self,
+        model: &str,
+        version: &str,
+        inputs: Vec<String>,
+    ) -> Result<Vec<InputResult>, EngineError> {
+        let worker = self
+            .spec_version(model, version)
+            .and_then(|s| self.workers.get(&(s.name.as_str(), s.version.as_str())))
+            .ok_or_else(|| EngineError::UnknownModel {
+                name: if version.is_empty() { model.to_owned() } else { format!("{model} version {version}") },
+                available: self.workers.keys().map(|(n, v)| format!("{n} version {v}")).collect(),
+            })?;
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
@@ -623,7 +651,7 @@ mod tests {
             scope.spawn(move || metrics::with_local_recorder(recorder, || run_model(spec, Box::new(Failing), rx, cfg)));
             let _rt = rt.enter();
             let engine = Engine {
-                workers: BTreeMap::from([(spec.name.as_str(), Worker { spec, queue: tx })]),
+                workers: BTreeMap::from([((spec.name.as_str(), spec.version.as_str()), Worker { spec, queue: tx })]),
                 fetcher: Fetcher::new(config.fetch.clone()).expect("fetcher"),
                 fetch_slots: Arc::new(Semaphore::new(1)),
                 host_slots: HostSlots::default(),
@@ -792,7 +820,8 @@ mod tests {
         let h = Harness::new(EngineConfig { max_batch: 1, max_input_bytes: 4, ..EngineConfig::default() });
         let e = h.engine.embed("nope", strings(&["x"])).await.expect_err("unknown model");
         assert!(
-            matches!(&e, EngineError::UnknownModel { name, available } if name == "nope" && available == &[MODEL]),
+            matches!(&e, EngineError::UnknownModel { name, available }
+                if name == "nope" && available.len() == 1 && available[0].starts_with(&format!("{MODEL} version "))),
             "{e}"
         );
         assert_eq!(h.engine.embed(MODEL, Vec::new()).await.expect("empty"), Vec::<InputResult>::new());

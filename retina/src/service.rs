@@ -62,6 +62,7 @@ impl Retina for RetinaService {
                     ModelKind::Text => WireKind::Text,
                 } as i32,
                 version: s.version.to_owned(),
+                current: self.engine.spec(&s.name).is_some_and(|c| std::ptr::eq(c, s)),
             })
             .collect();
         Ok(Response::new(ModelsResponse { models }))
@@ -70,14 +71,14 @@ impl Retina for RetinaService {
 
 impl RetinaService {
     async fn embed_in_span(&self, request: EmbedRequest) -> Result<Response<EmbedResponse>, Status> {
-        let EmbedRequest { model, inputs } = request;
+        let EmbedRequest { model, inputs, version } = request;
         if model.is_empty() {
             return Err(Status::invalid_argument("model is required (see the Models RPC)"));
         }
-        let spec = self.engine.spec(&model).ok_or_else(|| {
+        let spec = self.engine.spec_version(&model, &version).ok_or_else(|| {
             status(EngineError::UnknownModel {
-                name: model.clone(),
-                available: self.engine.models().map(|s| s.name.to_owned()).collect(),
+                name: if version.is_empty() { model.clone() } else { format!("{model} version {version}") },
+                available: self.engine.models().map(|s| format!("{} version {}", s.name, s.version)).collect(),
             })
         })?;
         if inputs.len() > self.max_request_inputs {
@@ -87,7 +88,7 @@ impl RetinaService {
                 self.max_request_inputs
             )));
         }
-        let results = self.engine.embed(&model, inputs).await.map_err(status)?;
+        let results = self.engine.embed_version(&spec.name, &spec.version, inputs).await.map_err(status)?;
         let mut vectors = Vec::with_capacity(results.len() * spec.dim * 4);
         let mut failures = Vec::new();
         let zeros = vec![0f32; spec.dim];

@@ -29,7 +29,7 @@ use scylla::{
         RequestAttemptError, RowsError, UseKeyspaceError,
     },
     response::{PagingState, PagingStateResponse},
-    statement::prepared::PreparedStatement,
+    statement::{prepared::PreparedStatement, unprepared::Statement},
     value::CqlTimestamp,
 };
 
@@ -327,6 +327,13 @@ pub struct CqlStore {
     delete: PreparedStatement,
     scan: PreparedStatement,
     concurrency: usize,
+    /// For the statements of the small `model_versions` table, made
+    /// unprepared when needed (rare: a promote, a replica's poll), so a
+    /// keyspace migrated before that table existed still serves Lookups.
+    keyspace: String,
+    read_consistency: Consistency,
+    write_consistency: Consistency,
+    request_timeout: Duration,
 }
 
 impl std::fmt::Debug for CqlStore {
@@ -472,6 +479,8 @@ impl CqlStore {
                 "CREATE TABLE {ks}.embeddings (model text, key text, vector blob, dim int, status int, \
                  code int, reason text, created_at timestamp, PRIMARY KEY ((model, key)))"
             ),
+            // What `embark promote` records: each model's current version.
+            format!("CREATE TABLE {ks}.model_versions (model text PRIMARY KEY, version text, promoted_at timestamp)"),
         ];
         for stmt in statements {
             match s.query_unpaged(stmt.as_str(), &[]).await {
@@ -544,7 +553,19 @@ impl CqlStore {
             delete,
             scan,
             concurrency: config.concurrency.max(1),
+            keyspace: ks.clone(),
+            read_consistency: config.read_consistency,
+            write_consistency: config.write_consistency,
+            request_timeout: config.request_timeout,
         })
+    }
+
+    fn statement(&self, cql: String, consistency: Consistency) -> Statement {
+        let mut s = Statement::new(cql);
+        s.set_consistency(consistency);
+        s.set_request_timeout(Some(self.request_timeout));
+        s.set_is_idempotent(true);
+        s
     }
 
     async fn get_one(&self, model: &str, key: &str) -> Result<Option<StoredRow>, StoreError> {
@@ -699,12 +720,19 @@ impl EmbeddingStore for CqlStore {
         let mut out = ScanPage::default();
         for r in rows.rows::<Row>().map_err(cql_err)? {
             let (m, key, vector, dim, status) = r.map_err(cql_err)?;
-            if m != model || status.unwrap_or(row::STATUS_VECTOR as i32) != row::STATUS_VECTOR as i32 {
+            if m != model {
+                continue;
+            }
+            if status.unwrap_or(row::STATUS_VECTOR as i32) != row::STATUS_VECTOR as i32 {
+                out.other_keys.push(key);
                 continue;
             }
             match vector_of(dim, vector.unwrap_or_default()) {
                 Ok(vector) => out.rows.push((key, vector)),
-                Err(reason) => crate::skip_corrupt(model, &key, &reason),
+                Err(reason) => {
+                    crate::skip_corrupt(model, &key, &reason);
+                    out.other_keys.push(key);
+                }
             }
         }
         out.next = match paging {
@@ -712,6 +740,44 @@ impl EmbeddingStore for CqlStore {
             PagingStateResponse::NoMorePages => None,
         };
         Ok(out)
+    }
+
+    async fn current_version(&self, name: &str) -> Result<Option<crate::CurrentVersion>, StoreError> {
+        let ks = &self.keyspace;
+        let q = self.statement(
+            format!("SELECT version, promoted_at FROM {ks}.model_versions WHERE model = ?"),
+            self.read_consistency,
+        );
+        let rows =
+            self.session.query_unpaged(q, (name,)).await.map_err(cql_err)?.into_rows_result().map_err(cql_err)?;
+        let row = rows.maybe_first_row::<(Option<String>, Option<CqlTimestamp>)>().map_err(cql_err)?;
+        Ok(row.and_then(|(version, at)| {
+            Some(crate::CurrentVersion { version: version?, promoted_at_ms: at.map(|t| t.0).unwrap_or(0) })
+        }))
+    }
+
+    async fn set_current_version(&self, name: &str, version: &str) -> Result<(), StoreError> {
+        let ks = &self.keyspace;
+        let q = self.statement(
+            format!("INSERT INTO {ks}.model_versions (model, version, promoted_at) VALUES (?, ?, ?)"),
+            self.write_consistency,
+        );
+        self.session.query_unpaged(q, (name, version, CqlTimestamp(now_unix_ms()))).await.map_err(cql_err)?;
+        Ok(())
+    }
+
+    async fn purge(&self, model: &str, stored_keys: &[String]) -> Result<(), StoreError> {
+        let delete = at(&self.delete, now_micros());
+        let delete = &delete;
+        stream::iter(0..stored_keys.len())
+            .map(|i| async move {
+                let key = stored_keys[i].as_str();
+                self.session.execute_unpaged(delete, (model, key)).await.map(|_| ()).map_err(cql_err)
+            })
+            .buffer_unordered(self.concurrency)
+            .try_collect::<Vec<()>>()
+            .await
+            .map(|_| ())
     }
 
     async fn delete(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {

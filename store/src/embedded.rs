@@ -17,6 +17,10 @@ use crate::{EmbeddingStore, FailureRecord, ScanCursor, ScanPage, StoreError, Sto
 /// (model, storage key) -> encoded [`StoredRow`].
 const EMBEDDINGS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("embeddings");
 
+/// model name -> (current version, promoted at ms): what `embark promote`
+/// recorded.
+const CURRENT_VERSIONS: TableDefinition<&str, (&str, i64)> = TableDefinition::new("current_versions");
+
 /// The embedded store. Cheap to clone; all clones share one database.
 #[derive(Clone)]
 pub struct EmbeddedStore {
@@ -53,6 +57,7 @@ impl EmbeddedStore {
         // missing table.
         let txn = db.begin_write().map_err(db_err)?;
         txn.open_table(EMBEDDINGS).map_err(db_err)?;
+        txn.open_table(CURRENT_VERSIONS).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         Ok(Self { db: Arc::new(db) })
     }
@@ -113,16 +118,35 @@ impl EmbeddedStore {
             }
             last = Some(key.to_owned());
             if row::deleted_at(v.value()).is_some() {
+                out.other_keys.push(key.to_owned());
                 continue;
             }
             match row::decode_or_corrupt(v.value()) {
                 StoredRow::Vector { vector, .. } => out.rows.push((key.to_owned(), vector)),
-                StoredRow::Failed(_) => {}
-                StoredRow::Corrupt { reason } => crate::skip_corrupt(model, key, &reason),
+                StoredRow::Failed(_) => out.other_keys.push(key.to_owned()),
+                StoredRow::Corrupt { reason } => {
+                    crate::skip_corrupt(model, key, &reason);
+                    out.other_keys.push(key.to_owned());
+                }
             }
         }
         out.next = if more { last.map(|k| ScanCursor(k.into_bytes())) } else { None };
         Ok(out)
+    }
+
+    fn count_blocking(&self, model: &str) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(EMBEDDINGS).map_err(db_err)?;
+        let mut n = 0;
+        for entry in table.range((model, "")..).map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            if k.value().0 != model {
+                break;
+            }
+            // A vector's status byte; failures and delete records do not count.
+            n += u64::from(v.value().first() == Some(&row::STATUS_VECTOR));
+        }
+        Ok(n)
     }
 
     /// Runs a blocking closure over a clone of `self` on the blocking pool.
@@ -173,6 +197,55 @@ impl EmbeddingStore for EmbeddedStore {
         let (model, keys) = (model.to_owned(), keys.to_vec());
         let now = crate::now_unix_ms();
         self.blocking(move |s| s.write_blocking(&model, keys.into_iter().map(|k| (k, row::encode_deleted(now))))).await
+    }
+
+    /// Counts the model's rows in its key range (no vector is decoded).
+    async fn count_vectors(&self, model: &str) -> Result<u64, StoreError> {
+        let model = model.to_owned();
+        self.blocking(move |s| s.count_blocking(&model)).await
+    }
+
+    /// Removes the rows, delete records included.
+    async fn purge(&self, model: &str, stored_keys: &[String]) -> Result<(), StoreError> {
+        let (model, keys) = (model.to_owned(), stored_keys.to_vec());
+        self.blocking(move |s| {
+            let txn = s.db.begin_write().map_err(db_err)?;
+            {
+                let mut table = txn.open_table(EMBEDDINGS).map_err(db_err)?;
+                for key in &keys {
+                    table.remove((model.as_str(), key.as_str())).map_err(db_err)?;
+                }
+            }
+            txn.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn current_version(&self, name: &str) -> Result<Option<crate::CurrentVersion>, StoreError> {
+        let name = name.to_owned();
+        self.blocking(move |s| {
+            let txn = s.db.begin_read().map_err(db_err)?;
+            let table = txn.open_table(CURRENT_VERSIONS).map_err(db_err)?;
+            Ok(table.get(name.as_str()).map_err(db_err)?.map(|v| {
+                let (version, promoted_at_ms) = v.value();
+                crate::CurrentVersion { version: version.to_owned(), promoted_at_ms }
+            }))
+        })
+        .await
+    }
+
+    async fn set_current_version(&self, name: &str, version: &str) -> Result<(), StoreError> {
+        let (name, version) = (name.to_owned(), version.to_owned());
+        let now = crate::now_unix_ms();
+        self.blocking(move |s| {
+            let txn = s.db.begin_write().map_err(db_err)?;
+            txn.open_table(CURRENT_VERSIONS)
+                .map_err(db_err)?
+                .insert(name.as_str(), (version.as_str(), now))
+                .map_err(db_err)?;
+            txn.commit().map_err(db_err)
+        })
+        .await
     }
 
     async fn put_filled(&self, model: &str, rows: Vec<crate::FilledRow>) -> Result<Vec<bool>, StoreError> {
@@ -305,5 +378,20 @@ mod tests {
         // A key never deleted takes any fill.
         let other = FilledRow { key: "new".into(), seen_at_ms: 0, value: Filled::Vector(vec![4.0]) };
         assert_eq!(s.put_filled("m", vec![other]).await.expect("fill"), vec![true]);
+    }
+
+    #[tokio::test]
+    async fn the_current_version_survives_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        {
+            let store = EmbeddedStore::open(&path).expect("open");
+            assert_eq!(store.current_version("m").await.expect("read"), None);
+            store.set_current_version("m", "2").await.expect("write");
+        }
+        let store = EmbeddedStore::open(&path).expect("reopen");
+        let current = store.current_version("m").await.expect("read").expect("recorded");
+        assert_eq!(current.version, "2");
+        assert_eq!(store.current_version("other").await.expect("read"), None);
     }
 }

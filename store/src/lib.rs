@@ -58,6 +58,8 @@ pub fn storage_key(key: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+pub use embark_proto::{VERSION_SEPARATOR, model_namespace as namespace};
+
 /// Why a store call failed. [`StoreError::is_transient`] tells a failure
 /// that may pass if the same call is made again later (a timeout, too few
 /// replicas) from one that will not until someone changes something (a
@@ -197,6 +199,51 @@ pub trait EmbeddingStore: Send + Sync + 'static {
     /// as their stored hash. A page may hold fewer than `page` rows (or
     /// none) before the end; the scan is over when `next` is `None`.
     async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError>;
+
+    /// How many vectors `model` (a [`namespace`]) has stored: its
+    /// coverage. The default pages through [`EmbeddingStore::scan`].
+    async fn count_vectors(&self, model: &str) -> Result<u64, StoreError> {
+        let (mut n, mut cursor) = (0u64, None);
+        loop {
+            let page = self.scan(model, cursor, 1024).await?;
+            n += page.rows.len() as u64;
+            match page.next {
+                Some(c) => cursor = Some(c),
+                None => return Ok(n),
+            }
+        }
+    }
+
+    /// Removes rows for good (`embark retire`), by their stored keys as
+    /// [`EmbeddingStore::scan`] returns them (a long key's hash, not the
+    /// key): no delete record is kept, as no fill of a retired version is
+    /// expected.
+    async fn purge(&self, model: &str, stored_keys: &[String]) -> Result<(), StoreError> {
+        let _ = (model, stored_keys);
+        Err(StoreError::Config("this store cannot purge rows".into()))
+    }
+
+    /// The version `embark promote` made current for the model `name`, and
+    /// when (ms since the epoch); `None` before any promote (the
+    /// catalogue's `current` entry stands). Every replica reads it, so
+    /// they agree on what a Lookup without a version gets.
+    async fn current_version(&self, name: &str) -> Result<Option<CurrentVersion>, StoreError> {
+        let _ = name;
+        Ok(None)
+    }
+
+    /// Records `version` as the current version of the model `name`.
+    async fn set_current_version(&self, name: &str, version: &str) -> Result<(), StoreError> {
+        let _ = (name, version);
+        Err(StoreError::Config("this store does not record current versions".into()))
+    }
+}
+
+/// A promote as the store recorded it ([`EmbeddingStore::current_version`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentVersion {
+    pub version: String,
+    pub promoted_at_ms: i64,
 }
 
 /// Where a [`EmbeddingStore::scan`] stopped: opaque bytes, hex in checkpoints.
@@ -221,6 +268,10 @@ impl ScanCursor {
 pub struct ScanPage {
     /// (stored key, vector).
     pub rows: Vec<(String, Vec<f32>)>,
+    /// The stored keys of this page's other rows: failure records (and on
+    /// the embedded store, delete records and rows that do not decode),
+    /// so that `embark retire` removes a version's every row.
+    pub other_keys: Vec<String>,
     /// Where the next page starts; `None` once the scan is complete.
     pub next: Option<ScanCursor>,
 }

@@ -4,7 +4,9 @@
 
 use async_trait::async_trait;
 
-use crate::{EmbeddingStore, FailureRecord, FilledRow, RowRead, ScanCursor, ScanPage, StoreError, StoredRow};
+use crate::{
+    CurrentVersion, EmbeddingStore, FailureRecord, FilledRow, RowRead, ScanCursor, ScanPage, StoreError, StoredRow,
+};
 
 /// Implement this instead of [`EmbeddingStore`] for a wrapper: every call
 /// it does not override is forwarded to [`StoreWrapper::inner`], including
@@ -38,6 +40,18 @@ pub trait StoreWrapper: Send + Sync + 'static {
     async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError> {
         self.inner().scan(model, cursor, page).await
     }
+    async fn count_vectors(&self, model: &str) -> Result<u64, StoreError> {
+        self.inner().count_vectors(model).await
+    }
+    async fn purge(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
+        self.inner().purge(model, keys).await
+    }
+    async fn current_version(&self, name: &str) -> Result<Option<CurrentVersion>, StoreError> {
+        self.inner().current_version(name).await
+    }
+    async fn set_current_version(&self, name: &str, version: &str) -> Result<(), StoreError> {
+        self.inner().set_current_version(name, version).await
+    }
 }
 
 #[async_trait]
@@ -62,5 +76,17 @@ impl<W: StoreWrapper> EmbeddingStore for W {
     }
     async fn scan(&self, model: &str, cursor: Option<ScanCursor>, page: usize) -> Result<ScanPage, StoreError> {
         StoreWrapper::scan(self, model, cursor, page).await
+    }
+    async fn count_vectors(&self, model: &str) -> Result<u64, StoreError> {
+        StoreWrapper::count_vectors(self, model).await
+    }
+    async fn purge(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
+        StoreWrapper::purge(self, model, keys).await
+    }
+    async fn current_version(&self, name: &str) -> Result<Option<CurrentVersion>, StoreError> {
+        StoreWrapper::current_version(self, name).await
+    }
+    async fn set_current_version(&self, name: &str, version: &str) -> Result<(), StoreError> {
+        StoreWrapper::set_current_version(self, name, version).await
     }
 }

@@ -118,3 +118,55 @@ async fn a_scan_pages_through_one_model_and_resumes_from_a_saved_cursor() -> any
     assert!(pages >= 7, "{pages} pages of at most 40 rows");
     Ok(())
 }
+
+/// What the versions of a model need from the store: a current version
+/// every replica reads, a count of a version's vectors, and the removal of
+/// a version's every row (long keys by their stored hash, failure records
+/// too), leaving other versions alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_versions_coverage_and_purge() -> anyhow::Result<()> {
+    let server = CqlTestServer::start()?;
+    let cfg = config(&server);
+    CqlStore::migrate(&cfg).await?;
+    let store = CqlStore::connect(&cfg).await?;
+
+    assert_eq!(store.current_version("m").await?, None, "no promote yet");
+    store.set_current_version("m", "1").await?;
+    store.set_current_version("m", "2").await?;
+    let current = store.current_version("m").await?.expect("recorded");
+    assert_eq!(current.version, "2");
+    assert!(current.promoted_at_ms > 1_700_000_000_000, "{current:?}");
+    assert_eq!(store.current_version("other").await?, None);
+
+    let (v1, v2) = (embark_store::namespace("m", "1"), embark_store::namespace("m", "2"));
+    let long = format!("https://img.example.com/{}", "x".repeat(400));
+    let rows: Vec<(String, Vec<f32>)> = (0..30).map(|i| (format!("k{i}"), vec![i as f32; 4])).collect();
+    store.put_vectors(&v1, rows.clone()).await?;
+    store.put_vectors(&v1, vec![(long.clone(), vec![1.0; 4])]).await?;
+    store
+        .put_failures(&v1, vec![("bad".into(), FailureRecord { code: 4, reason: "404".into(), at_unix_ms: 1 })])
+        .await?;
+    store.put_vectors(&v2, rows[..5].to_vec()).await?;
+    assert_eq!((store.count_vectors(&v1).await?, store.count_vectors(&v2).await?), (31, 5));
+
+    let mut stored = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store.scan(&v1, cursor, 7).await?;
+        stored.extend(page.rows.into_iter().map(|(k, _)| k).chain(page.other_keys));
+        match page.next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(stored.len(), 32, "30 keys, the long key's hash, the failure record");
+    store.purge(&v1, &stored).await?;
+    assert_eq!(store.count_vectors(&v1).await?, 0);
+    assert_eq!(
+        store.get_many(&v1, &[long, "bad".into()]).await?,
+        vec![None, None],
+        "the long key and the failure went too"
+    );
+    assert_eq!(store.count_vectors(&v2).await?, 5, "the other version is untouched");
+    Ok(())
+}

@@ -143,8 +143,11 @@ pub async fn produce_misses(brokers: &str, topic: &str, model: &str, keys: &[Str
                 not_before_unix_ms: 0,
                 dim: 0,
                 trace_context: Default::default(),
+                // As a front of the built-in catalogue publishes it.
+                version: crate::builtin_version(model),
             };
-            (embark_queue::codec::message_key(model, k), embark_queue::codec::encode_miss(&e))
+            let namespace = embark_store::namespace(model, &e.version);
+            (embark_queue::codec::message_key(&namespace, k), embark_queue::codec::encode_miss(&e))
         })
         .collect();
     produce(brokers, topic, payloads).await

@@ -46,6 +46,18 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// A free loopback port (bound then released; the OS does not hand it out
 /// again at once).
+/// The store rows of a built-in model's current version: what a front
+/// reads and a fill writes (`model@version`, see `embark_store::namespace`).
+pub fn stored_as(model: &str) -> String {
+    embark_store::namespace(model, &builtin_version(model))
+}
+
+/// The current version of a built-in model (empty for a model the
+/// built-in catalogue does not have).
+pub fn builtin_version(model: &str) -> String {
+    retina::catalog::builtin().spec(model).map(|s| s.version.clone()).unwrap_or_default()
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }

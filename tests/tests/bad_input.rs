@@ -20,7 +20,7 @@ async fn each_bad_lookup_gets_its_status() -> anyhow::Result<()> {
     )
     .await?;
     let mut client = embark.embark_client().await?;
-    let lookup = |model: &str, keys: Vec<String>| LookupRequest { model: model.into(), keys };
+    let lookup = |model: &str, keys: Vec<String>| LookupRequest { model: model.into(), keys, ..Default::default() };
 
     let cases = [
         (lookup("", vec!["x".into()]), Code::InvalidArgument, "model is required"),
@@ -55,7 +55,7 @@ async fn each_bad_lookup_gets_its_status() -> anyhow::Result<()> {
 async fn retina_refuses_bad_requests_and_reports_bad_inputs() -> anyhow::Result<()> {
     let retina = Server::start(&binary("retina"), &["--max-input-bytes", "100", "--max-request-inputs", "4"]).await?;
     let mut client = retina.retina_client().await?;
-    let embed = |model: &str, inputs: Vec<String>| EmbedRequest { model: model.into(), inputs };
+    let embed = |model: &str, inputs: Vec<String>| EmbedRequest { model: model.into(), inputs, ..Default::default() };
 
     let s = client.embed(embed("", vec!["x".into()])).await.expect_err("no model");
     assert_eq!(s.code(), Code::InvalidArgument);
@@ -91,19 +91,22 @@ async fn requests_are_decoded_in_full_before_validation() -> anyhow::Result<()> 
 
     // 8M empty keys: 16 MiB on the wire, inside the byte limit that 4096
     // keys of 8 KiB need; refused by the field guard.
-    let flood = LookupRequest { model: MODEL.into(), keys: vec![String::new(); 8 << 20] };
+    let flood = LookupRequest { model: MODEL.into(), keys: vec![String::new(); 8 << 20], ..Default::default() };
     let status = client.lookup(flood).await.expect_err("refused");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("fields"), "{}", status.message());
     // Over the byte limit: refused from its length prefix.
-    let huge = LookupRequest { model: MODEL.into(), keys: vec!["k".repeat(8192); 5000] };
+    let huge = LookupRequest { model: MODEL.into(), keys: vec!["k".repeat(8192); 5000], ..Default::default() };
     let status = client.lookup(huge).await.expect_err("refused");
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
 
     let grown = embark_tests::peak_rss_bytes(embark.pid())?.saturating_sub(before);
     assert!(grown < 120 << 20, "peak RSS grew by {} MiB", grown >> 20);
     // Still serving.
-    let ok = client.lookup(LookupRequest { model: MODEL.into(), keys: vec!["k".into()] }).await?.into_inner();
+    let ok = client
+        .lookup(LookupRequest { model: MODEL.into(), keys: vec!["k".into()], ..Default::default() })
+        .await?
+        .into_inner();
     assert_eq!(ok.sources.len(), 1);
     Ok(())
 }

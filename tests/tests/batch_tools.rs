@@ -230,7 +230,7 @@ async fn backfill_resumes_export_round_trips_and_similar_serves_the_store() -> a
     assert_eq!(exported_keys.len(), 1000);
     {
         let store = EmbeddedStore::open(&data.join("embark.redb"))?;
-        let stored = store.get_many(MODEL, &exported_keys).await?;
+        let stored = store.get_many(&embark_tests::stored_as(MODEL), &exported_keys).await?;
         for (i, row) in stored.iter().enumerate() {
             match row {
                 Some(StoredRow::Vector { vector, .. }) => {
@@ -280,8 +280,13 @@ async fn backfill_resumes_export_round_trips_and_similar_serves_the_store() -> a
     )
     .await?;
     let mut client = embark.embark_client().await?;
-    let similar =
-        |query: Query, k: u32, min_score: f32| SimilarRequest { model: MODEL.into(), query: Some(query), k, min_score };
+    let similar = |query: Query, k: u32, min_score: f32| SimilarRequest {
+        model: MODEL.into(),
+        query: Some(query),
+        k,
+        min_score,
+        ..Default::default()
+    };
     let request = similar(Query::Key("red bicycle for sale".into()), 10, 0.0);
     let answer = embark_tests::similar_once_loaded(&client, request, Duration::from_secs(60)).await?;
     assert!(!answer.exact, "1000 vectors with --similar-exact-below 500 go through HNSW");
@@ -292,7 +297,7 @@ async fn backfill_resumes_export_round_trips_and_similar_serves_the_store() -> a
 
     // By vector: the key itself comes first, with score 1.
     let looked = client
-        .lookup(LookupRequest { model: MODEL.into(), keys: vec!["blue lamp vintage".into()] })
+        .lookup(LookupRequest { model: MODEL.into(), keys: vec!["blue lamp vintage".into()], ..Default::default() })
         .await?
         .into_inner();
     assert_eq!(looked.sources, vec![Source::Store as i32]);
@@ -302,7 +307,7 @@ async fn backfill_resumes_export_round_trips_and_similar_serves_the_store() -> a
 
     // A vector filled after start is found; an invalidated one no longer.
     let fresh = "a vintage blue lamp, slightly used".to_string();
-    client.lookup(LookupRequest { model: MODEL.into(), keys: vec![fresh.clone()] }).await?;
+    client.lookup(LookupRequest { model: MODEL.into(), keys: vec![fresh.clone()], ..Default::default() }).await?;
     eventually(Duration::from_secs(60), "the fresh key to be filled and indexed", || {
         let mut client = client.clone();
         let request = similar(Query::Vector(looked.vectors.clone()), 5, 0.0);
@@ -334,13 +339,25 @@ async fn backfill_resumes_export_round_trips_and_similar_serves_the_store() -> a
         code(client.similar(similar(Query::Key("never seen before".into()), 3, 0.0)).await),
         Some(tonic::Code::FailedPrecondition)
     );
-    let unknown = SimilarRequest { model: "nope".into(), query: Some(Query::Key("x".into())), k: 3, min_score: 0.0 };
+    let unknown = SimilarRequest {
+        model: "nope".into(),
+        query: Some(Query::Key("x".into())),
+        k: 3,
+        min_score: 0.0,
+        ..Default::default()
+    };
     assert_eq!(code(client.similar(unknown).await), Some(tonic::Code::NotFound));
-    let empty = SimilarRequest { model: MODEL.into(), query: None, k: 3, min_score: 0.0 };
+    let empty = SimilarRequest { model: MODEL.into(), query: None, k: 3, min_score: 0.0, ..Default::default() };
     assert_eq!(code(client.similar(empty).await), Some(tonic::Code::InvalidArgument));
     let text = embark.metrics_text().await?;
     assert!(
-        embark_tests::metric_value(&text, &format!("embark_similar_vectors{{model=\"{MODEL}\"}}")) >= 1000.0,
+        embark_tests::metric_value(
+            &text,
+            &format!(
+                "embark_similar_vectors{{model=\"{MODEL}\",version=\"{}\"}}",
+                embark_tests::builtin_version(MODEL)
+            )
+        ) >= 1000.0,
         "{text}"
     );
     Ok(())
@@ -373,7 +390,7 @@ fn planted_store(path: &Path, n: usize, pairs: usize) -> anyhow::Result<Vec<(Str
     }
     let rt = tokio::runtime::Handle::current();
     let store = EmbeddedStore::open(path)?;
-    tokio::task::block_in_place(|| rt.block_on(store.put_vectors(MODEL, rows)))?;
+    tokio::task::block_in_place(|| rt.block_on(store.put_vectors(&embark_tests::stored_as(MODEL), rows)))?;
     Ok(planted)
 }
 

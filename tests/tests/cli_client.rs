@@ -74,8 +74,10 @@ async fn get_similar_invalidate_and_models_against_a_live_server() -> anyhow::Re
     }
     // ... the very floats a gRPC client gets.
     let mut client = server.embark_client().await?;
-    let direct =
-        client.lookup(LookupRequest { model: MODEL.into(), keys: vec![red.into(), blue.into()] }).await?.into_inner();
+    let direct = client
+        .lookup(LookupRequest { model: MODEL.into(), keys: vec![red.into(), blue.into()], ..Default::default() })
+        .await?
+        .into_inner();
     let floats: Vec<f32> =
         direct.vectors.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     assert_eq!(floats, vectors.concat(), "JSON floats round-trip exactly");
@@ -122,7 +124,10 @@ async fn get_similar_invalidate_and_models_against_a_live_server() -> anyhow::Re
     // invalidate: the key is forgotten and queued again.
     let done = json(&embark(&["invalidate", "--addr", &addr, "-m", MODEL, "--json", red]).await?)?;
     assert_eq!(done["invalidated"], 1, "{done}");
-    let after = client.lookup(LookupRequest { model: MODEL.into(), keys: vec![red.into()] }).await?.into_inner();
+    let after = client
+        .lookup(LookupRequest { model: MODEL.into(), keys: vec![red.into()], ..Default::default() })
+        .await?
+        .into_inner();
     assert_eq!(after.sources, vec![Source::OovPending as i32]);
 
     // Errors: the server's message, a non-zero exit, nothing on stdout.

@@ -134,7 +134,7 @@ async fn the_console_shows_coverage_and_the_near_duplicates_of_a_photo_in_a_brow
         keys.push(images.url(variant));
     }
     let mut client = embark.embark_client().await?;
-    let request = || LookupRequest { model: MODEL.into(), keys: keys.clone() };
+    let request = || LookupRequest { model: MODEL.into(), keys: keys.clone(), ..Default::default() };
     let first = client.lookup(request()).await?.into_inner();
     assert!(first.sources.iter().all(|s| *s == Source::OovPending as i32), "{:?}", first.sources);
     eventually(Duration::from_secs(120), "every photo embedded", || {

@@ -52,7 +52,7 @@ async fn serve_answers_from_cql_and_survives_a_store_that_stops_answering() -> a
     let writer = CqlStore::connect(&cfg).await?;
     let stored: Vec<(String, Vec<f32>)> =
         (0..20).map(|i| (format!("stored text {i}"), vec![i as f32 / 10.0; 384])).collect();
-    writer.put_vectors(MODEL, stored).await?;
+    writer.put_vectors(&embark_tests::stored_as(MODEL), stored).await?;
 
     let (_data, embark) = serve_on(
         &url,
@@ -60,7 +60,7 @@ async fn serve_answers_from_cql_and_survives_a_store_that_stops_answering() -> a
     )
     .await?;
     let mut client = embark.embark_client().await?;
-    let lookup = |keys: Vec<String>| LookupRequest { model: MODEL.into(), keys };
+    let lookup = |keys: Vec<String>| LookupRequest { model: MODEL.into(), keys, ..Default::default() };
 
     let r = client.lookup(lookup(vec!["stored text 1".into(), "never seen".into()])).await?.into_inner();
     assert_eq!(sources(&r.sources), vec![Source::Store, Source::OovPending]);
@@ -144,7 +144,9 @@ async fn serve_indexes_the_cql_store_and_picks_up_vectors_written_later() -> any
     let writer = CqlStore::connect(&cfg).await?;
     // Unit vectors along the axes, and one near axis 0.
     let axis = |i: usize| (0..384).map(|j| if j == i { 1.0 } else { 0.0 }).collect::<Vec<f32>>();
-    writer.put_vectors(MODEL, (0..50).map(|i| (format!("axis {i}"), axis(i))).collect()).await?;
+    writer
+        .put_vectors(&embark_tests::stored_as(MODEL), (0..50).map(|i| (format!("axis {i}"), axis(i))).collect())
+        .await?;
 
     let (_data, embark) = serve_on(&url, &["--similar-refresh-secs", "1"]).await?;
     let client = embark.embark_client().await?;
@@ -153,6 +155,7 @@ async fn serve_indexes_the_cql_store_and_picks_up_vectors_written_later() -> any
         query: Some(Query::Vector(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>().into())),
         k: 2,
         min_score: 0.5,
+        ..Default::default()
     };
     let first = embark_tests::similar_once_loaded(&client, query(axis(0)), Duration::from_secs(30)).await?;
     assert_eq!(first.keys, ["axis 0"], "only axis 0 scores above 0.5");
@@ -161,7 +164,7 @@ async fn serve_indexes_the_cql_store_and_picks_up_vectors_written_later() -> any
     // Written by another process after start: found after a rescan.
     let mut near = axis(0);
     near[1] = 0.2;
-    writer.put_vectors(MODEL, vec![("near axis 0".into(), near)]).await?;
+    writer.put_vectors(&embark_tests::stored_as(MODEL), vec![("near axis 0".into(), near)]).await?;
     let after = eventually(Duration::from_secs(30), "the rescan to index the new vector", || {
         let mut client = client.clone();
         let request = query(axis(0));

@@ -18,7 +18,7 @@ async fn an_image_url_is_oov_then_its_real_vector_and_a_404_is_oov_failed() -> a
         Server::start(&binary("embark"), &["up", "--data-dir", dir, "--fetch-allow-nets", "127.0.0.0/8"]).await?;
     let mut client = embark.embark_client().await?;
     let keys = vec![images.url("/img/cat.jpg"), images.url("/missing")];
-    let request = LookupRequest { model: MODEL.into(), keys };
+    let request = LookupRequest { model: MODEL.into(), keys, ..Default::default() };
 
     let first = client.lookup(request.clone()).await?.into_inner();
     assert_eq!(first.dim, 1280);

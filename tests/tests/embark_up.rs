@@ -29,7 +29,7 @@ async fn unknown_texts_are_oov_at_once_then_equal_retina_and_the_reference() -> 
     let mut keys: Vec<String> = reference.iter().map(|(t, _)| t.clone()).collect();
     keys.push(keys[0].clone()); // a duplicate is answered like its twin
     let mut client = embark.embark_client().await?;
-    let request = LookupRequest { model: MODEL.into(), keys: keys.clone() };
+    let request = LookupRequest { model: MODEL.into(), keys: keys.clone(), ..Default::default() };
 
     let first = client.lookup(request.clone()).await?.into_inner();
     assert_eq!(first.dim, 384);
@@ -64,7 +64,7 @@ async fn unknown_texts_are_oov_at_once_then_equal_retina_and_the_reference() -> 
     let embedded = retina
         .retina_client()
         .await?
-        .embed(EmbedRequest { model: MODEL.into(), inputs: keys.clone() })
+        .embed(EmbedRequest { model: MODEL.into(), inputs: keys.clone(), ..Default::default() })
         .await?
         .into_inner();
     assert!(embedded.failures.is_empty(), "{:?}", embedded.failures);
@@ -81,10 +81,13 @@ async fn two_hundred_concurrent_misses_of_one_key_embed_it_once() -> anyhow::Res
     let embark = start_up(data.path()).await?;
     let client = embark.embark_client().await?;
     let key = "a key that two hundred rankers miss at once";
-    let calls = (0..200).map(|_| {
-        let mut c = client.clone();
-        async move { c.lookup(LookupRequest { model: MODEL.into(), keys: vec![key.into()] }).await }
-    });
+    let calls =
+        (0..200).map(|_| {
+            let mut c = client.clone();
+            async move {
+                c.lookup(LookupRequest { model: MODEL.into(), keys: vec![key.into()], ..Default::default() }).await
+            }
+        });
     let answers = futures::future::join_all(calls).await;
     let mut pending = 0;
     for a in answers {
@@ -108,7 +111,9 @@ async fn two_hundred_concurrent_misses_of_one_key_embed_it_once() -> anyhow::Res
         move || {
             let mut client = client.clone();
             async move {
-                let r = client.lookup(LookupRequest { model: MODEL.into(), keys: vec![key.into()] }).await?;
+                let r = client
+                    .lookup(LookupRequest { model: MODEL.into(), keys: vec![key.into()], ..Default::default() })
+                    .await?;
                 Ok((r.into_inner().sources != vec![Source::OovPending as i32]).then_some(()))
             }
         }
@@ -142,7 +147,7 @@ async fn models_are_listed_and_invalidate_queues_keys_again() -> anyhow::Result<
     );
     assert!(models.iter().all(|m| !m.version.is_empty()));
 
-    let request = LookupRequest { model: MODEL.into(), keys: vec!["invalidate me".into()] };
+    let request = LookupRequest { model: MODEL.into(), keys: vec!["invalidate me".into()], ..Default::default() };
     client.lookup(request.clone()).await?;
     let stored = |client: &embark_proto::embark::v1::emb_ark_client::EmbArkClient<_>| {
         let (mut client, request) = (client.clone(), request.clone());

@@ -112,7 +112,7 @@ impl Stack {
     async fn stored(&self, keys: &[String]) -> anyhow::Result<usize> {
         let mut n = 0;
         for chunk in keys.chunks(500) {
-            let rows = self.store.get_many(MODEL, chunk).await?;
+            let rows = self.store.get_many(&embark_tests::stored_as(MODEL), chunk).await?;
             n += rows.iter().filter(|r| matches!(r, Some(StoredRow::Vector { .. }))).count();
         }
         Ok(n)
@@ -136,7 +136,7 @@ async fn start_retina(addr: SocketAddr) -> anyhow::Result<Server> {
 }
 
 fn lookup(keys: Vec<String>) -> LookupRequest {
-    LookupRequest { model: MODEL.into(), keys }
+    LookupRequest { model: MODEL.into(), keys, ..Default::default() }
 }
 
 fn sources(raw: &[i32]) -> Vec<Source> {
@@ -177,7 +177,11 @@ async fn misses_flow_through_kafka_and_poison_lands_in_the_dlq() -> anyhow::Resu
     let got = rows(&filled.vectors, DIM);
     let mut retina = stack.retina.retina_client().await?;
     let direct = retina
-        .embed(EmbedRequest { model: MODEL.into(), inputs: reference.iter().map(|(t, _)| t.clone()).collect() })
+        .embed(EmbedRequest {
+            model: MODEL.into(),
+            inputs: reference.iter().map(|(t, _)| t.clone()).collect(),
+            ..Default::default()
+        })
         .await?
         .into_inner();
     let direct = rows(&direct.vectors, DIM);
@@ -308,7 +312,10 @@ async fn a_broker_outage_does_not_touch_lookups() -> anyhow::Result<()> {
 
     // Known keys in the tier, so each Lookup mixes hits and new misses.
     let known: Vec<String> = (0..16).map(|i| format!("known {i}")).collect();
-    stack.store.put_vectors(MODEL, known.iter().map(|k| (k.clone(), vec![0.5; DIM])).collect()).await?;
+    stack
+        .store
+        .put_vectors(&embark_tests::stored_as(MODEL), known.iter().map(|k| (k.clone(), vec![0.5; DIM])).collect())
+        .await?;
     client.lookup(lookup(known.clone())).await?;
 
     async fn timed(client: &mut EmbArkClient<Channel>, known: &[String], tag: &str) -> anyhow::Result<Vec<Duration>> {
@@ -389,8 +396,9 @@ async fn one_kafka_message_kills_kfcs_reader() -> anyhow::Result<()> {
     // (the junk raw, plus a reason) would never fit.
     let kfc = stack.start_kfc_with(&["--kafka-property", "message.max.bytes=200000"]).await?;
     let miss = |key: &str, not_before_unix_ms: i64| {
-        let e = MissEvent { model: MODEL.into(), key: key.into(), not_before_unix_ms, ..MissEvent::default() };
-        (embark_queue::codec::message_key(MODEL, key), embark_queue::codec::encode_miss(&e))
+        let version = embark_tests::builtin_version(MODEL);
+        let e = MissEvent { model: MODEL.into(), key: key.into(), not_before_unix_ms, version, ..MissEvent::default() };
+        (embark_queue::codec::message_key(&embark_tests::stored_as(MODEL), key), embark_queue::codec::encode_miss(&e))
     };
     let junk = vec![0xffu8; 500_000];
     produce(
@@ -433,7 +441,7 @@ async fn invalidate_is_incoherent() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let other = start_embark(&stack.broker.brokers(), &stack.miss_topic, &stack.store_url, &data).await?;
     let key = "a key both replicas cache".to_string();
-    stack.store.put_vectors(MODEL, vec![(key.clone(), vec![0.25; DIM])]).await?;
+    stack.store.put_vectors(&embark_tests::stored_as(MODEL), vec![(key.clone(), vec![0.25; DIM])]).await?;
     let (mut a, mut b) = (stack.client().await?, other.embark_client().await?);
     for client in [&mut a, &mut b] {
         client.lookup(lookup(vec![key.clone()])).await?;

@@ -29,7 +29,7 @@ const TEXT: &str = "minilm-l6-v2";
 const IMAGE: &str = "efficientnet-lite0";
 
 fn lookup(model: &str, keys: &[String]) -> LookupRequest {
-    LookupRequest { model: model.into(), keys: keys.to_vec() }
+    LookupRequest { model: model.into(), keys: keys.to_vec(), ..Default::default() }
 }
 
 /// Looks `keys` of `model` up (with `token`, if any) until none is

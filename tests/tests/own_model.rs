@@ -90,7 +90,10 @@ async fn a_model_added_by_configuration_answers_lookups_with_its_vectors() -> an
 
     let want = reference();
     let keys: Vec<String> = want.iter().map(|(t, _)| t.clone()).collect();
-    let first = client.lookup(LookupRequest { model: OWN.into(), keys: keys.clone() }).await?.into_inner();
+    let first = client
+        .lookup(LookupRequest { model: OWN.into(), keys: keys.clone(), ..Default::default() })
+        .await?
+        .into_inner();
     assert!(first.sources.iter().all(|s| *s == Source::OovPending as i32));
     let own_vectors = filled(&client, OWN, &keys).await?;
     assert_matches_reference(&own_vectors, &want);
@@ -109,12 +112,12 @@ async fn filled(
     keys: &[String],
 ) -> anyhow::Result<Vec<Vec<f32>>> {
     let mut first = client.clone();
-    first.lookup(LookupRequest { model: model.into(), keys: keys.to_vec() }).await?;
+    first.lookup(LookupRequest { model: model.into(), keys: keys.to_vec(), ..Default::default() }).await?;
     let answer = eventually(Duration::from_secs(60), "every key filled", || {
         let mut client = client.clone();
         let (model, keys) = (model.to_owned(), keys.to_vec());
         async move {
-            let a = client.lookup(LookupRequest { model, keys }).await?.into_inner();
+            let a = client.lookup(LookupRequest { model, keys, ..Default::default() }).await?.into_inner();
             Ok(a.sources.iter().all(|s| *s == Source::Store as i32 || *s == Source::Cache as i32).then_some(a))
         }
     })
@@ -203,7 +206,7 @@ async fn the_retina_binary_serves_what_the_catalogue_says() -> anyhow::Result<()
     assert_eq!(models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), vec![OWN]);
     let want = reference();
     let inputs = want.iter().map(|(t, _)| t.clone()).collect();
-    let reply = client.embed(EmbedRequest { model: OWN.into(), inputs }).await?.into_inner();
+    let reply = client.embed(EmbedRequest { model: OWN.into(), inputs, ..Default::default() }).await?.into_inner();
     assert!(reply.failures.is_empty(), "{:?}", reply.failures);
     assert_matches_reference(&rows(&reply.vectors, DIM), &want);
     Ok(())

@@ -67,7 +67,15 @@ async fn rest_answers_as_grpc_does_and_conforms_to_its_openapi_document() -> any
     assert_eq!(code, 200, "{models}");
     assert_eq!(
         models["models"][0],
-        json!({"name": MODEL, "kind": "text", "dim": 384, "version": models["models"][0]["version"]})
+        json!({
+            "name": MODEL,
+            "kind": "text",
+            "dim": 384,
+            "version": embark_tests::builtin_version(MODEL),
+            "current": true,
+            "stored_vectors": models["models"][0]["stored_vectors"],
+            "stored_vectors_counted_at_unix_ms": models["models"][0]["stored_vectors_counted_at_unix_ms"],
+        })
     );
 
     // An unknown key: its OOV row at once, then the real vector.
@@ -92,7 +100,7 @@ async fn rest_answers_as_grpc_does_and_conforms_to_its_openapi_document() -> any
     // ... the very floats gRPC answers, and base64 is its exact bytes.
     let mut grpc = server.embark_client().await?;
     let keys = vec![red.to_owned(), blue.to_owned(), red.to_owned()];
-    let direct = grpc.lookup(LookupRequest { model: MODEL.into(), keys }).await?.into_inner();
+    let direct = grpc.lookup(LookupRequest { model: MODEL.into(), keys, ..Default::default() }).await?.into_inner();
     assert!(direct.sources.iter().all(|&s| s == Source::Cache as i32 || s == Source::Store as i32));
     assert_eq!(floats(&direct.vectors), rows.concat(), "JSON floats round-trip exactly");
     let (_, b64) = post(

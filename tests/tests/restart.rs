@@ -14,7 +14,7 @@ async fn pending_misses_and_vectors_survive_crashes_and_restarts() -> anyhow::Re
     let dir = data.path().to_str().expect("utf-8 path");
     let keys: Vec<String> =
         ["first durable text", "second durable text", "third durable text"].into_iter().map(String::from).collect();
-    let request = LookupRequest { model: MODEL.into(), keys: keys.clone() };
+    let request = LookupRequest { model: MODEL.into(), keys: keys.clone(), ..Default::default() };
 
     // 1. The front alone queues the misses durably; then it crashes.
     let mut serve = Server::start(&binary("embark"), &["serve", "--data-dir", dir]).await?;
@@ -55,7 +55,11 @@ async fn pending_misses_and_vectors_survive_crashes_and_restarts() -> anyhow::Re
     let r = up
         .embark_client()
         .await?
-        .lookup(LookupRequest { model: MODEL.into(), keys: vec!["queued just before SIGTERM".into()] })
+        .lookup(LookupRequest {
+            model: MODEL.into(),
+            keys: vec!["queued just before SIGTERM".into()],
+            ..Default::default()
+        })
         .await?
         .into_inner();
     assert_eq!(r.sources, vec![Source::OovPending as i32]);

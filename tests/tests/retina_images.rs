@@ -25,7 +25,12 @@ async fn start_retina(extra: &[&str]) -> anyhow::Result<Server> {
 }
 
 async fn embed(retina: &Server, urls: Vec<String>) -> anyhow::Result<EmbedResponse> {
-    Ok(retina.retina_client().await?.embed(EmbedRequest { model: MODEL.into(), inputs: urls }).await?.into_inner())
+    Ok(retina
+        .retina_client()
+        .await?
+        .embed(EmbedRequest { model: MODEL.into(), inputs: urls, ..Default::default() })
+        .await?
+        .into_inner())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +121,7 @@ async fn a_hundred_concurrent_hostile_requests_leave_memory_bounded() -> anyhow:
     let calls = (0..100).map(|i| {
         let mut c = client.clone();
         let url = images.url(hostile[i % hostile.len()]);
-        async move { c.embed(EmbedRequest { model: MODEL.into(), inputs: vec![url; 4] }).await }
+        async move { c.embed(EmbedRequest { model: MODEL.into(), inputs: vec![url; 4], ..Default::default() }).await }
     });
     for r in futures::future::join_all(calls).await {
         let r = r?.into_inner();

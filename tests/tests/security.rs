@@ -34,7 +34,7 @@ fn token(dir: &Path, name: &str) -> String {
 }
 
 fn lookup(keys: &[&str]) -> LookupRequest {
-    LookupRequest { model: MODEL.into(), keys: keys.iter().map(|k| k.to_string()).collect() }
+    LookupRequest { model: MODEL.into(), keys: keys.iter().map(|k| k.to_string()).collect(), ..Default::default() }
 }
 
 fn embark_client(channel: Channel) -> EmbArkClient<Channel> {
@@ -185,7 +185,10 @@ async fn kfc_fills_through_mtls_to_retina_which_refuses_other_cas() -> anyhow::R
     assert!(retina.metric_or_zero("grpc_tls_handshake_failures_total{reason=\"refused\"}").await? >= 1.0);
     let (cert, key) = (a.join("kfc.pem"), a.join("kfc.key"));
     let mut client = RetinaClient::new(tls_channel(retina_addr, &ca, Some((&cert, &key))).await?);
-    let reply = client.embed(EmbedRequest { model: MODEL.into(), inputs: vec!["hello".into()] }).await?.into_inner();
+    let reply = client
+        .embed(EmbedRequest { model: MODEL.into(), inputs: vec!["hello".into()], ..Default::default() })
+        .await?
+        .into_inner();
     assert_eq!((reply.dim, reply.failures.len()), (384, 0), "the principal of our client certificate may embed");
 
     // The whole miss path, with KFC calling Retina over mTLS.

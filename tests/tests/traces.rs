@@ -29,7 +29,8 @@ const RANKER_SPAN: &str = "eee19b7ec3c1b174";
 
 /// A Lookup of `key` that carries the ranker's trace context.
 fn traced_lookup(model: &str, key: &str) -> tonic::Request<LookupRequest> {
-    let mut request = tonic::Request::new(LookupRequest { model: model.into(), keys: vec![key.into()] });
+    let mut request =
+        tonic::Request::new(LookupRequest { model: model.into(), keys: vec![key.into()], ..Default::default() });
     let traceparent = format!("00-{TRACE_ID}-{RANKER_SPAN}-01");
     request.metadata_mut().insert("traceparent", traceparent.parse().expect("ASCII"));
     request
@@ -41,8 +42,10 @@ async fn until_filled(embark: &Server, model: &str, key: &str) -> anyhow::Result
     eventually(Duration::from_secs(60), "the key to be filled", || {
         let mut client = client.clone();
         async move {
-            let answer =
-                client.lookup(LookupRequest { model: model.into(), keys: vec![key.into()] }).await?.into_inner();
+            let answer = client
+                .lookup(LookupRequest { model: model.into(), keys: vec![key.into()], ..Default::default() })
+                .await?
+                .into_inner();
             Ok(matches!(Source::try_from(answer.sources[0]), Ok(Source::Cache | Source::Store)).then_some(()))
         }
     })

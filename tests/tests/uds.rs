@@ -32,7 +32,11 @@ async fn lookup_over_a_unix_socket() -> anyhow::Result<()> {
     let models = client.models(ModelsRequest {}).await?.into_inner();
     assert_eq!(models.models.len(), 1);
     let r = client
-        .lookup(LookupRequest { model: "minilm-l6-v2".into(), keys: vec!["over a unix socket".into()] })
+        .lookup(LookupRequest {
+            model: "minilm-l6-v2".into(),
+            keys: vec!["over a unix socket".into()],
+            ..Default::default()
+        })
         .await?
         .into_inner();
     assert_eq!((r.dim, r.sources), (384, vec![Source::OovPending as i32]));

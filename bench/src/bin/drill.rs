@@ -161,7 +161,7 @@ impl Stack {
         for chunk in keys.chunks(500) {
             n += self
                 .store
-                .get_many(MODEL, chunk)
+                .get_many(&embark_tests::stored_as(MODEL), chunk)
                 .await?
                 .iter()
                 .filter(|r| matches!(r, Some(StoredRow::Vector { .. })))
@@ -288,14 +288,22 @@ fn spawn_traffic(
         while !stop.load(Ordering::Relaxed) {
             for chunk in keys.chunks(64) {
                 counters.lookups.fetch_add(1, Ordering::Relaxed);
-                let mut request = tonic::Request::new(LookupRequest { model: MODEL.into(), keys: chunk.to_vec() });
+                let mut request = tonic::Request::new(LookupRequest {
+                    model: MODEL.into(),
+                    keys: chunk.to_vec(),
+                    ..Default::default()
+                });
                 request.set_timeout(Duration::from_millis(5));
                 // A deadline the client set includes connection setup and
                 // scheduling on 2 shared cores: retry once before counting.
                 let mut c = client.clone();
                 if c.lookup(request).await.is_err() {
                     late.fetch_add(1, Ordering::Relaxed);
-                    let mut again = tonic::Request::new(LookupRequest { model: MODEL.into(), keys: chunk.to_vec() });
+                    let mut again = tonic::Request::new(LookupRequest {
+                        model: MODEL.into(),
+                        keys: chunk.to_vec(),
+                        ..Default::default()
+                    });
                     again.set_timeout(Duration::from_millis(50));
                     if client.clone().lookup(again).await.is_err() {
                         errors.fetch_add(1, Ordering::Relaxed);
@@ -391,8 +399,18 @@ async fn scenario(stack: &mut Stack, name: &'static str, args: &Args) -> anyhow:
         }
         "poison" => {
             let poison = |key: &str, not_before_unix_ms: i64| {
-                let e = MissEvent { model: MODEL.into(), key: key.into(), not_before_unix_ms, ..MissEvent::default() };
-                (embark_queue::codec::message_key(MODEL, key), embark_queue::codec::encode_miss(&e))
+                let version = embark_tests::builtin_version(MODEL);
+                let e = MissEvent {
+                    model: MODEL.into(),
+                    key: key.into(),
+                    not_before_unix_ms,
+                    version,
+                    ..MissEvent::default()
+                };
+                (
+                    embark_queue::codec::message_key(&embark_tests::stored_as(MODEL), key),
+                    embark_queue::codec::encode_miss(&e),
+                )
             };
             let wrong_model = MissEvent { model: "no-such-model".into(), key: "k".into(), ..MissEvent::default() };
             produce(
@@ -430,14 +448,17 @@ async fn scenario(stack: &mut Stack, name: &'static str, args: &Args) -> anyhow:
             // Hostile requests (refused, not counted as Lookup errors) beside
             // the ranker's traffic, which must see none.
             let mut client = stack.client().await?.max_encoding_message_size(usize::MAX);
-            let flood = LookupRequest { model: MODEL.into(), keys: vec![String::new(); 32 << 20] };
+            let flood =
+                LookupRequest { model: MODEL.into(), keys: vec![String::new(); 32 << 20], ..Default::default() };
             let refused = client.lookup(flood).await;
             anyhow::ensure!(refused.is_err(), "64 MiB of empty keys was accepted");
             let streams: Vec<_> = (0..10_000)
                 .map(|i| {
                     // The scenario's own keys: the flood queues no misses of its own.
                     let (mut c, key) = (client.clone(), keys[i % keys.len()].clone());
-                    async move { c.lookup(LookupRequest { model: MODEL.into(), keys: vec![key] }).await }
+                    async move {
+                        c.lookup(LookupRequest { model: MODEL.into(), keys: vec![key], ..Default::default() }).await
+                    }
                 })
                 .collect();
             let answered = futures::future::join_all(streams).await;
@@ -466,7 +487,9 @@ async fn scenario(stack: &mut Stack, name: &'static str, args: &Args) -> anyhow:
     }
     // The traffic of the last pass must find its rows.
     let mut client = stack.client().await?;
-    let last = client.lookup(LookupRequest { model: MODEL.into(), keys: keys[..keys.len().min(64)].to_vec() }).await?;
+    let last = client
+        .lookup(LookupRequest { model: MODEL.into(), keys: keys[..keys.len().min(64)].to_vec(), ..Default::default() })
+        .await?;
     let _ = last.into_inner().sources.iter().filter(|s| **s == Source::Store as i32).count();
     let embedded = stack.embedded().await - embedded_at_start;
     Ok(Report {

@@ -67,12 +67,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // Warm-up, then Retina alone.
     let mut client = retina.retina_client().await?;
-    client.embed(EmbedRequest { model: MODEL.into(), inputs: texts[..64.min(texts.len())].to_vec() }).await?;
+    client
+        .embed(EmbedRequest {
+            model: MODEL.into(),
+            inputs: texts[..64.min(texts.len())].to_vec(),
+            ..Default::default()
+        })
+        .await?;
     let started = Instant::now();
     let calls = stream::iter(texts.chunks(args.embed_batch).map(|c| c.to_vec()))
         .map(|inputs| {
             let mut client = client.clone();
-            async move { client.embed(EmbedRequest { model: MODEL.into(), inputs }).await.map(|r| r.into_inner()) }
+            async move {
+                client
+                    .embed(EmbedRequest { model: MODEL.into(), inputs, ..Default::default() })
+                    .await
+                    .map(|r| r.into_inner())
+            }
         })
         .buffer_unordered(args.workers.max(1))
         .collect::<Vec<_>>()
@@ -138,7 +149,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut stored = 0;
     for chunk in texts.chunks(500) {
         use embark_store::EmbeddingStore;
-        stored += store.get_many(MODEL, chunk).await?.iter().filter(|r| r.is_some()).count();
+        stored += store.get_many(&embark_tests::stored_as(MODEL), chunk).await?.iter().filter(|r| r.is_some()).count();
     }
     anyhow::ensure!(stored == texts.len(), "only {stored} of {} stored", texts.len());
 

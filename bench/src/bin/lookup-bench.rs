@@ -201,6 +201,7 @@ impl EmbArk for Echo {
             dim: (self.row_bytes / 4) as u32,
             vectors: self.payload.slice(..(n * self.row_bytes).min(self.payload.len())),
             sources: vec![Source::Cache as i32; n],
+            ..Default::default()
         }))
     }
     async fn models(&self, _: tonic::Request<ModelsRequest>) -> Result<tonic::Response<ModelsResponse>, tonic::Status> {
@@ -323,7 +324,7 @@ async fn call(conn: &mut Conn, keys: Vec<String>, row: usize) -> anyhow::Result<
     let n = keys.len();
     let got = match conn {
         Conn::Grpc(c) => {
-            let r = c.lookup(LookupRequest { model: MODEL.into(), keys }).await?.into_inner();
+            let r = c.lookup(LookupRequest { model: MODEL.into(), keys, ..Default::default() }).await?.into_inner();
             r.vectors.len()
         }
         Conn::Redis(c) => {
@@ -521,7 +522,8 @@ async fn warm(client: &mut EmbArkClient<Channel>, n: usize, pid: Option<u32>) ->
                 rss_half = rss_bytes(pid)?;
             }
             let keys: Vec<String> = chunk.iter().map(|&i| key(i)).collect();
-            let r = client.lookup(LookupRequest { model: MODEL.into(), keys }).await?.into_inner();
+            let r =
+                client.lookup(LookupRequest { model: MODEL.into(), keys, ..Default::default() }).await?.into_inner();
             cached += r.sources.iter().filter(|s| **s == Source::Cache as i32).count();
             if pass == 0 {
                 anyhow::ensure!(
@@ -635,7 +637,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     {
         let store = EmbeddedStore::open(&data.join("embark.redb"))?;
         for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
-            store.put_vectors(MODEL, chunk.iter().map(|&i| (key(i), vector(i, args.dim))).collect()).await?;
+            store
+                .put_vectors(
+                    &embark_tests::stored_as(MODEL),
+                    chunk.iter().map(|&i| (key(i), vector(i, args.dim))).collect(),
+                )
+                .await?;
         }
     }
     let tls_data = work.path().join("embark-tls");

@@ -109,7 +109,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         let mut fill = Histogram::<u64>::new(3)?;
         for i in 0..args.keys {
-            let req = || LookupRequest { model: model.into(), keys: vec![input(i)] };
+            let req = || LookupRequest { model: model.into(), keys: vec![input(i)], ..Default::default() };
             let first = client.lookup(req()).await?.into_inner();
             anyhow::ensure!(first.sources == vec![Source::OovPending as i32], "key {i} was not new");
             let t0 = Instant::now();

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import DIM, FILL_BOUND_SECS, MODEL, SERVER_MAX_BATCH_KEYS, Server, free_port, fresh_keys, wait_filled
 
-from embark_client import EmbArk, NotSupported, Source
+from embark_client import EmbArk, NotFound, NotSupported, Source
 
 
 def test_an_unknown_key_is_oov_pending_then_comes_from_the_store(client: EmbArk) -> None:
@@ -97,11 +97,11 @@ def test_no_keys_is_an_empty_matrix(client: EmbArk) -> None:
 def test_options_the_server_lacks_are_refused_before_sending() -> None:
     # Nothing listens there: reaching the network would raise Unavailable.
     with EmbArk(f"127.0.0.1:{free_port()}", retries=0) as c:
-        with pytest.raises(NotSupported, match="version") as version:
-            c.lookup(MODEL, ["k"], version="v2")
-        assert isinstance(version.value, NotImplementedError) and version.value.code is None
-        with pytest.raises(NotSupported, match="f32"):
+        with pytest.raises(ValueError, match="version"):
+            c.lookup(MODEL, ["k"], version="")
+        with pytest.raises(NotSupported, match="f32") as dtype:
             c.lookup(MODEL, ["k"], dtype="f16")
+        assert isinstance(dtype.value, NotImplementedError) and dtype.value.code is None
         with pytest.raises(TypeError, match="sequence"):
             c.lookup(MODEL, "one string")
 
@@ -109,6 +109,17 @@ def test_options_the_server_lacks_are_refused_before_sending() -> None:
 def test_the_defaults_of_version_and_dtype_are_served(client: EmbArk) -> None:
     result = client.lookup(MODEL, fresh_keys(1), version=None, dtype="f32")
     assert result.matrix.shape == (1, DIM)
+    (info,) = [m for m in client.models() if m.name == MODEL]
+    assert info.current and result.version == info.version
+
+
+def test_a_version_is_pinned_and_an_unknown_one_is_not_found(client: EmbArk) -> None:
+    (info,) = [m for m in client.models() if m.name == MODEL]
+    keys = fresh_keys(3)
+    pinned = client.lookup(MODEL, keys, version=info.version)
+    assert pinned.version == info.version and pinned.matrix.shape == (3, DIM)
+    with pytest.raises(NotFound, match="no version"):
+        client.lookup(MODEL, keys, version="no-such-version")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed")

@@ -59,6 +59,15 @@ pub struct FrontArgs {
     /// the internal network). `--console false` turns it off.
     #[arg(long, env = "EMBARK_CONSOLE", default_value_t = true, action = clap::ArgAction::Set)]
     pub console: bool,
+    /// Read each model's current version (what `embark promote` recorded
+    /// in the store) this often, so every replica follows a promote within
+    /// this delay; 0: only at start.
+    #[arg(long, env = "EMBARK_VERSION_REFRESH_SECS", default_value_t = crate::versions::DEFAULT_VERSION_REFRESH.as_secs())]
+    pub version_refresh_secs: u64,
+    /// Count each served version's stored vectors (the coverage `Models`
+    /// reports) this often; 0: never. On CQL each count scans the table.
+    #[arg(long, env = "EMBARK_COVERAGE_REFRESH_SECS", default_value_t = crate::versions::DEFAULT_COVERAGE_REFRESH.as_secs())]
+    pub coverage_refresh_secs: u64,
     #[command(flatten)]
     pub catalog: retina::config::CatalogArg,
     /// Models to serve, comma-separated (default: every model of the

@@ -217,8 +217,9 @@ pub async fn run(args: FrontArgs, mode: Mode) -> anyhow::Result<()> {
 
     // Similarity indexes: loaded from the store in the background; every
     // write and delete of this process goes through `IndexingStore`.
+    // One per served version (its namespace), as each has its own vectors.
     let indexes = SimilarIndexes::new(
-        &specs.iter().map(|s| (s.name.to_owned(), s.dim)).collect::<Vec<_>>(),
+        &specs.iter().map(|s| (embark_store::namespace(&s.name, &s.version), s.dim)).collect::<Vec<_>>(),
         &args.similar.config(),
     );
     indexes.spawn_load(backends.store.clone(), op.stop.clone());
@@ -249,7 +250,16 @@ pub async fn run(args: FrontArgs, mode: Mode) -> anyhow::Result<()> {
         failure_ttl,
     )
     .with_similar(indexes, args.similar.similar_max_k.max(1));
+    // The promoted versions are in force before the first Lookup.
+    crate::versions::follow_once(&front, &*store, false).await;
     let front = follow_other_replicas(front, &args, &properties, &op)?;
+    crate::versions::spawn(
+        front.clone(),
+        store.clone(),
+        Duration::from_secs(args.version_refresh_secs),
+        Duration::from_secs(args.coverage_refresh_secs),
+        op.stop.clone(),
+    );
     if args.console {
         op.routes.mount(crate::console::router(front.clone())).map_err(|_| anyhow::anyhow!("console mounted twice"))?;
         tracing::info!(console = %format!("http://{}/console", op.addr), "web console serving");

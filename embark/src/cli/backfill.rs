@@ -36,33 +36,29 @@ use embark_proto::retina::v1::FailureCode;
 use embark_queue::backoff::Backoff;
 use embark_store::{EmbeddingStore, Filled, FilledRow, now_unix_ms};
 use futures::StreamExt;
-use kfc::{Decision, Embedder, FillPolicy, Stands, embed_checked};
+use kfc::{Decision, Embedder, FillPolicy, ModelVersion, Stands, embed_checked};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{EXIT_INTERRUPTED, Progress, StoreLocation, model_spec};
+use super::{EXIT_INTERRUPTED, Progress, StoreLocation, model_version};
 
 #[derive(Debug, Args)]
 pub(crate) struct BackfillArgs {
     /// The model to embed with.
     #[arg(long)]
     model: String,
+    /// The model version (default: the current one, as `embark promote`
+    /// recorded it, else the catalogue's).
+    #[arg(long, default_value = "")]
+    version: String,
     /// Keys, one per line (`-`: standard input). Blank lines are skipped;
     /// a key repeated in the input is embedded once.
     #[arg(long)]
     input: PathBuf,
     #[command(flatten)]
     location: StoreLocation,
-    /// Retina services to call (`http://host:port`, or `https://` for TLS;
-    /// comma-separated); without it the model runs in this process from
-    /// --models-dir.
-    #[arg(long, env = "EMBARK_BACKFILL_RETINA", value_delimiter = ',')]
-    retina: Vec<String>,
     #[command(flatten)]
-    retina_tls: kfc::RetinaTlsArgs,
-    /// Where the in-process Retina finds its weights.
-    #[command(flatten)]
-    models_dir: retina::config::ModelsDirArg,
+    embedder: EmbedderArgs,
     /// Keys per embedder call.
     #[arg(long, default_value_t = 32)]
     batch: usize,
@@ -78,14 +74,52 @@ pub(crate) struct BackfillArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+/// Which embedder a batch tool calls (`backfill`, `reembed`).
+#[derive(Debug, Args)]
+pub(crate) struct EmbedderArgs {
+    /// Retina services to call (`http://host:port`, or `https://` for TLS;
+    /// comma-separated); without it the model runs in this process from
+    /// --models-dir.
+    #[arg(long, env = "EMBARK_BACKFILL_RETINA", value_delimiter = ',')]
+    retina: Vec<String>,
+    #[command(flatten)]
+    retina_tls: kfc::RetinaTlsArgs,
+    /// Where the in-process Retina finds its weights.
+    #[command(flatten)]
+    models_dir: retina::config::ModelsDirArg,
     #[command(flatten)]
     engine: retina::config::EngineArgs,
+}
+
+impl EmbedderArgs {
+    /// The embedder of `spec`: remote Retinas, or the model loaded here.
+    /// A remote client runs until `stop`.
+    pub(crate) async fn start(
+        &self,
+        spec: &'static retina::ModelSpec,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Arc<dyn Embedder>> {
+        Ok(if self.retina.is_empty() {
+            let dir = self.models_dir.models_dir.clone();
+            let config = self.engine.config();
+            let engine = tokio::task::spawn_blocking(move || retina::Engine::load(&dir, &[spec], config)).await??;
+            Arc::new(kfc::InProcessRetina::new(Arc::new(engine)))
+        } else {
+            Arc::new(kfc::RemoteRetina::start(
+                self.retina_tls.apply(kfc::RetinaClientConfig { urls: self.retina.clone(), ..Default::default() })?,
+                stop.clone(),
+            )?)
+        })
+    }
 }
 
 /// What a run did; printed at the end.
 #[derive(Debug, Default, Serialize)]
 pub(crate) struct BackfillSummary {
     pub model: String,
+    pub version: String,
     /// Distinct keys in the input.
     pub keys: usize,
     pub duplicate_lines: usize,
@@ -110,14 +144,17 @@ pub(crate) struct BackfillSummary {
     pub embedded_per_second: f64,
 }
 
+/// What [`backfill_batch`] did with one batch.
 #[derive(Default)]
-struct BatchOutcome {
-    already_stored: usize,
-    already_failed: usize,
-    embedded: usize,
-    failed: Vec<String>,
-    transient: Vec<String>,
-    invalidated: usize,
+pub(crate) struct BatchOutcome {
+    pub(crate) already_stored: usize,
+    pub(crate) already_failed: usize,
+    pub(crate) embedded: usize,
+    /// Failure codes recorded, one per key.
+    pub(crate) failed: Vec<String>,
+    /// Transient failure codes left unrecorded, one per key.
+    pub(crate) transient: Vec<String>,
+    pub(crate) invalidated: usize,
 }
 
 /// Spaces out the retries of a backfill's embedder calls and inputs.
@@ -127,7 +164,7 @@ const BACKOFF: Backoff = Backoff { base: Duration::from_millis(500), max: Durati
 /// docs): failure records stand for good unless `retry_failed`; inputs
 /// still failing transiently after `max_attempts` tries are left
 /// unrecorded (in [`backfill_batch`]).
-fn policy(max_attempts: u32, retry_failed: bool) -> FillPolicy {
+pub(crate) fn policy(max_attempts: u32, retry_failed: bool) -> FillPolicy {
     FillPolicy {
         failure_ttl: if retry_failed { Duration::ZERO } else { Duration::MAX },
         max_attempts: max_attempts.max(1),
@@ -164,40 +201,36 @@ fn read_keys(input: &PathBuf) -> anyhow::Result<(Vec<String>, usize)> {
 }
 
 pub(crate) async fn run(args: BackfillArgs) -> anyhow::Result<i32> {
-    // Vectors of another dim are stale (embedded again) or refused.
-    let spec = model_spec(&args.location.catalog, &args.model)?;
-    let dim = u32::try_from(spec.dim).context("the model's dim")?;
     let policy = policy(args.max_attempts, args.retry_failed);
     let (keys, duplicate_lines) = read_keys(&args.input)?;
     let store = args.location.open().await?;
+    let spec = model_version(&args.location.catalog, &*store, &args.model, &args.version).await?;
+    // Vectors of another dim are stale (embedded again) or refused.
+    let dim = u32::try_from(spec.dim).context("the model's dim")?;
     let stop = embark_ops::shutdown::on_signal();
     let embedder_stop = CancellationToken::new();
-    let embedder: Arc<dyn Embedder> = if args.retina.is_empty() {
-        let dir = args.models_dir.models_dir.clone();
-        let config = args.engine.config();
-        let engine = tokio::task::spawn_blocking(move || retina::Engine::load(&dir, &[spec], config)).await??;
-        Arc::new(kfc::InProcessRetina::new(Arc::new(engine)))
-    } else {
-        Arc::new(kfc::RemoteRetina::start(
-            args.retina_tls.apply(kfc::RetinaClientConfig { urls: args.retina.clone(), ..Default::default() })?,
-            embedder_stop.clone(),
-        )?)
-    };
+    let embedder = args.embedder.start(spec, &embedder_stop).await?;
 
     let started = Instant::now();
     let mut bar = Progress::new(Some(keys.len() as u64), "backfill");
-    let mut summary =
-        BackfillSummary { model: args.model.clone(), keys: keys.len(), duplicate_lines, ..Default::default() };
+    let mut summary = BackfillSummary {
+        model: args.model.clone(),
+        version: spec.version.clone(),
+        keys: keys.len(),
+        duplicate_lines,
+        ..Default::default()
+    };
     let mut reached = 0;
     let batches = keys.chunks(args.batch.max(1)).map(<[String]>::to_vec).collect::<Vec<_>>();
     let mut outcomes = futures::stream::iter(batches)
         // Checked as each new batch is taken: batches in flight finish.
         .take_while(|_| std::future::ready(!stop.is_cancelled()))
         .map(|batch| {
-            let (store, embedder, model) = (store.clone(), embedder.clone(), args.model.clone());
+            let (store, embedder) = (store.clone(), embedder.clone());
             async move {
                 let n = batch.len();
-                (n, backfill_batch(&*store, &*embedder, &model, dim, batch, &policy).await)
+                let target = ModelVersion::new(&spec.name, &spec.version);
+                (n, backfill_batch(&*store, &*embedder, &target, dim, batch, &policy).await)
             }
         })
         .buffer_unordered(args.concurrency.max(1));
@@ -231,7 +264,10 @@ pub(crate) async fn run(args: BackfillArgs) -> anyhow::Result<i32> {
 }
 
 fn print_summary(s: &BackfillSummary) {
-    println!("backfill of {}: {} distinct keys ({} duplicate lines)", s.model, s.keys, s.duplicate_lines);
+    println!(
+        "backfill of {} version {}: {} distinct keys ({} duplicate lines)",
+        s.model, s.version, s.keys, s.duplicate_lines
+    );
     println!("  already stored   {}", s.already_stored);
     println!("  already failed   {} (--retry-failed to try them again)", s.already_failed);
     println!("  embedded         {} ({:.1}/s over {:.1} s)", s.embedded, s.embedded_per_second, s.seconds);
@@ -249,11 +285,12 @@ fn print_summary(s: &BackfillSummary) {
     }
 }
 
-/// Backfills one batch of distinct keys of `model`, served at `dim` dims.
-async fn backfill_batch(
+/// Backfills one batch of distinct keys of `target`, served at `dim` dims
+/// (`embark reembed` fills its target version with it too).
+pub(crate) async fn backfill_batch(
     store: &dyn EmbeddingStore,
     embedder: &dyn Embedder,
-    model: &str,
+    target: &ModelVersion<'_>,
     dim: u32,
     batch: Vec<String>,
     policy: &FillPolicy,
@@ -263,7 +300,8 @@ async fn backfill_batch(
     // Invalidate deletes meanwhile is not brought back with an embedding
     // made before the delete.
     let seen_at_ms = now_unix_ms();
-    let rows = store.get_many(model, &batch).await.context("reading the store")?;
+    let model = target.model;
+    let rows = store.get_many(&target.namespace, &batch).await.context("reading the store")?;
     anyhow::ensure!(rows.len() == batch.len(), "the store returned {} rows for {} keys", rows.len(), batch.len());
     // Each key with the number of its tries that failed so far.
     let mut todo: Vec<(String, u32)> = Vec::new();
@@ -280,7 +318,7 @@ async fn backfill_batch(
         // of outcomes) is made `max_attempts` times in all; it does not
         // use up the inputs' own tries.
         let retries = policy.max_attempts.saturating_sub(1) as usize;
-        let outcomes = (|| embed_checked(embedder, model, inputs.clone()))
+        let outcomes = (|| embed_checked(embedder, model, target.version, inputs.clone()))
             .retry(policy.backoff.delays().take(retries))
             .notify(|e, delay| tracing::warn!(error = %e, ?delay, "embedder call failed; retrying"))
             .await
@@ -313,7 +351,8 @@ async fn backfill_batch(
                     Filled::Failure(f) => Some(f.code),
                 })
                 .collect();
-            let written = store.put_filled(model, rows).await.context("writing vectors and failure records")?;
+            let written =
+                store.put_filled(&target.namespace, rows).await.context("writing vectors and failure records")?;
             anyhow::ensure!(
                 written.len() == codes.len(),
                 "the store confirmed {} of {} writes",
@@ -360,7 +399,7 @@ mod tests {
 
     #[async_trait]
     impl Embedder for Scripted {
-        async fn embed(&self, _model: &str, _inputs: Vec<String>) -> Reply {
+        async fn embed(&self, _model: &str, _version: &str, _inputs: Vec<String>) -> Reply {
             *self.calls.lock().expect("lock") += 1;
             self.replies
                 .lock()
@@ -404,7 +443,9 @@ mod tests {
     async fn a_miscounted_reply_drops_no_key() {
         let (_dir, store) = store();
         let embedder = scripted(vec![Ok(vec![v(2)]), Ok(vec![v(2), v(2)])]);
-        let out = backfill_batch(&store, &embedder, "m", 2, keys(&["a", "b"]), &quick(3)).await.expect("batch");
+        let out = backfill_batch(&store, &embedder, &ModelVersion::new("m", ""), 2, keys(&["a", "b"]), &quick(3))
+            .await
+            .expect("batch");
         assert_eq!(out.embedded, 2);
         assert!(matches!(row(&store, "b").await, Some(StoredRow::Vector { .. })));
     }
@@ -413,7 +454,10 @@ mod tests {
     async fn an_embedder_that_keeps_miscounting_fails_the_batch() {
         let (_dir, store) = store();
         let embedder = scripted(vec![Ok(vec![v(2)]), Ok(vec![v(2)]), Ok(vec![v(2)])]);
-        let err = backfill_batch(&store, &embedder, "m", 2, keys(&["a", "b"]), &quick(3)).await.err().expect("fails");
+        let err = backfill_batch(&store, &embedder, &ModelVersion::new("m", ""), 2, keys(&["a", "b"]), &quick(3))
+            .await
+            .err()
+            .expect("fails");
         assert!(format!("{err:#}").contains("returned 1 outcomes for 2 inputs"), "{err:#}");
         assert_eq!(*embedder.calls.lock().expect("lock"), 3, "tried --max-attempts times");
         assert!(row(&store, "a").await.is_none(), "nothing stored under a guessed key");
@@ -425,7 +469,9 @@ mod tests {
     async fn a_vector_of_the_wrong_dim_is_never_stored() {
         let (_dir, store) = store();
         let embedder = scripted(vec![Ok(vec![v(2)]), Ok(vec![v(2)])]);
-        let out = backfill_batch(&store, &embedder, "m", 3, keys(&["a"]), &quick(2)).await.expect("batch");
+        let out = backfill_batch(&store, &embedder, &ModelVersion::new("m", ""), 3, keys(&["a"]), &quick(2))
+            .await
+            .expect("batch");
         assert_eq!((out.embedded, out.transient.as_slice()), (0, ["INTERNAL".to_string()].as_slice()));
         assert!(row(&store, "a").await.is_none());
     }
@@ -437,7 +483,10 @@ mod tests {
         let (_dir, store) = store();
         store.put_vectors("m", vec![("stale".into(), vec![9.0; 2]), ("fine".into(), vec![9.0; 3])]).await.expect("put");
         let embedder = scripted(vec![Ok(vec![v(3)])]);
-        let out = backfill_batch(&store, &embedder, "m", 3, keys(&["stale", "fine"]), &quick(3)).await.expect("batch");
+        let out =
+            backfill_batch(&store, &embedder, &ModelVersion::new("m", ""), 3, keys(&["stale", "fine"]), &quick(3))
+                .await
+                .expect("batch");
         assert_eq!((out.embedded, out.already_stored), (1, 1));
         assert!(matches!(row(&store, "stale").await, Some(StoredRow::Vector { vector, .. }) if vector.len() == 3));
     }
@@ -450,7 +499,9 @@ mod tests {
         let (_dir, store) = store();
         let flaky = EmbedOutcome::Failed { code: 14, reason: "busy".into(), transient: true };
         let embedder = scripted(vec![Err(EmbedError::Other("down".into())), Ok(vec![flaky]), Ok(vec![v(2)])]);
-        let out = backfill_batch(&store, &embedder, "m", 2, keys(&["a"]), &quick(2)).await.expect("batch");
+        let out = backfill_batch(&store, &embedder, &ModelVersion::new("m", ""), 2, keys(&["a"]), &quick(2))
+            .await
+            .expect("batch");
         assert_eq!((out.embedded, out.transient.len()), (1, 0));
     }
 
@@ -460,7 +511,7 @@ mod tests {
 
     #[async_trait]
     impl Embedder for Invalidating {
-        async fn embed(&self, model: &str, inputs: Vec<String>) -> Reply {
+        async fn embed(&self, model: &str, _version: &str, inputs: Vec<String>) -> Reply {
             tokio::time::sleep(Duration::from_millis(5)).await;
             self.0.delete(model, &inputs).await.expect("delete");
             Ok(inputs.iter().map(|_| v(2)).collect())
@@ -475,7 +526,9 @@ mod tests {
         let store = Arc::new(store);
         store.put_vectors("m", vec![("a".into(), vec![9.0])]).await.expect("put");
         let embedder = Invalidating(store.clone());
-        let out = backfill_batch(&*store, &embedder, "m", 2, keys(&["a"]), &quick(3)).await.expect("batch");
+        let out = backfill_batch(&*store, &embedder, &ModelVersion::new("m", ""), 2, keys(&["a"]), &quick(3))
+            .await
+            .expect("batch");
         assert_eq!((out.embedded, out.invalidated), (0, 1));
         assert!(row(&store, "a").await.is_none(), "the delete stands");
     }
@@ -486,10 +539,14 @@ mod tests {
         let old = FailureRecord { code: 3, reason: "too long".into(), at_unix_ms: 0 };
         store.put_failures("m", vec![("f".into(), old)]).await.expect("put");
         let embedder = scripted(vec![Ok(vec![v(2)])]);
-        let out = backfill_batch(&store, &embedder, "m", 2, keys(&["f"]), &quick(3)).await.expect("batch");
+        let out = backfill_batch(&store, &embedder, &ModelVersion::new("m", ""), 2, keys(&["f"]), &quick(3))
+            .await
+            .expect("batch");
         assert_eq!((out.already_failed, out.embedded), (1, 0), "an old record stands without --retry-failed");
         let retry = FillPolicy { failure_ttl: policy(3, true).failure_ttl, ..quick(3) };
-        let out = backfill_batch(&store, &embedder, "m", 2, keys(&["f"]), &retry).await.expect("batch");
+        let out = backfill_batch(&store, &embedder, &ModelVersion::new("m", ""), 2, keys(&["f"]), &retry)
+            .await
+            .expect("batch");
         assert_eq!((out.already_failed, out.embedded), (0, 1));
     }
 }

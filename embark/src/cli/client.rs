@@ -74,6 +74,9 @@ pub(crate) struct GetArgs {
     /// The model, as `embark models` lists it.
     #[arg(long, short, env = "EMBARK_MODEL")]
     pub model: String,
+    /// The model version (default: the current one).
+    #[arg(long, env = "EMBARK_MODEL_VERSION", default_value = "")]
+    pub version: String,
     /// Keys (image URLs or texts); `-` reads one per line from stdin.
     #[arg(required = true)]
     pub keys: Vec<String>,
@@ -97,6 +100,9 @@ pub(crate) struct SimilarArgs {
     pub conn: Connection,
     #[arg(long, short, env = "EMBARK_MODEL")]
     pub model: String,
+    /// The model version whose vectors are searched (default: the current one).
+    #[arg(long, env = "EMBARK_MODEL_VERSION", default_value = "")]
+    pub version: String,
     /// A key with a stored vector (left out of the answer).
     #[arg(long)]
     pub key: Option<String>,
@@ -327,7 +333,8 @@ pub(crate) async fn get(args: GetArgs) -> anyhow::Result<i32> {
     let mut rows: Vec<GetRow> = Vec::with_capacity(keys.len());
     for batch in keys.chunks(args.batch_keys as usize) {
         let lookup = || {
-            let request = LookupRequest { model: args.model.clone(), keys: batch.to_vec() };
+            let request =
+                LookupRequest { model: args.model.clone(), keys: batch.to_vec(), version: args.version.clone() };
             api.call("Lookup", move |mut c| {
                 let request = request.clone();
                 async move { c.lookup(request).await }
@@ -397,8 +404,13 @@ pub(crate) async fn similar(args: SimilarArgs) -> anyhow::Result<i32> {
         (None, None) => bail!("give --key or --vector"),
     };
     let api = args.conn.connect().await?;
-    let request =
-        SimilarRequest { model: args.model.clone(), query: Some(query), k: args.k, min_score: args.min_score };
+    let request = SimilarRequest {
+        model: args.model.clone(),
+        query: Some(query),
+        k: args.k,
+        min_score: args.min_score,
+        version: args.version.clone(),
+    };
     let answer = api
         .call("Similar", |mut c| {
             let request = request.clone();
@@ -462,6 +474,9 @@ struct ModelRow {
     kind: &'static str,
     dim: u32,
     version: String,
+    current: bool,
+    /// Coverage, as the server last counted it (`None`: not yet).
+    stored_vectors: Option<u64>,
 }
 
 pub(crate) async fn models(args: ModelsArgs) -> anyhow::Result<i32> {
@@ -470,14 +485,32 @@ pub(crate) async fn models(args: ModelsArgs) -> anyhow::Result<i32> {
     let models: Vec<ModelRow> = answer
         .models
         .into_iter()
-        .map(|m| ModelRow { kind: kind_name(m.kind), name: m.name, dim: m.dim, version: m.version })
+        .map(|m| ModelRow {
+            kind: kind_name(m.kind),
+            name: m.name,
+            dim: m.dim,
+            version: m.version,
+            current: m.current,
+            stored_vectors: (m.stored_vectors_counted_at_unix_ms > 0).then_some(m.stored_vectors),
+        })
         .collect();
     if args.conn.json {
         print_json(&models)?;
     } else {
-        let rows: Vec<Vec<String>> =
-            models.iter().map(|m| vec![m.name.clone(), m.kind.into(), m.dim.to_string(), m.version.clone()]).collect();
-        print_table(&["NAME", "KIND", "DIM", "VERSION"], &rows);
+        let rows: Vec<Vec<String>> = models
+            .iter()
+            .map(|m| {
+                vec![
+                    m.name.clone(),
+                    m.kind.into(),
+                    m.dim.to_string(),
+                    m.version.clone(),
+                    if m.current { "yes" } else { "" }.into(),
+                    m.stored_vectors.map_or("-".into(), |n| n.to_string()),
+                ]
+            })
+            .collect();
+        print_table(&["NAME", "KIND", "DIM", "VERSION", "CURRENT", "STORED"], &rows);
     }
     Ok(0)
 }

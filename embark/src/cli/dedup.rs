@@ -25,12 +25,16 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{Checkpoint, EXIT_INTERRUPTED, Progress, StoreLocation, model_dim, saved_cursor};
+use super::{Checkpoint, EXIT_INTERRUPTED, Progress, StoreLocation, saved_cursor, scanned_version};
 
 #[derive(Debug, Args)]
 pub(crate) struct DedupArgs {
     #[arg(long)]
     model: String,
+    /// The model version (default: the current one, as `embark promote`
+    /// recorded it, else the catalogue's).
+    #[arg(long, default_value = "")]
+    version: String,
     /// Pairs scoring at least this cosine are written (see
     /// docs/similarity.md for sensible values per model).
     #[arg(long)]
@@ -72,7 +76,7 @@ pub(crate) async fn run(args: DedupArgs) -> anyhow::Result<i32> {
 
 /// The dedup of `store`'s vectors, until done or until `stop`.
 async fn dedup(store: &dyn EmbeddingStore, args: &DedupArgs, stop: CancellationToken) -> anyhow::Result<i32> {
-    let dim = model_dim(&args.location.catalog, &args.model)?;
+    let (dim, namespace) = scanned_version(&args.location.catalog, store, &args.model, &args.version).await?;
     if !(-1.0..=1.0).contains(&args.threshold) {
         anyhow::bail!("--threshold {} is not a cosine in [-1, 1]", args.threshold);
     }
@@ -111,7 +115,7 @@ async fn dedup(store: &dyn EmbeddingStore, args: &DedupArgs, stop: CancellationT
         if stop.is_cancelled() {
             return Ok(EXIT_INTERRUPTED);
         }
-        let page = store.scan(&args.model, cursor.take(), args.page.max(1)).await.context("reading the store")?;
+        let page = store.scan(&namespace, cursor.take(), args.page.max(1)).await.context("reading the store")?;
         let n = page.rows.len() as u64;
         let report = tokio::task::block_in_place(|| index.insert(&page.rows));
         if report.rejected > 0 {
@@ -144,7 +148,7 @@ async fn dedup(store: &dyn EmbeddingStore, args: &DedupArgs, stop: CancellationT
             break; // pass 2 finished before the interruption
         }
         let cursor = saved_cursor(state.cursor.as_deref())?;
-        let page = store.scan(&args.model, cursor, args.page.max(1)).await.context("reading the store")?;
+        let page = store.scan(&namespace, cursor, args.page.max(1)).await.context("reading the store")?;
         let (k, threshold) = (args.neighbours.max(1), args.threshold);
         let found: Vec<(String, String, f32)> = tokio::task::block_in_place(|| {
             page.rows
@@ -230,7 +234,7 @@ mod resume_tests {
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
     use super::*;
-    use crate::cli::testing::{StopAfterScans, append_junk};
+    use crate::cli::testing::{StopAfterScans, append_junk, current_rows};
 
     #[derive(Parser)]
     struct Cli {
@@ -254,7 +258,7 @@ mod resume_tests {
             }
             rows.push((format!("a{i:03}"), v));
         }
-        store.put_vectors("minilm-l6-v2", rows).await?;
+        store.put_vectors(&current_rows("minilm-l6-v2"), rows).await?;
         let out = tmp.path().join("pairs.csv");
         let args = Cli::try_parse_from([
             "embark",

@@ -35,7 +35,7 @@ use parquet::{
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{Checkpoint, EXIT_INTERRUPTED, Progress, StoreLocation, model_dim, saved_cursor};
+use super::{Checkpoint, EXIT_INTERRUPTED, Progress, StoreLocation, saved_cursor, scanned_version};
 
 /// Bytes reserved for the `.npy` header: magic, version, length and the
 /// dict, padded with spaces to a multiple of 64 as NumPy requires.
@@ -45,6 +45,10 @@ pub(crate) const NPY_HEADER_BYTES: usize = 128;
 pub(crate) struct ExportArgs {
     #[arg(long)]
     model: String,
+    /// The model version (default: the current one, as `embark promote`
+    /// recorded it, else the catalogue's).
+    #[arg(long, default_value = "")]
+    version: String,
     /// Directory to write into (created if missing).
     #[arg(long)]
     out: PathBuf,
@@ -93,7 +97,7 @@ pub(crate) async fn run(args: ExportArgs) -> anyhow::Result<i32> {
 
 /// The export, from `store`, until done or until `stop`.
 async fn export(store: &dyn EmbeddingStore, args: &ExportArgs, stop: CancellationToken) -> anyhow::Result<i32> {
-    let dim = model_dim(&args.location.catalog, &args.model)?;
+    let (dim, namespace) = scanned_version(&args.location.catalog, store, &args.model, &args.version).await?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let out = |name: &str| args.out.join(name);
     let (npy_partial, keys_partial) = (out("vectors.npy.partial"), out("keys.jsonl.partial"));
@@ -135,7 +139,7 @@ async fn export(store: &dyn EmbeddingStore, args: &ExportArgs, stop: Cancellatio
                 return Ok(EXIT_INTERRUPTED);
             }
             let cursor = saved_cursor(state.cursor.as_deref())?;
-            let page = store.scan(&args.model, cursor, args.page.max(1)).await.context("reading the store")?;
+            let page = store.scan(&namespace, cursor, args.page.max(1)).await.context("reading the store")?;
             let mut row = Vec::with_capacity(dim * 4);
             for (key, vector) in &page.rows {
                 if vector.len() != dim {
@@ -266,7 +270,7 @@ mod resume_tests {
     use embark_store::embedded::EmbeddedStore;
 
     use super::*;
-    use crate::cli::testing::{StopAfterScans, append_junk};
+    use crate::cli::testing::{StopAfterScans, append_junk, current_rows};
 
     #[derive(Parser)]
     struct Cli {
@@ -281,7 +285,7 @@ mod resume_tests {
         let rows: Vec<(String, Vec<f32>)> = (0..1000)
             .map(|i| (format!("key \"{i:04}\"\nline two"), (0..384).map(|j| (i * 384 + j) as f32).collect()))
             .collect();
-        store.put_vectors("minilm-l6-v2", rows.clone()).await?;
+        store.put_vectors(&current_rows("minilm-l6-v2"), rows.clone()).await?;
         let out = tmp.path().join("export");
         let args = Cli::try_parse_from([
             "embark",

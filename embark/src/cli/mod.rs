@@ -14,6 +14,7 @@ pub(crate) mod client;
 pub(crate) mod dedup;
 pub(crate) mod dev_certs;
 pub(crate) mod export;
+pub(crate) mod versions;
 
 use std::{
     path::{Path, PathBuf},
@@ -63,9 +64,43 @@ pub(crate) fn model_spec(
         .with_context(|| format!("unknown model {model:?}; {} has {:?}", catalog.source, catalog.names()))
 }
 
-/// The dimension of `model`.
-pub(crate) fn model_dim(catalog: &retina::config::CatalogArg, model: &str) -> anyhow::Result<usize> {
-    model_spec(catalog, model).map(|s| s.dim)
+/// The catalogue entry of `model` at `version`; for an empty version, the
+/// current one: what `embark promote` recorded in the store, else the
+/// catalogue's `current` entry.
+pub(crate) async fn model_version(
+    catalog: &retina::config::CatalogArg,
+    store: &dyn EmbeddingStore,
+    model: &str,
+    version: &str,
+) -> anyhow::Result<&'static retina::ModelSpec> {
+    let current = model_spec(catalog, model)?;
+    let catalog = catalog.load()?;
+    let version = match version {
+        "" => match store.current_version(model).await.context("reading the model's current version")? {
+            Some(promoted) => promoted.version,
+            None => return Ok(current),
+        },
+        v => v.to_owned(),
+    };
+    catalog.spec_version(model, &version).with_context(|| {
+        format!(
+            "model {model:?} has no version {version:?} in {}; it has {:?}",
+            catalog.source,
+            catalog.versions(model)
+        )
+    })
+}
+
+/// Where the scan of `model` at `version` (empty: the current one) reads:
+/// its dim and its rows' namespace.
+pub(crate) async fn scanned_version(
+    catalog: &retina::config::CatalogArg,
+    store: &dyn EmbeddingStore,
+    model: &str,
+    version: &str,
+) -> anyhow::Result<(usize, String)> {
+    let spec = model_version(catalog, store, model, version).await?;
+    Ok((spec.dim, embark_store::namespace(model, &spec.version)))
 }
 
 /// A progress bar on stderr with rate and ETA (a spinner with the rate when
@@ -201,6 +236,12 @@ pub(crate) mod testing {
             }
             self.inner.scan(model, cursor, page).await
         }
+    }
+
+    /// Where a built-in model's current version keeps its rows.
+    pub(crate) fn current_rows(model: &str) -> String {
+        let spec = retina::catalog::builtin().spec(model).expect("a built-in model");
+        embark_store::namespace(model, &spec.version)
     }
 
     /// Appends bytes to a file, as a write torn by a crash after the last

@@ -21,9 +21,9 @@ impl InProcessRetina {
 
 #[async_trait]
 impl Embedder for InProcessRetina {
-    async fn embed(&self, model: &str, inputs: Vec<String>) -> Result<Vec<EmbedOutcome>, EmbedError> {
+    async fn embed(&self, model: &str, version: &str, inputs: Vec<String>) -> Result<Vec<EmbedOutcome>, EmbedError> {
         let n = inputs.len();
-        match self.engine.embed(model, inputs).await {
+        match self.engine.embed_version(model, version, inputs).await {
             Ok(results) => Ok(results
                 .into_iter()
                 .map(|r| match r {

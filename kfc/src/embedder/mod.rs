@@ -46,8 +46,9 @@ pub enum EmbedError {
 
 #[async_trait]
 pub trait Embedder: Send + Sync + 'static {
-    /// One outcome per input, in order.
-    async fn embed(&self, model: &str, inputs: Vec<String>) -> Result<Vec<EmbedOutcome>, EmbedError>;
+    /// One outcome per input, in order, from `model` at `version` (empty:
+    /// the embedder's current version of the model).
+    async fn embed(&self, model: &str, version: &str, inputs: Vec<String>) -> Result<Vec<EmbedOutcome>, EmbedError>;
 }
 
 /// An embedder call that failed as a whole: every input is retried later.
@@ -67,10 +68,11 @@ pub enum EmbedCallError {
 pub async fn embed_checked<E: Embedder + ?Sized>(
     embedder: &E,
     model: &str,
+    version: &str,
     inputs: Vec<String>,
 ) -> Result<Vec<EmbedOutcome>, EmbedCallError> {
     let n = inputs.len();
-    let outcomes = embedder.embed(model, inputs).await?;
+    let outcomes = embedder.embed(model, version, inputs).await?;
     if outcomes.len() != n {
         return Err(EmbedCallError::Miscounted { inputs: n, outcomes: outcomes.len() });
     }

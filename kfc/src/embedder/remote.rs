@@ -282,9 +282,10 @@ fn target_port(hostport: &str) -> Option<u16> {
 
 #[async_trait]
 impl Embedder for RemoteRetina {
-    async fn embed(&self, model: &str, inputs: Vec<String>) -> Result<Vec<EmbedOutcome>, EmbedError> {
+    async fn embed(&self, model: &str, version: &str, inputs: Vec<String>) -> Result<Vec<EmbedOutcome>, EmbedError> {
         let n = inputs.len();
-        let mut request = tonic::Request::new(EmbedRequest { model: model.to_owned(), inputs });
+        let mut request =
+            tonic::Request::new(EmbedRequest { model: model.to_owned(), inputs, version: version.to_owned() });
         request.set_timeout(self.timeout);
         // Retina's spans join the trace of the fill that called it.
         embark_ops::traces::inject_metadata(request.metadata_mut());

@@ -30,8 +30,8 @@ use crate::{
     codec::{message_key, miss_record, parse_message_key},
 };
 
-/// Told of each miss librdkafka gave up on, with its model and key (from
-/// the message key), from librdkafka's own thread: the front forgets the
+/// Told of each miss librdkafka gave up on, with its model namespace
+/// (`embark_proto::model_namespace`) and key (from the message key), from librdkafka's own thread: the front forgets the
 /// key's dedup entry, so the next Lookup of it publishes it again instead
 /// of waiting out the window.
 pub type Undelivered = Box<dyn Fn(&str, &str) + Send + Sync>;
@@ -143,7 +143,7 @@ impl KafkaMissPublisher {
 
 impl MissPublisher for KafkaMissPublisher {
     fn publish(&self, event: MissEvent) -> bool {
-        let key = message_key(&event.model, &event.key);
+        let key = message_key(&embark_proto::model_namespace(&event.model, &event.version), &event.key);
         let (payload, headers) = miss_record(&event);
         let mut record = BaseRecord::to(&self.topic).key(&key).payload(&payload);
         if let Some(headers) = headers {

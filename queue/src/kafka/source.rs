@@ -401,7 +401,7 @@ impl KafkaMissSource {
                 let (payload, headers) = miss_record(e);
                 Outgoing {
                     topic: &self.config.miss_topic,
-                    key: message_key(&e.model, &e.key),
+                    key: message_key(&embark_proto::model_namespace(&e.model, &e.version), &e.key),
                     payload,
                     headers,
                     kind: "retry",
@@ -413,7 +413,11 @@ impl KafkaMissSource {
                 fit_dead_letter(&mut d);
                 Outgoing {
                     topic: &self.config.dlq_topic,
-                    key: d.event.as_ref().map(|e| message_key(&e.model, &e.key)).unwrap_or_default(),
+                    key: d
+                        .event
+                        .as_ref()
+                        .map(|e| message_key(&embark_proto::model_namespace(&e.model, &e.version), &e.key))
+                        .unwrap_or_default(),
                     payload: d.encode_to_vec(),
                     headers: None,
                     kind: "dead_letter",

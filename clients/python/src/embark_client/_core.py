@@ -114,11 +114,11 @@ class Settings:
 
 
 def _check_options(version: Optional[str], dtype: str) -> None:
-    # Accepted now so that callers' code keeps working when the server
-    # learns them; refused before anything is sent, so a caller never gets
-    # vectors of another version or type than it asked for.
-    if version is not None:
-        raise NotSupported(f"version={version!r}: this server serves each model's current version only; pass None")
+    # dtype is accepted now so that callers' code keeps working when the
+    # server learns it; refused before anything is sent, so a caller never
+    # gets vectors of another type than it asked for.
+    if version is not None and (not isinstance(version, str) or not version):
+        raise ValueError(f"version must be a non-empty string (as models() lists it) or None, got {version!r}")
     if dtype != "f32":
         raise NotSupported(f"dtype={dtype!r}: this server answers float32 only; pass dtype='f32'")
 
@@ -151,15 +151,21 @@ def lookup(
         raise TypeError("keys must be a sequence of strings, not one string")
     keys = list(keys)
     if len(keys) <= max_batch_keys:
-        reply = yield Call("Lookup", pb.LookupRequest(model=model, keys=keys))
-        return LookupResult.of(*_decode(reply, len(keys)))
+        reply = yield Call("Lookup", pb.LookupRequest(model=model, keys=keys, version=version or ""))
+        return LookupResult.of(*_decode(reply, len(keys)), version=reply.version)
     # Several requests. Each key is asked once, so duplicates get the same
     # row even across batches (the server promises it within one request
-    # only) and no batch carries a key twice.
+    # only) and no batch carries a key twice. The batches after the first
+    # ask for the version the first was answered from: a promote between
+    # two batches must not mix two versions' vectors in one matrix.
     unique = list(dict.fromkeys(keys))
     parts = []
+    answered = version or ""
     for batch in _batches(unique, max_batch_keys):
-        reply = yield Call("Lookup", pb.LookupRequest(model=model, keys=batch))
+        reply = yield Call("Lookup", pb.LookupRequest(model=model, keys=batch, version=answered))
+        if answered and reply.version and reply.version != answered:
+            raise ProtocolError(f"asked for version {answered!r}, answered from {reply.version!r}", method="Lookup")
+        answered = answered or reply.version
         parts.append(_decode(reply, len(batch)))
     dims = {m.shape[1] for m, _ in parts}
     if len(dims) != 1:
@@ -170,7 +176,7 @@ def lookup(
         position = {key: i for i, key in enumerate(unique)}
         rows = np.fromiter((position[key] for key in keys), dtype=np.intp, count=len(keys))
         matrix, sources = matrix[rows], sources[rows]
-    return LookupResult.of(matrix, sources)
+    return LookupResult.of(matrix, sources, version=answered)
 
 
 def similar(
@@ -213,7 +219,17 @@ def invalidate(model: str, keys: Sequence[str], max_batch_keys: int) -> Plan[int
 
 def models() -> Plan[list[ModelInfo]]:
     reply = yield Call("Models", pb.ModelsRequest())
-    return [ModelInfo(name=m.name, dim=int(m.dim), kind=_kind(m.kind), version=m.version) for m in reply.models]
+    return [
+        ModelInfo(
+            name=m.name,
+            dim=int(m.dim),
+            kind=_kind(m.kind),
+            version=m.version,
+            current=bool(m.current),
+            stored_vectors=int(m.stored_vectors) if m.stored_vectors_counted_at_unix_ms else None,
+        )
+        for m in reply.models
+    ]
 
 
 def _kind(code: int) -> ModelKind:

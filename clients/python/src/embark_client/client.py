@@ -88,9 +88,11 @@ class EmbArk:
         sent in batches (duplicates once) and copied into one contiguous
         matrix, which owns its memory.
 
-        ``version`` and ``dtype`` are accepted for a stable signature; the
-        server answers each model's current version in float32 only, so
-        anything but ``None`` and ``"f32"`` raises :class:`NotSupported`.
+        ``version`` pins a model version (as :meth:`models` lists it);
+        ``None`` gets the current one, and ``result.version`` says which it
+        was (batches of one call are all answered from it). ``dtype`` is
+        accepted for a stable signature; the server answers float32 only,
+        so anything but ``"f32"`` raises :class:`NotSupported`.
         """
         plan = _core.lookup(model, keys, self._settings.max_batch_keys, version, dtype)
         return self._run(plan, timeout)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import numpy.typing as npt
@@ -73,17 +73,23 @@ class LookupResult:
     ``sources`` holds a :class:`Source` code per row (``numpy.int32``);
     ``mask`` is True where the row is a real vector (CACHE or STORE) and
     False where it is the model's OOV row, ready to use as a feature.
+    ``version`` is the model version every row belongs to.
     """
 
     matrix: npt.NDArray[np.float32]
     sources: npt.NDArray[np.int32]
     mask: npt.NDArray[np.bool_]
     dim: int
+    version: str = ""
 
     @classmethod
-    def of(cls, matrix: npt.NDArray[np.float32], sources: npt.NDArray[np.int32]) -> "LookupResult":
+    def of(
+        cls, matrix: npt.NDArray[np.float32], sources: npt.NDArray[np.int32], version: str = ""
+    ) -> "LookupResult":
         """A result with ``mask`` derived from ``sources``."""
-        return cls(matrix=matrix, sources=sources, mask=np.isin(sources, _REAL), dim=int(matrix.shape[1]))
+        return cls(
+            matrix=matrix, sources=sources, mask=np.isin(sources, _REAL), dim=int(matrix.shape[1]), version=version
+        )
 
     @property
     def pending(self) -> npt.NDArray[np.bool_]:
@@ -131,10 +137,15 @@ class SimilarResult:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A model the server serves. ``version`` changes whenever the model's
-    output for the same input changes."""
+    """A model version the server serves (one entry per version).
+    ``version`` changes whenever the model's output for the same input
+    changes; ``current`` says whether a lookup without ``version=`` gets
+    it; ``stored_vectors`` is its coverage as the server last counted it
+    (``None``: not counted yet)."""
 
     name: str
     dim: int
     kind: ModelKind
     version: str
+    current: bool = True
+    stored_vectors: Optional[int] = None

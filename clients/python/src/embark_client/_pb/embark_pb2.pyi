@@ -31,38 +31,48 @@ IMAGE: ModelKind
 TEXT: ModelKind
 
 class LookupRequest(_message.Message):
-    __slots__ = ("model", "keys")
+    __slots__ = ("model", "keys", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     keys: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ...) -> None: ...
+    version: str
+    def __init__(self, model: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("dim", "vectors", "sources")
+    __slots__ = ("dim", "vectors", "sources", "version")
     DIM_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     dim: int
     vectors: bytes
     sources: _containers.RepeatedScalarFieldContainer[Source]
-    def __init__(self, dim: _Optional[int] = ..., vectors: _Optional[bytes] = ..., sources: _Optional[_Iterable[_Union[Source, str]]] = ...) -> None: ...
+    version: str
+    def __init__(self, dim: _Optional[int] = ..., vectors: _Optional[bytes] = ..., sources: _Optional[_Iterable[_Union[Source, str]]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "dim", "kind", "version")
+    __slots__ = ("name", "dim", "kind", "version", "current", "stored_vectors", "stored_vectors_counted_at_unix_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    STORED_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    STORED_VECTORS_COUNTED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     dim: int
     kind: ModelKind
     version: str
-    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., version: _Optional[str] = ...) -> None: ...
+    current: bool
+    stored_vectors: int
+    stored_vectors_counted_at_unix_ms: int
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., version: _Optional[str] = ..., current: bool = ..., stored_vectors: _Optional[int] = ..., stored_vectors_counted_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -85,18 +95,20 @@ class InvalidateResponse(_message.Message):
     def __init__(self, invalidated: _Optional[int] = ...) -> None: ...
 
 class SimilarRequest(_message.Message):
-    __slots__ = ("model", "key", "vector", "k", "min_score")
+    __slots__ = ("model", "version", "key", "vector", "k", "min_score")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     model: str
+    version: str
     key: str
     vector: bytes
     k: int
     min_score: float
-    def __init__(self, model: _Optional[str] = ..., key: _Optional[str] = ..., vector: _Optional[bytes] = ..., k: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., key: _Optional[str] = ..., vector: _Optional[bytes] = ..., k: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
 
 class SimilarResponse(_message.Message):
     __slots__ = ("keys", "scores", "exact")
