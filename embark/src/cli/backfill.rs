@@ -59,21 +59,28 @@ pub(crate) struct BackfillArgs {
     location: StoreLocation,
     #[command(flatten)]
     embedder: EmbedderArgs,
-    /// Keys per embedder call.
-    #[arg(long, default_value_t = 32)]
-    batch: usize,
-    /// Batches in flight at once.
-    #[arg(long, default_value_t = 4)]
-    concurrency: usize,
-    /// Tries of an input whose failure is transient (timeouts, 5xx).
-    #[arg(long, default_value_t = 3)]
-    max_attempts: u32,
+    #[command(flatten)]
+    batching: BatchArgs,
     /// Embed keys that have a failure record, too.
     #[arg(long)]
     retry_failed: bool,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+/// How a batch tool calls its embedder (`backfill`, `reembed`).
+#[derive(Debug, Args)]
+pub(crate) struct BatchArgs {
+    /// Keys per embedder call.
+    #[arg(long, default_value_t = 32)]
+    pub(crate) batch: usize,
+    /// Batches in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) concurrency: usize,
+    /// Tries of an input whose failure is transient (timeouts, 5xx).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) max_attempts: u32,
 }
 
 /// Which embedder a batch tool calls (`backfill`, `reembed`).
@@ -201,7 +208,7 @@ fn read_keys(input: &PathBuf) -> anyhow::Result<(Vec<String>, usize)> {
 }
 
 pub(crate) async fn run(args: BackfillArgs) -> anyhow::Result<i32> {
-    let policy = policy(args.max_attempts, args.retry_failed);
+    let policy = policy(args.batching.max_attempts, args.retry_failed);
     let (keys, duplicate_lines) = read_keys(&args.input)?;
     let store = args.location.open().await?;
     let spec = model_version(&args.location.catalog, &*store, &args.model, &args.version).await?;
@@ -221,7 +228,7 @@ pub(crate) async fn run(args: BackfillArgs) -> anyhow::Result<i32> {
         ..Default::default()
     };
     let mut reached = 0;
-    let batches = keys.chunks(args.batch.max(1)).map(<[String]>::to_vec).collect::<Vec<_>>();
+    let batches = keys.chunks(args.batching.batch.max(1)).map(<[String]>::to_vec).collect::<Vec<_>>();
     let mut outcomes = futures::stream::iter(batches)
         // Checked as each new batch is taken: batches in flight finish.
         .take_while(|_| std::future::ready(!stop.is_cancelled()))
@@ -233,7 +240,7 @@ pub(crate) async fn run(args: BackfillArgs) -> anyhow::Result<i32> {
                 (n, backfill_batch(&*store, &*embedder, &target, dim, batch, &policy).await)
             }
         })
-        .buffer_unordered(args.concurrency.max(1));
+        .buffer_unordered(args.batching.concurrency.max(1));
     while let Some((n, outcome)) = outcomes.next().await {
         let o = outcome?;
         reached += n;

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Checkpoint, EXIT_INTERRUPTED, Progress, StoreLocation,
-    backfill::{EmbedderArgs, backfill_batch, policy},
+    backfill::{BatchArgs, EmbedderArgs, backfill_batch, policy},
     model_version, saved_cursor,
 };
 
@@ -61,15 +61,8 @@ pub(crate) struct ReembedArgs {
     /// Stored rows read per page (the checkpoint is saved once a page is done).
     #[arg(long, default_value_t = 512)]
     page: usize,
-    /// Keys per embedder call.
-    #[arg(long, default_value_t = 32)]
-    batch: usize,
-    /// Batches in flight at once.
-    #[arg(long, default_value_t = 4)]
-    concurrency: usize,
-    /// Tries of an input whose failure is transient (timeouts, 5xx).
-    #[arg(long, default_value_t = 3)]
-    max_attempts: u32,
+    #[command(flatten)]
+    batching: BatchArgs,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -146,7 +139,7 @@ pub(crate) async fn reembed(args: ReembedArgs) -> anyhow::Result<i32> {
     let stop = embark_ops::shutdown::on_signal();
     let embedder_stop = CancellationToken::new();
     let embedder = args.embedder.start(to, &embedder_stop).await?;
-    let policy = policy(args.max_attempts, false);
+    let policy = policy(args.batching.max_attempts, false);
     let started = Instant::now();
     let mut bar = Progress::new(Some(total), "reembed");
     bar.set_position(state.summary.scanned);
@@ -162,7 +155,7 @@ pub(crate) async fn reembed(args: ReembedArgs) -> anyhow::Result<i32> {
         let (keys, hashed): (Vec<String>, Vec<String>) =
             page.rows.into_iter().map(|(k, _)| k).partition(|k| !k.starts_with(embark_store::HASHED_KEY_PREFIX));
         s.hashed_keys += hashed.len() as u64;
-        let batches: Vec<Vec<String>> = keys.chunks(args.batch.max(1)).map(<[String]>::to_vec).collect();
+        let batches: Vec<Vec<String>> = keys.chunks(args.batching.batch.max(1)).map(<[String]>::to_vec).collect();
         let mut outcomes = futures::stream::iter(batches)
             .map(|batch| {
                 let (store, embedder, policy) = (store.clone(), embedder.clone(), &policy);
@@ -171,7 +164,7 @@ pub(crate) async fn reembed(args: ReembedArgs) -> anyhow::Result<i32> {
                     backfill_batch(&*store, &*embedder, &target, dim, batch, policy).await
                 }
             })
-            .buffer_unordered(args.concurrency.max(1));
+            .buffer_unordered(args.batching.concurrency.max(1));
         let n = keys.len() as u64 + hashed.len() as u64;
         while let Some(outcome) = outcomes.next().await {
             let o = outcome?;
