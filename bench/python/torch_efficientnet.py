@@ -1,21 +1,24 @@
 #!/usr/bin/env python3
-"""EfficientNet-Lite0 in eager PyTorch on CPU, on the same converted
-weights, timed the way bench `retina-images` times candle. Prints one JSON
-object: {"tensor": {batch: images_per_s}, "jpeg": {batch: images_per_s},
-"torch": version, "threads": n}.
+"""EfficientNet-Lite0 in PyTorch on CPU, on the same converted weights,
+timed the way bench `retina-images` times Retina. PyTorch runs in the
+configurations its users tune it to, and each batch size reports the
+fastest: eager under inference mode, and BatchNorm folded into the
+convolutions (torch.nn.utils.fusion.fuse_conv_bn_eval) with channels_last
+tensors under inference mode. Prints one JSON object: {"tensor": {batch:
+images_per_s}, "jpeg": {...}, "config": {batch: name}, "configs": {name:
+{"tensor": {...}}}, "torch": version, "threads": n}.
 
     torch_efficientnet.py MODEL.safetensors JPEG... --batches 1,8,16,32 --seconds 5 --threads 2
 """
 import argparse
-import io
 import json
 import struct
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+
+from bench_common import preprocess, probe, timed
 
 STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
           (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
@@ -42,6 +45,11 @@ class Conv(torch.nn.Module):
         for s in ("weight", "bias", "running_mean", "running_var"):
             getattr(self.bn, s).data = p[f"{bn}.{s}"]
         self.k, self.s, self.act = k, stride, act
+
+    def fold(self):
+        """BatchNorm folded into the convolution (inference only)."""
+        self.conv = torch.nn.utils.fusion.fuse_conv_bn_eval(self.conv, self.bn)
+        self.bn = torch.nn.Identity()
 
     def forward(self, x):
         h, w = x.shape[-2:]
@@ -84,25 +92,6 @@ class Lite0(torch.nn.Module):
         return self.head(self.blocks(self.stem(x))).mean((2, 3))
 
 
-def preprocess(data):
-    im = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = im.size
-    nw, nh = (256, round(h * 256 / w)) if w <= h else (round(w * 256 / h), 256)
-    im = im.resize((nw, nh), Image.BILINEAR)
-    l, t = (nw - 224) // 2, (nh - 224) // 2
-    a = np.asarray(im.crop((l, t, l + 224, t + 224)), dtype=np.float32)
-    return torch.from_numpy(((a - 127.0) / 128.0).transpose(2, 0, 1).copy())
-
-
-def timed(fn, seconds):
-    fn()  # warm-up
-    fn()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        n += fn()
-    return n / (time.perf_counter() - start)
-
-
 def main():
     a = argparse.ArgumentParser()
     a.add_argument("weights")
@@ -112,18 +101,34 @@ def main():
     a.add_argument("--threads", type=int, default=2)
     args = a.parse_args()
     torch.set_num_threads(args.threads)
-    model = Lite0(load(args.weights)).eval()
+    weights = load(args.weights)
+    eager = Lite0(weights).eval()
+    folded = Lite0(weights).eval()
+    for m in folded.modules():
+        if isinstance(m, Conv):
+            m.fold()
+    folded = folded.to(memory_format=torch.channels_last)
+    configs = {
+        "eager": (eager, torch.contiguous_format),
+        "folded+channels_last": (folded, torch.channels_last),
+    }
     jpegs = [open(p, "rb").read() for p in args.jpegs]
-    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "tensor": {}, "jpeg": {}}
-    x = torch.from_numpy((0.9 * np.sin(np.arange(3 * 224 * 224) * 0.0137)).astype(np.float32).reshape(3, 224, 224))
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "tensor": {}, "jpeg": {}, "config": {},
+           "configs": {name: {"tensor": {}} for name in configs}}
+    x = torch.from_numpy(probe())
     with torch.inference_mode():
         for b in [int(v) for v in args.batches.split(",")]:
-            batch = x.unsqueeze(0).repeat(b, 1, 1, 1)
-            out["tensor"][b] = timed(lambda: (model(batch), b)[1], args.seconds)
+            for name, (model, layout) in configs.items():
+                batch = x.unsqueeze(0).repeat(b, 1, 1, 1).contiguous(memory_format=layout)
+                out["configs"][name]["tensor"][b] = timed(lambda: (model(batch), b)[1], args.seconds)
+            best = max(configs, key=lambda n: out["configs"][n]["tensor"][b])
+            model, layout = configs[best]
+            out["config"][b] = best
+            out["tensor"][b] = out["configs"][best]["tensor"][b]
 
             def e2e():
-                t = torch.stack([preprocess(jpegs[i % len(jpegs)]) for i in range(b)])
-                model(t)
+                t = torch.from_numpy(np.stack([preprocess(jpegs[i % len(jpegs)]) for i in range(b)]))
+                model(t.contiguous(memory_format=layout))
                 return b
 
             out["jpeg"][b] = timed(e2e, args.seconds)

@@ -1,10 +1,18 @@
-//! `retina-images`: EfficientNet-Lite0 throughput, candle vs PyTorch.
+//! `retina-images`: EfficientNet-Lite0 throughput on Retina's two engines
+//! against onnxruntime and PyTorch, in one run.
 //!
 //! For each batch size: images/s on preprocessed tensors (the network
 //! alone) and end to end from encoded JPEGs (decode, Pillow-exact resize
-//! and network; decoding parallel across the batch), then the same under
-//! eager PyTorch on CPU (bench/python/torch_efficientnet.py, same weights,
-//! same thread count), and the ratio.
+//! and network; decoding parallel across the batch), for
+//! - Retina's candle engine (the shipped safetensors),
+//! - Retina's ONNX engine (ONNX Runtime through `ort`, on the graph
+//!   `scripts/export_efficientnet_onnx.py` exports from the same weights),
+//! - onnxruntime from Python on the same graph, graph optimisations on
+//!   (bench/python/ort_efficientnet.py),
+//! - PyTorch on CPU at its fastest of eager and BatchNorm-folded
+//!   channels_last, under inference mode (bench/python/torch_efficientnet.py),
+//!
+//! all at the same thread count, with the ratios against onnxruntime.
 
 use std::{
     io::Cursor,
@@ -43,6 +51,17 @@ struct Args {
     /// Skip the PyTorch run.
     #[arg(long)]
     no_torch: bool,
+    /// ONNX Runtime's library for Retina's ONNX engine
+    /// (scripts/setup-onnxruntime.sh).
+    #[arg(long, env = "EMBARK_ONNXRUNTIME_LIB")]
+    onnxruntime_lib: Option<PathBuf>,
+    /// Python with onnxruntime, numpy and Pillow (scripts/bench-retina.sh
+    /// makes this venv); default: the torch venv's.
+    #[arg(long, env = "ORT_PYTHON")]
+    ort_python: Option<PathBuf>,
+    /// Skip the ONNX runs (Retina's engine and onnxruntime's Python).
+    #[arg(long)]
+    no_onnx: bool,
     /// Write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -106,13 +125,72 @@ fn main() -> anyhow::Result<()> {
         eprintln!("candle  batch {b:>2}: {t:7.1} img/s tensors, {e:7.1} img/s from JPEG");
         rust.insert(b.to_string(), serde_json::json!({ "tensor": t, "jpeg": e }));
     }
+    drop(model);
+
+    // Retina's ONNX engine, on the graph of examples/models.toml's
+    // `efficientnet-lite0-onnx` entry (scripts/setup-example-model.sh).
+    let onnx_graph = models.join("efficientnet-lite0-onnx/model.onnx");
+    let mut onnx = serde_json::Map::new();
+    if !args.no_onnx {
+        let catalog = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/models.toml");
+        let catalog = retina::catalog::Catalog::load(Some(&catalog))?;
+        let spec = catalog.spec("efficientnet-lite0-onnx").context("the example catalogue's ONNX image entry")?;
+        let image = spec.image.as_ref().context("image settings")?;
+        let graph = spec.weights.read_checked(&models).context("run scripts/setup-example-model.sh")?;
+        let lib =
+            args.onnxruntime_lib.clone().unwrap_or_else(|| home.join(".cache/embark/onnxruntime/libonnxruntime.so"));
+        let mut encoder = retina::onnx::OnnxImageEncoder::load(&lib, &graph, spec, image)
+            .with_context(|| format!("loading ONNX Runtime from {} (scripts/setup-onnxruntime.sh)", lib.display()))?;
+        for &b in &args.batches {
+            let t = timed(args.seconds, || {
+                encoder.embed(one.repeat(b), b)?;
+                Ok(b)
+            })?;
+            let e = timed(args.seconds, || {
+                let pixels: Vec<Vec<f32>> = (0..b)
+                    .into_par_iter()
+                    .map(|i| preprocess::prepare(&jpegs[i % jpegs.len()], &limits, image))
+                    .collect::<Result<_, _>>()?;
+                encoder.embed(pixels.concat(), b)?;
+                Ok(b)
+            })?;
+            eprintln!("onnx    batch {b:>2}: {t:7.1} img/s tensors, {e:7.1} img/s from JPEG");
+            onnx.insert(b.to_string(), serde_json::json!({ "tensor": t, "jpeg": e }));
+        }
+    }
+    let batches = args.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
+    let ort_python = if args.no_onnx {
+        None
+    } else {
+        let python = args
+            .ort_python
+            .clone()
+            .or_else(|| args.torch_python.clone())
+            .unwrap_or_else(|| home.join(".cache/embark/venv-torch/bin/python"));
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/ort_efficientnet.py");
+        let out = Command::new(&python)
+            .arg(&script)
+            .arg(&onnx_graph)
+            .args(&jpeg_paths)
+            .args([
+                "--batches",
+                &batches,
+                "--seconds",
+                &args.seconds.to_string(),
+                "--threads",
+                &args.threads.to_string(),
+            ])
+            .output()
+            .with_context(|| format!("running {} (scripts/bench-retina.sh installs onnxruntime)", python.display()))?;
+        anyhow::ensure!(out.status.success(), "onnxruntime run failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        Some(serde_json::from_slice::<serde_json::Value>(&out.stdout)?)
+    };
 
     let torch = if args.no_torch {
         None
     } else {
         let python = args.torch_python.clone().unwrap_or_else(|| home.join(".cache/embark/venv-torch/bin/python"));
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/torch_efficientnet.py");
-        let batches = args.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
         let out = Command::new(&python)
             .arg(&script)
             .arg(weights.join("model.safetensors"))
@@ -131,26 +209,40 @@ fn main() -> anyhow::Result<()> {
         Some(serde_json::from_slice::<serde_json::Value>(&out.stdout)?)
     };
 
+    // Every engine side by side, per batch: images/s on tensors and from
+    // JPEG, the ratio of each to onnxruntime's (Python) on tensors, and
+    // each engine's JPEG speed as a share of its own tensor speed.
+    let peer = |v: &Option<serde_json::Value>, what: &str, b: usize| {
+        v.as_ref().and_then(|t| t[what][b.to_string()].as_f64()).unwrap_or(f64::NAN)
+    };
+    let ours = |m: &serde_json::Map<String, serde_json::Value>, what: &str, b: usize| {
+        m.get(&b.to_string()).and_then(|r| r[what].as_f64()).unwrap_or(f64::NAN)
+    };
     println!("\nEfficientNet-Lite0, {} threads, images/s (higher is better)", args.threads);
-    println!("| batch | candle tensors | torch tensors | ratio | candle JPEG e2e | torch JPEG e2e | ratio |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| batch | engine | tensors | vs onnxruntime | from JPEG | JPEG / tensors |");
+    println!("|---:|---|---:|---:|---:|---:|");
     for &b in &args.batches {
-        let r = &rust[&b.to_string()];
-        let (ct, ce) = (r["tensor"].as_f64().unwrap_or(0.0), r["jpeg"].as_f64().unwrap_or(0.0));
-        let (tt, te) = match &torch {
-            Some(t) => (
-                t["tensor"][b.to_string()].as_f64().unwrap_or(f64::NAN),
-                t["jpeg"][b.to_string()].as_f64().unwrap_or(f64::NAN),
-            ),
-            None => (f64::NAN, f64::NAN),
-        };
-        println!("| {b} | {ct:.1} | {tt:.1} | {:.2}x | {ce:.1} | {te:.1} | {:.2}x |", ct / tt, ce / te);
+        let reference = peer(&ort_python, "tensor", b);
+        let torch_config = torch.as_ref().and_then(|t| t["config"][b.to_string()].as_str()).unwrap_or("?");
+        let rows = [
+            ("Retina candle".to_owned(), ours(&rust, "tensor", b), ours(&rust, "jpeg", b)),
+            ("Retina ONNX (ort)".to_owned(), ours(&onnx, "tensor", b), ours(&onnx, "jpeg", b)),
+            ("onnxruntime (Python)".to_owned(), reference, peer(&ort_python, "jpeg", b)),
+            (format!("PyTorch ({torch_config})"), peer(&torch, "tensor", b), peer(&torch, "jpeg", b)),
+        ];
+        for (name, t, e) in rows {
+            println!("| {b} | {name} | {t:.1} | {:.2}x | {e:.1} | {:.2} |", t / reference, e / t);
+        }
     }
     if let Some(t) = &torch {
-        println!("\ntorch {} ({} threads)", t["torch"], t["threads"]);
+        println!("\ntorch {} ({} threads); its configurations on tensors: {}", t["torch"], t["threads"], t["configs"]);
+    }
+    if let Some(o) = &ort_python {
+        println!("onnxruntime {} ({} threads, ORT_ENABLE_ALL)", o["onnxruntime"], o["threads"]);
     }
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&serde_json::json!({ "candle": rust, "torch": torch }))?)?;
+        let all = serde_json::json!({ "candle": rust, "onnx": onnx, "onnxruntime": ort_python, "torch": torch });
+        std::fs::write(path, serde_json::to_string_pretty(&all)?)?;
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
