@@ -24,8 +24,9 @@ use crate::front::Front;
 /// How often a front reads the current versions back from the store.
 pub const DEFAULT_VERSION_REFRESH: Duration = Duration::from_secs(5);
 
-/// How often a front counts each served version's stored vectors.
-pub const DEFAULT_COVERAGE_REFRESH: Duration = Duration::from_secs(60);
+/// How often a front counts each served version's stored vectors: rarely,
+/// as on CQL each count scans the whole table (like the `Similar` rescan).
+pub const DEFAULT_COVERAGE_REFRESH: Duration = Duration::from_secs(300);
 
 /// What one [`follow_once`] round did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

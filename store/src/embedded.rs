@@ -112,7 +112,8 @@ impl EmbeddedStore {
             if after == Some(key) {
                 continue;
             }
-            if last.is_some() && out.rows.len() >= page.max(1) {
+            // Other rows count too, so a page stays bounded for `retire`.
+            if last.is_some() && out.rows.len() + out.other_keys.len() >= page.max(1) {
                 more = true;
                 break;
             }

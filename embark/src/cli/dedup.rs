@@ -61,6 +61,8 @@ pub(crate) struct DedupArgs {
 
 #[derive(Debug, Serialize, Deserialize)]
 struct DedupCheckpoint {
+    /// The model version's namespace (`name@version`): a resume after a
+    /// promote must not carry on into another version's rows.
     model: String,
     threshold: f32,
     /// Keys whose neighbours are in the candidates file.
@@ -87,7 +89,7 @@ async fn dedup(store: &dyn EmbeddingStore, args: &DedupArgs, stop: CancellationT
     let candidates_path = args.out.with_extension("candidates.partial");
     let checkpoint = Checkpoint::new(args.out.with_extension("checkpoint.json"));
     let mut state = match checkpoint.load::<DedupCheckpoint>()? {
-        Some(c) if c.model != args.model || c.threshold != args.threshold => anyhow::bail!(
+        Some(c) if c.model != namespace || c.threshold != args.threshold => anyhow::bail!(
             "{} belongs to an unfinished dedup of {:?} at threshold {}; delete it or use another --out",
             checkpoint.path().display(),
             c.model,
@@ -95,7 +97,7 @@ async fn dedup(store: &dyn EmbeddingStore, args: &DedupArgs, stop: CancellationT
         ),
         Some(c) => c,
         None => DedupCheckpoint {
-            model: args.model.clone(),
+            model: namespace.clone(),
             threshold: args.threshold,
             done: 0,
             candidates_bytes: 0,

@@ -67,6 +67,8 @@ pub(crate) struct ExportArgs {
 
 #[derive(Debug, Serialize, Deserialize)]
 struct ExportCheckpoint {
+    /// The model version's namespace (`name@version`): a resume after a
+    /// promote must not carry on into another version's rows.
     model: String,
     dim: usize,
     rows: u64,
@@ -103,7 +105,7 @@ async fn export(store: &dyn EmbeddingStore, args: &ExportArgs, stop: Cancellatio
     let (npy_partial, keys_partial) = (out("vectors.npy.partial"), out("keys.jsonl.partial"));
     let checkpoint = Checkpoint::new(out(".export-checkpoint.json"));
     let mut state = match checkpoint.load::<ExportCheckpoint>()? {
-        Some(c) if c.model != args.model || c.dim != dim => anyhow::bail!(
+        Some(c) if c.model != namespace || c.dim != dim => anyhow::bail!(
             "{} holds an unfinished export of model {:?}; use another --out or delete it",
             args.out.display(),
             c.model
@@ -113,7 +115,7 @@ async fn export(store: &dyn EmbeddingStore, args: &ExportArgs, stop: Cancellatio
             c
         }
         None => {
-            ExportCheckpoint { model: args.model.clone(), dim, rows: 0, keys_bytes: 0, cursor: None, scanned: false }
+            ExportCheckpoint { model: namespace.clone(), dim, rows: 0, keys_bytes: 0, cursor: None, scanned: false }
         }
     };
 

@@ -9,7 +9,7 @@
 //!   as `backfill` (keys the target has already are skipped, transient
 //!   failures retried, permanent ones recorded). Lookups keep being served
 //!   from the current version meanwhile. Progress is a bar (a log line per
-//!   second without a terminal); Ctrl-C or SIGTERM finishes the batches in
+//!   second without a terminal); Ctrl-C or SIGTERM finishes the page in
 //!   flight, saves the scan position in `--checkpoint`, and exits 130; the
 //!   same command carries on from there. Keys over 256 bytes are stored
 //!   under their hash, which cannot be embedded again: they are counted
@@ -23,13 +23,13 @@
 //!   again. Remove the version from the catalogue too, or its Lookups
 //!   fill it again.
 
-use std::{path::PathBuf, time::Instant};
+use std::{path::PathBuf, sync::Arc, time::Instant};
 
 use anyhow::Context;
 use clap::Args;
 use embark_store::{EmbeddingStore, namespace};
 use futures::StreamExt;
-use kfc::ModelVersion;
+use kfc::{Embedder, ModelVersion};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -108,21 +108,26 @@ pub(crate) async fn reembed(args: ReembedArgs) -> anyhow::Result<i32> {
         "version {:?} is the source of the reembed already; name another --to-version",
         to.version
     );
-    let dim = u32::try_from(to.dim).context("the model's dim")?;
     let checkpoint = Checkpoint::new(
         args.checkpoint.clone().unwrap_or_else(|| PathBuf::from(format!(".reembed-{}.json", args.model))),
     );
     let mut state = match checkpoint.load::<ReembedCheckpoint>()? {
-        Some(c) if c.summary.from_version != from.version || c.summary.to_version != to.version => anyhow::bail!(
-            "{} holds an unfinished reembed of {:?} from {:?} to {:?}; finish it, or delete the file",
-            checkpoint.path().display(),
-            c.summary.model,
-            c.summary.from_version,
-            c.summary.to_version
-        ),
+        Some(c)
+            if c.summary.model != args.model
+                || c.summary.from_version != from.version
+                || c.summary.to_version != to.version =>
+        {
+            anyhow::bail!(
+                "{} holds an unfinished reembed of {:?} from {:?} to {:?}; finish it, or delete the file",
+                checkpoint.path().display(),
+                c.summary.model,
+                c.summary.from_version,
+                c.summary.to_version
+            )
+        }
         Some(c) => {
             tracing::info!(scanned = c.summary.scanned, "resuming the reembed");
-            c
+            c.resumed()
         }
         None => ReembedCheckpoint {
             summary: ReembedSummary {
@@ -139,50 +144,14 @@ pub(crate) async fn reembed(args: ReembedArgs) -> anyhow::Result<i32> {
     let stop = embark_ops::shutdown::on_signal();
     let embedder_stop = CancellationToken::new();
     let embedder = args.embedder.start(to, &embedder_stop).await?;
-    let policy = policy(args.batching.max_attempts, false);
     let started = Instant::now();
     let mut bar = Progress::new(Some(total), "reembed");
     bar.set_position(state.summary.scanned);
-    loop {
-        if stop.is_cancelled() {
-            state.summary.interrupted = true;
-            break;
-        }
-        let cursor = saved_cursor(state.cursor.as_deref())?;
-        let page = store.scan(&source, cursor, args.page.max(1)).await.context("reading the source version")?;
-        let s = &mut state.summary;
-        s.scanned += page.rows.len() as u64;
-        let (keys, hashed): (Vec<String>, Vec<String>) =
-            page.rows.into_iter().map(|(k, _)| k).partition(|k| !k.starts_with(embark_store::HASHED_KEY_PREFIX));
-        s.hashed_keys += hashed.len() as u64;
-        let batches: Vec<Vec<String>> = keys.chunks(args.batching.batch.max(1)).map(<[String]>::to_vec).collect();
-        let mut outcomes = futures::stream::iter(batches)
-            .map(|batch| {
-                let (store, embedder, policy) = (store.clone(), embedder.clone(), &policy);
-                async move {
-                    let target = ModelVersion::new(&to.name, &to.version);
-                    backfill_batch(&*store, &*embedder, &target, dim, batch, policy).await
-                }
-            })
-            .buffer_unordered(args.batching.concurrency.max(1));
-        let n = keys.len() as u64 + hashed.len() as u64;
-        while let Some(outcome) = outcomes.next().await {
-            let o = outcome?;
-            s.already_stored += o.already_stored as u64;
-            s.embedded += o.embedded as u64;
-            s.failed += o.failed.len() as u64 + o.already_failed as u64;
-            s.transient += o.transient.len() as u64;
-        }
-        bar.inc(n);
-        state.cursor = page.next.map(|c| c.to_hex());
-        if state.cursor.is_none() {
-            break;
-        }
-        // The page is done: a later run starts after it.
-        checkpoint.save(&state)?;
-    }
+    let pages = Pages { source: &source, page: args.page, batching: &args.batching, checkpoint: &checkpoint };
+    let done = reembed_pages(store, embedder, to, &pages, &mut state, &mut bar, &stop).await;
     bar.finish();
     embedder_stop.cancel();
+    done?;
     state.summary.seconds += started.elapsed().as_secs_f64();
     if state.summary.interrupted {
         checkpoint.save(&state)?;
@@ -216,6 +185,79 @@ pub(crate) async fn reembed(args: ReembedArgs) -> anyhow::Result<i32> {
         }
     }
     Ok(if s.interrupted { EXIT_INTERRUPTED } else { 0 })
+}
+
+impl ReembedCheckpoint {
+    /// The state a resumed run starts from: the counts and the scan
+    /// position, no longer interrupted (an interrupted flag carried over
+    /// would end every later run as interrupted, starting the scan over).
+    fn resumed(mut self) -> Self {
+        self.summary.interrupted = false;
+        self
+    }
+}
+
+/// Where a reembed reads and how it batches.
+struct Pages<'a> {
+    /// The source version's namespace.
+    source: &'a str,
+    page: usize,
+    batching: &'a BatchArgs,
+    checkpoint: &'a Checkpoint,
+}
+
+/// Embeds the source version's keys with `to`, page by page from
+/// `state.cursor`, until the scan ends or `stop`; saves the checkpoint
+/// after each whole page. `state.summary.interrupted` says which.
+async fn reembed_pages(
+    store: Arc<dyn EmbeddingStore>,
+    embedder: Arc<dyn Embedder>,
+    to: &retina::ModelSpec,
+    pages: &Pages<'_>,
+    state: &mut ReembedCheckpoint,
+    bar: &mut Progress,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let dim = u32::try_from(to.dim).context("the model's dim")?;
+    let policy = policy(pages.batching.max_attempts, false);
+    loop {
+        if stop.is_cancelled() {
+            state.summary.interrupted = true;
+            return Ok(());
+        }
+        let cursor = saved_cursor(state.cursor.as_deref())?;
+        let page = store.scan(pages.source, cursor, pages.page.max(1)).await.context("reading the source version")?;
+        let s = &mut state.summary;
+        s.scanned += page.rows.len() as u64;
+        let (keys, hashed): (Vec<String>, Vec<String>) =
+            page.rows.into_iter().map(|(k, _)| k).partition(|k| !k.starts_with(embark_store::HASHED_KEY_PREFIX));
+        s.hashed_keys += hashed.len() as u64;
+        let batches: Vec<Vec<String>> = keys.chunks(pages.batching.batch.max(1)).map(<[String]>::to_vec).collect();
+        let mut outcomes = futures::stream::iter(batches)
+            .map(|batch| {
+                let (store, embedder, policy) = (store.clone(), embedder.clone(), &policy);
+                async move {
+                    let target = ModelVersion::new(&to.name, &to.version);
+                    backfill_batch(&*store, &*embedder, &target, dim, batch, policy).await
+                }
+            })
+            .buffer_unordered(pages.batching.concurrency.max(1));
+        let n = keys.len() as u64 + hashed.len() as u64;
+        while let Some(outcome) = outcomes.next().await {
+            let o = outcome?;
+            s.already_stored += o.already_stored as u64;
+            s.embedded += o.embedded as u64;
+            s.failed += o.failed.len() as u64 + o.already_failed as u64;
+            s.transient += o.transient.len() as u64;
+        }
+        bar.inc(n);
+        state.cursor = page.next.map(|c| c.to_hex());
+        if state.cursor.is_none() {
+            return Ok(());
+        }
+        // The page is done: a later run starts after it.
+        pages.checkpoint.save(state)?;
+    }
 }
 
 /// The share of the current version's vectors a promote wants the new
@@ -354,8 +396,8 @@ pub(crate) async fn retire(args: RetireArgs) -> anyhow::Result<i32> {
 }
 
 /// Removes every row of `model` at `version`, a page at a time, until done
-/// or `stop`. Rows are removed as they are read, so each page starts the
-/// scan over: what is left is what the next page reads.
+/// or `stop`. Each page's rows are removed before the next page is read
+/// from the cursor, which both stores carry on from past removed rows.
 async fn retire_rows(
     store: &dyn EmbeddingStore,
     model: &str,
@@ -392,9 +434,60 @@ async fn retire_rows(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use async_trait::async_trait;
     use embark_store::{FailureRecord, embedded::EmbeddedStore};
+    use kfc::{EmbedError, EmbedOutcome};
 
     use super::*;
+    use crate::cli::testing::StopAfterScans;
+
+    /// Answers every input with a vector of `dim` ones.
+    struct Ones(usize);
+
+    #[async_trait]
+    impl Embedder for Ones {
+        async fn embed(&self, _: &str, _: &str, inputs: Vec<String>) -> Result<Vec<EmbedOutcome>, EmbedError> {
+            Ok(inputs.iter().map(|_| EmbedOutcome::Vector(vec![1.0; self.0])).collect())
+        }
+    }
+
+    /// Review of issue 12: the checkpoint of an interrupted reembed kept
+    /// `interrupted`, so every resumed run ended as interrupted (saving a
+    /// checkpoint with no cursor, exit 130) and the next started over.
+    #[tokio::test]
+    async fn an_interrupted_reembed_resumes_where_it_stopped_and_finishes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inner = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
+        let base = retina::catalog::builtin().spec("minilm-l6-v2").expect("built-in");
+        let to: &'static retina::ModelSpec =
+            Box::leak(Box::new(retina::ModelSpec { version: "2".into(), dim: 4, ..base.clone() }));
+        let source = namespace(&to.name, "1");
+        inner.put_vectors(&source, (0..50).map(|i| (format!("k{i:02}"), vec![0.5; 4])).collect()).await.expect("put");
+        let checkpoint = Checkpoint::new(dir.path().join("reembed.json"));
+        let batching = BatchArgs { batch: 4, concurrency: 2, max_attempts: 1 };
+        let pages = Pages { source: &source, page: 10, batching: &batching, checkpoint: &checkpoint };
+        let mut bar = Progress::new(None, "reembed");
+
+        // Stopped while the second page is read: that page finishes.
+        let stop = CancellationToken::new();
+        let stopping = Arc::new(StopAfterScans { inner: inner.clone(), left: AtomicUsize::new(2), stop: stop.clone() });
+        let mut state = ReembedCheckpoint { summary: ReembedSummary::default(), cursor: None };
+        reembed_pages(stopping, Arc::new(Ones(4)), to, &pages, &mut state, &mut bar, &stop).await.expect("run");
+        assert!(state.summary.interrupted);
+        assert_eq!((state.summary.scanned, state.summary.embedded), (20, 20));
+        checkpoint.save(&state).expect("save");
+
+        // The same command again: from the checkpoint to the end.
+        let mut state = checkpoint.load::<ReembedCheckpoint>().expect("load").expect("saved").resumed();
+        let store: Arc<dyn EmbeddingStore> = Arc::new(inner.clone());
+        let never = CancellationToken::new();
+        reembed_pages(store, Arc::new(Ones(4)), to, &pages, &mut state, &mut bar, &never).await.expect("run");
+        assert!(!state.summary.interrupted, "a resumed run that reaches the end is done");
+        assert_eq!((state.summary.scanned, state.summary.embedded, state.summary.already_stored), (50, 50, 0));
+        assert_eq!(inner.count_vectors(&namespace(&to.name, "2")).await.expect("count"), 50);
+    }
 
     #[tokio::test]
     async fn retire_removes_every_row_of_one_version_and_no_other() {

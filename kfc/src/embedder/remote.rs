@@ -296,14 +296,19 @@ impl Embedder for RemoteRetina {
             Ok(Ok(reply)) => reply.into_inner(),
             // The request itself is wrong for Retina (a model it does not
             // serve, too many inputs): retrying cannot help, so every input
-            // gets a permanent failure record.
+            // gets a permanent failure record. A model version Retina does
+            // not serve yet is the exception: during a rollout the fronts
+            // may name it before every Retina loads it, so those inputs
+            // are retried with backoff (and recorded only once their tries
+            // run out).
             Ok(Err(status)) if matches!(status.code(), Code::NotFound | Code::InvalidArgument) => {
                 let reason = format!("Retina refused the request: {}", status.message());
+                let transient = status.code() == Code::NotFound && !version.is_empty();
                 return Ok((0..n)
                     .map(|_| EmbedOutcome::Failed {
                         code: FailureCode::InvalidInput as i32,
                         reason: reason.clone(),
-                        transient: false,
+                        transient,
                     })
                     .collect());
             }
