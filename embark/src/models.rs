@@ -29,7 +29,7 @@ pub enum OovPolicy {
 pub enum ModelConfigError {
     #[error("unknown model {name:?}; known models: {known:?}")]
     Unknown { name: String, known: Vec<&'static str> },
-    #[error("--oov {0:?}: expected MODEL=PATH")]
+    #[error("--oov {0:?}: expected MODEL=PATH or MODEL@VERSION=PATH")]
     BadOovFlag(String),
     #[error("OOV file {path} for model {model}: {reason}")]
     OovFile { model: String, path: String, reason: String },
@@ -134,38 +134,37 @@ pub struct ModelRegistry {
 }
 
 impl ModelRegistry {
-    /// `oov_flags` are `MODEL=PATH` pairs; a model without one takes its
-    /// catalogue entry's `oov_file`, else zeros.
+    /// `oov_flags` are `MODEL=PATH` pairs (every version of the model) or
+    /// `MODEL@VERSION=PATH` (that version only, e.g. for versions of
+    /// different dims); a version without one takes its catalogue entry's
+    /// `oov_file`, else zeros.
     pub fn new(specs: &[&'static ModelSpec], oov_flags: &[String]) -> Result<Self, ModelConfigError> {
         let mut policies: HashMap<String, OovPolicy> = HashMap::new();
         for flag in oov_flags {
-            let (model, path) = flag.split_once('=').ok_or_else(|| ModelConfigError::BadOovFlag(flag.clone()))?;
-            if !specs.iter().any(|s| s.name == model) {
+            let (target, path) = flag.split_once('=').ok_or_else(|| ModelConfigError::BadOovFlag(flag.clone()))?;
+            let names = |s: &&ModelSpec| s.name == target || embark_store::namespace(&s.name, &s.version) == target;
+            if !specs.iter().any(names) {
                 return Err(ModelConfigError::Unknown {
-                    name: model.to_owned(),
+                    name: target.to_owned(),
                     known: specs.iter().map(|s| s.name.as_str()).collect(),
                 });
             }
-            policies.insert(model.to_owned(), OovPolicy::File(PathBuf::from(path)));
+            policies.insert(target.to_owned(), OovPolicy::File(PathBuf::from(path)));
         }
         let mut models: HashMap<&'static str, ServedVersions> = HashMap::new();
         for &spec in specs {
             let name = spec.name.as_str();
-            // A flag names the model: it serves every version of it.
+            let namespace = embark_store::namespace(name, &spec.version);
+            // A flag for this version, else one for the model (every version).
             let policy = policies
-                .get(name)
+                .get(&namespace)
+                .or_else(|| policies.get(name))
                 .cloned()
                 .or_else(|| spec.oov_file.clone().map(OovPolicy::File))
                 .unwrap_or(OovPolicy::Zeros);
             let oov = oov_row(spec, &policy)?;
             let oov_le = crate::cache::le_bytes(&oov);
-            let served = ServedModel {
-                spec,
-                namespace: embark_store::namespace(name, &spec.version),
-                oov,
-                oov_le,
-                metrics: ModelMetrics::new(name),
-            };
+            let served = ServedModel { spec, namespace, oov, oov_le, metrics: ModelMetrics::new(name) };
             let entry = models
                 .entry(name)
                 .or_insert_with(|| ServedVersions { versions: Vec::new(), current: AtomicUsize::new(0) });
@@ -283,6 +282,32 @@ mod tests {
         let e = ModelRegistry::new(&[minilm()], &[flag]).expect_err("short file");
         assert!(e.to_string().contains("3 values, the model's dim is 384"), "{e}");
         assert!(ModelRegistry::new(&[minilm()], &["nope=x".into()]).is_err());
+    }
+
+    /// Review of issue 12: `--oov MODEL=PATH` applied to every version, so
+    /// versions of different dims could not start with an OOV file. A flag
+    /// may name one version (`MODEL@VERSION=PATH`).
+    #[test]
+    fn an_oov_flag_may_name_one_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wide: &'static ModelSpec =
+            Box::leak(Box::new(ModelSpec { version: "wide".into(), dim: 8, current: true, ..minilm().clone() }));
+        let (narrow_file, wide_file) = (dir.path().join("384.txt"), dir.path().join("8.txt"));
+        std::fs::write(&narrow_file, vec!["0.5"; 384].join(" ")).expect("write");
+        std::fs::write(&wide_file, ["0.25"; 8].join(" ")).expect("write");
+        let flags = [
+            format!("minilm-l6-v2@{}={}", minilm().version, narrow_file.display()),
+            format!("minilm-l6-v2@wide={}", wide_file.display()),
+        ];
+        let r = ModelRegistry::new(&[minilm(), wide], &flags).expect("registry");
+        let versions = r.versions("minilm-l6-v2").expect("served");
+        assert!(versions.get(&minilm().version).expect("v1").oov.iter().all(|v| *v == 0.5));
+        assert_eq!(versions.get("wide").expect("wide").oov.to_vec(), vec![0.25; 8]);
+        // One flag for the model reaches every version: the 8-d one refuses a 384-d file.
+        let e = ModelRegistry::new(&[minilm(), wide], &[format!("minilm-l6-v2={}", narrow_file.display())])
+            .expect_err("dims differ");
+        assert!(e.to_string().contains("the model's dim is 8"), "{e}");
+        assert!(ModelRegistry::new(&[minilm()], &["minilm-l6-v2@nope=x".into()]).is_err(), "an unknown version");
     }
 
     #[test]

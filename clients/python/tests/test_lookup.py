@@ -120,6 +120,8 @@ def test_a_version_is_pinned_and_an_unknown_one_is_not_found(client: EmbArk) -> 
     assert pinned.version == info.version and pinned.matrix.shape == (3, DIM)
     with pytest.raises(NotFound, match="no version"):
         client.lookup(MODEL, keys, version="no-such-version")
+    with pytest.raises(NotFound, match="no version"):
+        client.similar(MODEL, vector=np.ones(DIM, dtype=np.float32), version="no-such-version")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed")

@@ -74,9 +74,10 @@ pub struct FrontArgs {
     /// catalogue).
     #[arg(long, env = "EMBARK_MODELS", value_delimiter = ',')]
     pub models: Vec<String>,
-    /// OOV row of a model read from a file (MODEL=PATH, dim numbers); its
-    /// catalogue entry's `oov_file`, else zeros, otherwise. Repeat or
-    /// comma-separate for several models.
+    /// OOV row of a model read from a file (MODEL=PATH for every version,
+    /// MODEL@VERSION=PATH for one; dim numbers); its catalogue entry's
+    /// `oov_file`, else zeros, otherwise. Repeat or comma-separate for
+    /// several models.
     #[arg(long, env = "EMBARK_OOV", value_delimiter = ',')]
     pub oov: Vec<String>,
     /// Size of the in-process tier: bytes, or with KiB/MiB/GiB.

@@ -185,7 +185,9 @@ def similar(
     vector: Optional[npt.ArrayLike],
     k: int,
     min_score: float,
+    version: Optional[str] = None,
 ) -> Plan[SimilarResult]:
+    _check_options(version, "f32")
     if (key is None) == (vector is None):
         raise ValueError("give exactly one query: key= (a key with a stored vector) or vector= (the model's dim)")
     if k < 1:
@@ -194,9 +196,11 @@ def similar(
         query = np.ascontiguousarray(vector, dtype="<f4")
         if query.ndim != 1:
             raise ValueError(f"vector must be one row (1-d), got shape {query.shape}")
-        request = pb.SimilarRequest(model=model, vector=query.tobytes(), k=k, min_score=min_score)
+        request = pb.SimilarRequest(
+            model=model, vector=query.tobytes(), k=k, min_score=min_score, version=version or ""
+        )
     else:
-        request = pb.SimilarRequest(model=model, key=key, k=k, min_score=min_score)
+        request = pb.SimilarRequest(model=model, key=key, k=k, min_score=min_score, version=version or "")
     reply = yield Call("Similar", request)
     if len(reply.keys) != len(reply.scores):
         raise ProtocolError(f"{len(reply.keys)} keys with {len(reply.scores)} scores", method="Similar")

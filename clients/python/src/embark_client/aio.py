@@ -92,10 +92,11 @@ class AsyncEmbArk:
         k: int = 10,
         min_score: float = 0.0,
         *,
+        version: Optional[str] = None,
         timeout: Optional[float] = None,
     ) -> SimilarResult:
         """See :meth:`embark_client.EmbArk.similar`."""
-        return await self._run(_core.similar(model, key, vector, k, min_score), timeout)
+        return await self._run(_core.similar(model, key, vector, k, min_score, version), timeout)
 
     async def invalidate(self, model: str, keys: Sequence[str], *, timeout: Optional[float] = None) -> int:
         """See :meth:`embark_client.EmbArk.invalidate`."""

@@ -126,16 +126,18 @@ class EmbArk:
         k: int = 10,
         min_score: float = 0.0,
         *,
+        version: Optional[str] = None,
         timeout: Optional[float] = None,
     ) -> SimilarResult:
         """The stored keys of ``model`` nearest (cosine) to ``key``'s vector
         (the key itself left out) or to ``vector`` (the model's dim), best
         first, with scores of at least ``min_score``.
 
-        A ``key`` without a vector yet raises :class:`FailedPrecondition`
-        (and is queued, as a Lookup would).
+        ``version`` searches that model version's vectors (default: the
+        current one). A ``key`` without a vector yet raises
+        :class:`FailedPrecondition` (and is queued, as a Lookup would).
         """
-        return self._run(_core.similar(model, key, vector, k, min_score), timeout)
+        return self._run(_core.similar(model, key, vector, k, min_score, version), timeout)
 
     def invalidate(self, model: str, keys: Sequence[str], *, timeout: Optional[float] = None) -> int:
         """Forgets the vectors of ``keys`` (tier and store) and queues them
