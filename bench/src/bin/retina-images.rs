@@ -77,6 +77,37 @@ fn timed(seconds: f64, mut f: impl FnMut() -> anyhow::Result<usize>) -> anyhow::
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// What every Python peer is run with.
+struct PeerArgs<'a> {
+    jpegs: &'a [PathBuf],
+    batches: &'a [usize],
+    seconds: f64,
+    threads: usize,
+}
+
+/// Runs `bench/python/<script>` on `model` under `python` and reads the
+/// JSON object it prints (`package` names what scripts/bench-retina.sh
+/// installs for it, in the error).
+fn run_peer(
+    python: &std::path::Path,
+    script: &str,
+    model: &std::path::Path,
+    a: &PeerArgs<'_>,
+    package: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python").join(script);
+    let batches = a.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
+    let out = Command::new(python)
+        .arg(&script)
+        .arg(model)
+        .args(a.jpegs)
+        .args(["--batches", &batches, "--seconds", &a.seconds.to_string(), "--threads", &a.threads.to_string()])
+        .output()
+        .with_context(|| format!("running {} (scripts/bench-retina.sh installs {package})", python.display()))?;
+    anyhow::ensure!(out.status.success(), "{package} run failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     rayon::ThreadPoolBuilder::new().num_threads(args.threads).build_global()?;
@@ -158,55 +189,21 @@ fn main() -> anyhow::Result<()> {
             onnx.insert(b.to_string(), serde_json::json!({ "tensor": t, "jpeg": e }));
         }
     }
-    let batches = args.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
+    // The Python peers: same JPEGs, batches, seconds and threads.
+    let default_python = home.join(".cache/embark/venv-torch/bin/python");
+    let peer_args =
+        PeerArgs { jpegs: &jpeg_paths, batches: &args.batches, seconds: args.seconds, threads: args.threads };
     let ort_python = if args.no_onnx {
         None
     } else {
-        let python = args
-            .ort_python
-            .clone()
-            .or_else(|| args.torch_python.clone())
-            .unwrap_or_else(|| home.join(".cache/embark/venv-torch/bin/python"));
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/ort_efficientnet.py");
-        let out = Command::new(&python)
-            .arg(&script)
-            .arg(&onnx_graph)
-            .args(&jpeg_paths)
-            .args([
-                "--batches",
-                &batches,
-                "--seconds",
-                &args.seconds.to_string(),
-                "--threads",
-                &args.threads.to_string(),
-            ])
-            .output()
-            .with_context(|| format!("running {} (scripts/bench-retina.sh installs onnxruntime)", python.display()))?;
-        anyhow::ensure!(out.status.success(), "onnxruntime run failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        Some(serde_json::from_slice::<serde_json::Value>(&out.stdout)?)
+        let python = args.ort_python.as_ref().or(args.torch_python.as_ref()).unwrap_or(&default_python);
+        Some(run_peer(python, "ort_efficientnet.py", &onnx_graph, &peer_args, "onnxruntime")?)
     };
-
     let torch = if args.no_torch {
         None
     } else {
-        let python = args.torch_python.clone().unwrap_or_else(|| home.join(".cache/embark/venv-torch/bin/python"));
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/torch_efficientnet.py");
-        let out = Command::new(&python)
-            .arg(&script)
-            .arg(weights.join("model.safetensors"))
-            .args(&jpeg_paths)
-            .args([
-                "--batches",
-                &batches,
-                "--seconds",
-                &args.seconds.to_string(),
-                "--threads",
-                &args.threads.to_string(),
-            ])
-            .output()
-            .with_context(|| format!("running {} (scripts/bench-retina.sh installs torch)", python.display()))?;
-        anyhow::ensure!(out.status.success(), "torch run failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        Some(serde_json::from_slice::<serde_json::Value>(&out.stdout)?)
+        let python = args.torch_python.as_ref().unwrap_or(&default_python);
+        Some(run_peer(python, "torch_efficientnet.py", &weights.join("model.safetensors"), &peer_args, "torch")?)
     };
 
     // Every engine side by side, per batch: images/s on tensors and from

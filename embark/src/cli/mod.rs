@@ -53,28 +53,20 @@ impl StoreLocation {
     }
 }
 
-/// The catalogue entry of `model`, or an error listing the known ones.
-pub(crate) fn model_spec(
-    catalog: &retina::config::CatalogArg,
-    model: &str,
-) -> anyhow::Result<&'static retina::ModelSpec> {
-    let catalog = catalog.load()?;
-    catalog
-        .spec(model)
-        .with_context(|| format!("unknown model {model:?}; {} has {:?}", catalog.source, catalog.names()))
-}
-
 /// The catalogue entry of `model` at `version`; for an empty version, the
 /// current one: what `embark promote` recorded in the store, else the
-/// catalogue's `current` entry.
+/// catalogue's `current` entry. An unknown model or version is an error
+/// listing the known ones.
 pub(crate) async fn model_version(
     catalog: &retina::config::CatalogArg,
     store: &dyn EmbeddingStore,
     model: &str,
     version: &str,
 ) -> anyhow::Result<&'static retina::ModelSpec> {
-    let current = model_spec(catalog, model)?;
     let catalog = catalog.load()?;
+    let current = catalog
+        .spec(model)
+        .with_context(|| format!("unknown model {model:?}; {} has {:?}", catalog.source, catalog.names()))?;
     let version = match version {
         "" => match store.current_version(model).await.context("reading the model's current version")? {
             Some(promoted) => promoted.version,
