@@ -395,4 +395,27 @@ mod tests {
         assert_eq!(current.version, "2");
         assert_eq!(store.current_version("other").await.expect("read"), None);
     }
+
+    /// Review of issue 12: a page counted vectors only, so a version full
+    /// of failure records came back as one unbounded page (and `retire`
+    /// purged it in one transaction). Every row counts toward the page.
+    #[tokio::test]
+    async fn a_scan_page_counts_failure_records_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
+        let failure = FailureRecord { code: 4, reason: "404".into(), at_unix_ms: 1 };
+        store.put_failures("m", (0..6).map(|i| (format!("a{i}"), failure.clone())).collect()).await.expect("put");
+        store.put_vectors("m", (0..6).map(|i| (format!("b{i}"), vec![1.0])).collect()).await.expect("put");
+        let (mut cursor, mut seen) = (None, 0);
+        loop {
+            let page = store.scan("m", cursor, 4).await.expect("scan");
+            assert!(page.rows.len() + page.other_keys.len() <= 4, "{page:?}");
+            seen += page.rows.len() + page.other_keys.len();
+            match page.next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen, 12);
+    }
 }
