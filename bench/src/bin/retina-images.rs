@@ -3,7 +3,9 @@
 //!
 //! For each batch size: images/s on preprocessed tensors (the network
 //! alone) and end to end from encoded JPEGs (decode, Pillow-exact resize
-//! and network; decoding parallel across the batch), for
+//! and network; decoding parallel across the batch), both in turn (decode a
+//! batch, then embed it) and pipelined as Retina runs (the next batch
+//! decodes while the network embeds this one), for
 //! - Retina's candle engine (the shipped safetensors),
 //! - Retina's ONNX engine (ONNX Runtime through `ort`, on the graph
 //!   `scripts/export_efficientnet_onnx.py` exports from the same weights),
@@ -40,6 +42,10 @@ struct Args {
     /// Seconds timed per case (after two warm-up batches).
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// Retina's cases are timed in this many alternating rounds of
+    /// `seconds / rounds` each (median reported).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
     /// Threads for both (rayon for candle, torch.set_num_threads).
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -48,6 +54,9 @@ struct Args {
     /// Python with torch (scripts/bench-retina.sh makes this venv).
     #[arg(long, env = "TORCH_PYTHON")]
     torch_python: Option<PathBuf>,
+    /// Skip Retina's candle engine.
+    #[arg(long)]
+    no_candle: bool,
     /// Skip the PyTorch run.
     #[arg(long)]
     no_torch: bool,
@@ -75,6 +84,68 @@ fn timed(seconds: f64, mut f: impl FnMut() -> anyhow::Result<usize>) -> anyhow::
         n += f()?;
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Images/s from JPEG as Retina runs it: decoding (parallel across the
+/// batch, on the rayon pool) in one thread while the network embeds the
+/// previous batch in another, one batch queued between them, as Retina's
+/// decode tasks feed its engine thread. `prepare` makes a batch, `embed`
+/// runs the network on it and returns its size.
+fn pipelined<P: Send>(
+    seconds: f64,
+    prepare: &(impl Fn() -> anyhow::Result<P> + Sync),
+    mut embed: impl FnMut(P) -> anyhow::Result<usize>,
+) -> anyhow::Result<f64> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<anyhow::Result<P>>(1);
+        // Stops at its next send once the receiver is gone.
+        scope.spawn(move || while tx.send(prepare()).is_ok() {});
+        let next = || rx.recv().context("the decoding thread stopped")?;
+        timed(seconds, || embed(next()?))
+    })
+}
+
+/// Images/s of one engine at batch `b` three ways: on tensors (`one`
+/// repeated), from JPEG in turn (decode a batch, then embed it) and from
+/// JPEG pipelined. The three are timed in alternation, `--rounds` times
+/// each for `--seconds / --rounds`, and each figure is the median of its
+/// rounds: a shared VM's slow and fast moments then fall on all three, and
+/// their ratios hold still where back-to-back runs of seconds each differed
+/// by a third.
+fn three_ways(
+    args: &Args,
+    b: usize,
+    one: &[f32],
+    prepare: impl Fn() -> anyhow::Result<Vec<f32>> + Sync,
+    mut embed: impl FnMut(Vec<f32>) -> anyhow::Result<()>,
+) -> anyhow::Result<serde_json::Value> {
+    let slice = args.seconds / args.rounds.max(1) as f64;
+    let mut runs: [Vec<f64>; 3] = Default::default();
+    for _ in 0..args.rounds.max(1) {
+        runs[0].push(timed(slice, || embed(one.repeat(b)).map(|()| b))?);
+        runs[1].push(timed(slice, || embed(prepare()?).map(|()| b))?);
+        runs[2].push(pipelined(slice, &prepare, |pixels| embed(pixels).map(|()| b))?);
+    }
+    let [t, e, p] = runs.map(|mut r| {
+        r.sort_by(f64::total_cmp);
+        r[r.len() / 2]
+    });
+    Ok(serde_json::json!({ "tensor": t, "jpeg": e, "jpeg_pipelined": p }))
+}
+
+/// `b` of the JPEGs decoded and preprocessed (in parallel on the rayon
+/// pool), as one NCHW batch.
+fn prepared_batch(
+    jpegs: &[Vec<u8>],
+    b: usize,
+    limits: &preprocess::DecodeLimits,
+    settings: &retina::catalog::ImageSettings,
+) -> anyhow::Result<Vec<f32>> {
+    let pixels: Vec<Vec<f32>> = (0..b)
+        .into_par_iter()
+        .map(|i| preprocess::prepare(&jpegs[i % jpegs.len()], limits, settings))
+        .collect::<Result<_, _>>()?;
+    Ok(pixels.concat())
 }
 
 /// What every Python peer is run with.
@@ -139,22 +210,19 @@ fn main() -> anyhow::Result<()> {
         .and_then(|s| s.image.as_ref())
         .ok_or_else(|| anyhow::anyhow!("no image settings for efficientnet-lite0"))?;
     let mut rust = serde_json::Map::new();
-    for &b in &args.batches {
-        let tensor = one.repeat(b);
-        let t = timed(args.seconds, || {
-            model.embed(&tensor, b, INPUT_SIZE)?;
-            Ok(b)
-        })?;
-        let e = timed(args.seconds, || {
-            let pixels: Vec<Vec<f32>> = (0..b)
-                .into_par_iter()
-                .map(|i| preprocess::prepare(&jpegs[i % jpegs.len()], &limits, settings))
-                .collect::<Result<_, _>>()?;
-            model.embed(&pixels.concat(), b, INPUT_SIZE)?;
-            Ok(b)
-        })?;
-        eprintln!("candle  batch {b:>2}: {t:7.1} img/s tensors, {e:7.1} img/s from JPEG");
-        rust.insert(b.to_string(), serde_json::json!({ "tensor": t, "jpeg": e }));
+    for &b in args.batches.iter().filter(|_| !args.no_candle) {
+        let figures = three_ways(
+            &args,
+            b,
+            &one,
+            || prepared_batch(&jpegs, b, &limits, settings),
+            |pixels| {
+                model.embed(&pixels, b, INPUT_SIZE)?;
+                Ok(())
+            },
+        )?;
+        eprintln!("candle  batch {b:>2}: {figures}");
+        rust.insert(b.to_string(), figures);
     }
     drop(model);
 
@@ -173,20 +241,18 @@ fn main() -> anyhow::Result<()> {
         let mut encoder = retina::onnx::OnnxImageEncoder::load(&lib, &graph, spec, image)
             .with_context(|| format!("loading ONNX Runtime from {} (scripts/setup-onnxruntime.sh)", lib.display()))?;
         for &b in &args.batches {
-            let t = timed(args.seconds, || {
-                encoder.embed(one.repeat(b), b)?;
-                Ok(b)
-            })?;
-            let e = timed(args.seconds, || {
-                let pixels: Vec<Vec<f32>> = (0..b)
-                    .into_par_iter()
-                    .map(|i| preprocess::prepare(&jpegs[i % jpegs.len()], &limits, image))
-                    .collect::<Result<_, _>>()?;
-                encoder.embed(pixels.concat(), b)?;
-                Ok(b)
-            })?;
-            eprintln!("onnx    batch {b:>2}: {t:7.1} img/s tensors, {e:7.1} img/s from JPEG");
-            onnx.insert(b.to_string(), serde_json::json!({ "tensor": t, "jpeg": e }));
+            let figures = three_ways(
+                &args,
+                b,
+                &one,
+                || prepared_batch(&jpegs, b, &limits, image),
+                |pixels| {
+                    encoder.embed(pixels, b)?;
+                    Ok(())
+                },
+            )?;
+            eprintln!("onnx    batch {b:>2}: {figures}");
+            onnx.insert(b.to_string(), figures);
         }
     }
     // The Python peers: same JPEGs, batches, seconds and threads.
@@ -216,19 +282,37 @@ fn main() -> anyhow::Result<()> {
         m.get(&b.to_string()).and_then(|r| r[what].as_f64()).unwrap_or(f64::NAN)
     };
     println!("\nEfficientNet-Lite0, {} threads, images/s (higher is better)", args.threads);
-    println!("| batch | engine | tensors | vs onnxruntime | from JPEG | JPEG / tensors |");
-    println!("|---:|---|---:|---:|---:|---:|");
+    println!(
+        "| batch | engine | tensors | vs onnxruntime | from JPEG, in turn | JPEG / tensors | from JPEG, pipelined | pipelined / tensors |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
     for &b in &args.batches {
         let reference = peer(&ort_python, "tensor", b);
         let torch_config = torch.as_ref().and_then(|t| t["config"][b.to_string()].as_str()).unwrap_or("?");
+        // The Python peers decode in turn only (no pipelined figure).
         let rows = [
-            ("Retina candle".to_owned(), ours(&rust, "tensor", b), ours(&rust, "jpeg", b)),
-            ("Retina ONNX (ort)".to_owned(), ours(&onnx, "tensor", b), ours(&onnx, "jpeg", b)),
-            ("onnxruntime (Python)".to_owned(), reference, peer(&ort_python, "jpeg", b)),
-            (format!("PyTorch ({torch_config})"), peer(&torch, "tensor", b), peer(&torch, "jpeg", b)),
+            (
+                "Retina candle".to_owned(),
+                ours(&rust, "tensor", b),
+                ours(&rust, "jpeg", b),
+                ours(&rust, "jpeg_pipelined", b),
+            ),
+            (
+                "Retina ONNX (ort)".to_owned(),
+                ours(&onnx, "tensor", b),
+                ours(&onnx, "jpeg", b),
+                ours(&onnx, "jpeg_pipelined", b),
+            ),
+            ("onnxruntime (Python)".to_owned(), reference, peer(&ort_python, "jpeg", b), f64::NAN),
+            (format!("PyTorch ({torch_config})"), peer(&torch, "tensor", b), peer(&torch, "jpeg", b), f64::NAN),
         ];
-        for (name, t, e) in rows {
-            println!("| {b} | {name} | {t:.1} | {:.2}x | {e:.1} | {:.2} |", t / reference, e / t);
+        for (name, t, e, p) in rows {
+            println!(
+                "| {b} | {name} | {t:.1} | {:.2}x | {e:.1} | {:.2} | {p:.1} | {:.2} |",
+                t / reference,
+                e / t,
+                p / t
+            );
         }
     }
     if let Some(t) = &torch {
