@@ -7,6 +7,8 @@
 //!   (`--kafka-brokers`), or wait in the durable queue.
 //! - `embark migrate`: creates the CQL schema.
 //! - `embark backfill | export | dedup`: batch tools ([`cli`]).
+//! - `embark reembed | promote | retire | adopt`: model versions
+//!   ([`cli::versions`]).
 //! - `embark get | similar | invalidate | models`: a client of a running
 //!   server ([`cli::client`]).
 //!
@@ -63,6 +65,9 @@ enum Command {
     Promote(cli::versions::PromoteArgs),
     /// Remove every stored row of a model version that is not current.
     Retire(cli::versions::RetireArgs),
+    /// Copy the rows a release before versions wrote under the bare model
+    /// name into a version's rows (no network run); resumable.
+    Adopt(cli::versions::AdoptArgs),
     /// Write a model's keys and vectors as .npy + keys.jsonl and Parquet; resumable.
     Export(cli::export::ExportArgs),
     /// Write the near-duplicate pairs of a model's keys as CSV; resumable.
@@ -100,6 +105,7 @@ fn main() -> anyhow::Result<()> {
             Command::Reembed(args) => tool(cli::versions::reembed(args)).await,
             Command::Promote(args) => tool(cli::versions::promote(args)).await,
             Command::Retire(args) => tool(cli::versions::retire(args)).await,
+            Command::Adopt(args) => tool(cli::versions::adopt(args)).await,
             Command::Export(args) => tool(cli::export::run(args)).await,
             Command::Dedup(args) => tool(cli::dedup::run(args)).await,
             Command::Get(args) => tool(cli::client::get(args)).await,

@@ -598,8 +598,7 @@ impl CqlStore {
     async fn write_all(&self, model: &str, rows: Vec<Write>) -> Result<(), StoreError> {
         let now = now_unix_ms();
         stream::iter(rows)
-            .map(|Write { key, value, write_ts_micros: write_ts }| async move {
-                let skey = storage_key(&key).into_owned();
+            .map(|Write { stored_key: skey, value, write_ts_micros: write_ts }| async move {
                 let done = match value {
                     Filled::Vector(v) => {
                         let mut blob = Vec::with_capacity(v.len() * 4);
@@ -626,7 +625,8 @@ impl CqlStore {
 
 /// One row for [`CqlStore::write_all`].
 struct Write {
-    key: String,
+    /// The key as stored ([`storage_key`]).
+    stored_key: String,
     /// A vector row or a failure record.
     value: Filled,
     /// The CQL write timestamp (microseconds since the epoch).
@@ -649,6 +649,11 @@ fn at(statement: &PreparedStatement, ts: i64) -> PreparedStatement {
     s.set_timestamp(Some(ts));
     s
 }
+
+/// The CQL write timestamp of a copied row ([`CqlStore::copy_vectors`]):
+/// older than every write a process makes, so whatever else is written to
+/// the same key, before or after, wins.
+const COPY_WRITE_TS_MICROS: i64 = 1;
 
 /// Microseconds since the Unix epoch: the CQL write timestamp of a write
 /// made now (client-side, so deletes and fills compare on one clock).
@@ -681,13 +686,21 @@ impl EmbeddingStore for CqlStore {
 
     async fn put_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<(), StoreError> {
         let ts = now_micros();
-        let rows = rows.into_iter().map(|(key, v)| Write { key, value: Filled::Vector(v), write_ts_micros: ts });
+        let rows = rows.into_iter().map(|(key, v)| Write {
+            stored_key: storage_key(&key).into_owned(),
+            value: Filled::Vector(v),
+            write_ts_micros: ts,
+        });
         self.write_all(model, rows.collect()).await
     }
 
     async fn put_failures(&self, model: &str, rows: Vec<(String, FailureRecord)>) -> Result<(), StoreError> {
         let ts = now_micros();
-        let rows = rows.into_iter().map(|(key, f)| Write { key, value: Filled::Failure(f), write_ts_micros: ts });
+        let rows = rows.into_iter().map(|(key, f)| Write {
+            stored_key: storage_key(&key).into_owned(),
+            value: Filled::Failure(f),
+            write_ts_micros: ts,
+        });
         self.write_all(model, rows.collect()).await
     }
 
@@ -697,7 +710,7 @@ impl EmbeddingStore for CqlStore {
     async fn put_filled(&self, model: &str, rows: Vec<FilledRow>) -> Result<Vec<bool>, StoreError> {
         let n = rows.len();
         let rows = rows.into_iter().map(|r| Write {
-            key: r.key,
+            stored_key: storage_key(&r.key).into_owned(),
             value: r.value,
             write_ts_micros: r.seen_at_ms.saturating_mul(1000).saturating_add(999),
         });
@@ -764,6 +777,33 @@ impl EmbeddingStore for CqlStore {
         );
         self.session.query_unpaged(q, (name, version, CqlTimestamp(now_unix_ms()))).await.map_err(cql_err)?;
         Ok(())
+    }
+
+    /// The rows absent at a read are written at a timestamp older than any
+    /// other write ([`COPY_WRITE_TS_MICROS`]), so a row, failure or delete
+    /// written before or meanwhile wins, with no lightweight transaction.
+    async fn copy_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<u64, StoreError> {
+        let absent = stream::iter(rows)
+            .map(|(skey, vector)| async move {
+                let result = self.session.execute_unpaged(&self.get, (model, skey.as_str())).await.map_err(cql_err)?;
+                let rows = result.into_rows_result().map_err(cql_err)?;
+                Ok::<_, StoreError>((rows.rows_num() == 0).then_some((skey, vector)))
+            })
+            .buffer_unordered(self.concurrency)
+            .try_collect::<Vec<_>>()
+            .await?;
+        let writes: Vec<Write> = absent
+            .into_iter()
+            .flatten()
+            .map(|(stored_key, v)| Write {
+                stored_key,
+                value: Filled::Vector(v),
+                write_ts_micros: COPY_WRITE_TS_MICROS,
+            })
+            .collect();
+        let n = writes.len() as u64;
+        self.write_all(model, writes).await?;
+        Ok(n)
     }
 
     async fn purge(&self, model: &str, stored_keys: &[String]) -> Result<(), StoreError> {

@@ -249,6 +249,30 @@ impl EmbeddingStore for EmbeddedStore {
         .await
     }
 
+    async fn copy_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<u64, StoreError> {
+        let model = model.to_owned();
+        let now = crate::now_unix_ms();
+        self.blocking(move |s| {
+            let txn = s.db.begin_write().map_err(db_err)?;
+            let mut written = 0;
+            {
+                let mut table = txn.open_table(EMBEDDINGS).map_err(db_err)?;
+                for (skey, vector) in rows {
+                    // Any row stands: a vector, a failure or a delete record.
+                    if table.get((model.as_str(), skey.as_str())).map_err(db_err)?.is_some() {
+                        continue;
+                    }
+                    let value = row::encode_vector(&vector, now);
+                    table.insert((model.as_str(), skey.as_str()), value.as_slice()).map_err(db_err)?;
+                    written += 1;
+                }
+            }
+            txn.commit().map_err(db_err)?;
+            Ok(written)
+        })
+        .await
+    }
+
     async fn put_filled(&self, model: &str, rows: Vec<crate::FilledRow>) -> Result<Vec<bool>, StoreError> {
         let model = model.to_owned();
         let now = crate::now_unix_ms();

@@ -223,6 +223,18 @@ pub trait EmbeddingStore: Send + Sync + 'static {
         Err(StoreError::Config("this store cannot purge rows".into()))
     }
 
+    /// Writes vectors by their stored keys, as [`EmbeddingStore::scan`]
+    /// returns them (a long key's hash, not the key), each only where
+    /// `model` has no row for it: no vector, failure record or delete
+    /// record, and never over a write that lands meanwhile. For copying
+    /// rows between namespaces (`embark adopt`). Returns how many were
+    /// written (on CQL: how many had no row at the read before the write;
+    /// a delete record there still wins, by its newer timestamp).
+    async fn copy_vectors(&self, model: &str, stored_rows: Vec<(String, Vec<f32>)>) -> Result<u64, StoreError> {
+        let _ = (model, stored_rows);
+        Err(StoreError::Config("this store cannot copy rows".into()))
+    }
+
     /// The version `embark promote` made current for the model `name`, and
     /// when (ms since the epoch); `None` before any promote (the
     /// catalogue's `current` entry stands). Every replica reads it, so

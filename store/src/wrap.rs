@@ -46,6 +46,9 @@ pub trait StoreWrapper: Send + Sync + 'static {
     async fn purge(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
         self.inner().purge(model, keys).await
     }
+    async fn copy_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<u64, StoreError> {
+        self.inner().copy_vectors(model, rows).await
+    }
     async fn current_version(&self, name: &str) -> Result<Option<CurrentVersion>, StoreError> {
         self.inner().current_version(name).await
     }
@@ -82,6 +85,9 @@ impl<W: StoreWrapper> EmbeddingStore for W {
     }
     async fn purge(&self, model: &str, keys: &[String]) -> Result<(), StoreError> {
         StoreWrapper::purge(self, model, keys).await
+    }
+    async fn copy_vectors(&self, model: &str, rows: Vec<(String, Vec<f32>)>) -> Result<u64, StoreError> {
+        StoreWrapper::copy_vectors(self, model, rows).await
     }
     async fn current_version(&self, name: &str) -> Result<Option<CurrentVersion>, StoreError> {
         StoreWrapper::current_version(self, name).await

@@ -170,3 +170,48 @@ async fn current_versions_coverage_and_purge() -> anyhow::Result<()> {
     assert_eq!(store.count_vectors(&v2).await?, 5, "the other version is untouched");
     Ok(())
 }
+
+/// `embark adopt` on CQL: rows copied by their stored keys (a long key is
+/// found by its hash afterwards), never over the target's own row or
+/// failure record, nor over a fill made after the copy. What this server
+/// cannot check: it does not apply write timestamps (a later write always
+/// wins, a delete leaves no tombstone), so that a delete record beats the
+/// copy (its timestamp is newer than the copy's) is checked on the
+/// embedded store only (`embark` `adopt_copies_...`), as for `put_filled`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copied_rows_keep_their_stored_keys_and_never_win() -> anyhow::Result<()> {
+    let server = CqlTestServer::start()?;
+    let cfg = config(&server);
+    CqlStore::migrate(&cfg).await?;
+    let store = CqlStore::connect(&cfg).await?;
+    let target = embark_store::namespace("m", "1");
+    let long = format!("https://img.example.com/{}", "x".repeat(400));
+    store.put_vectors("m", (0..6).map(|i| (format!("k{i}"), vec![i as f32; 4])).collect()).await?;
+    store.put_vectors("m", vec![(long.clone(), vec![7.0; 4])]).await?;
+    let page = store.scan("m", None, 100).await?;
+    assert_eq!(page.rows.len(), 7);
+
+    store.put_vectors(&target, vec![("k0".into(), vec![-1.0; 4])]).await?;
+    store
+        .put_failures(&target, vec![("k1".into(), FailureRecord { code: 4, reason: "404".into(), at_unix_ms: 1 })])
+        .await?;
+    let copied = store.copy_vectors(&target, page.rows.clone()).await?;
+    assert_eq!(copied, 5, "k0 and k1 had rows");
+    // A fill after the copy wins too, and a copy again changes nothing.
+    store.put_vectors(&target, vec![("k3".into(), vec![-3.0; 4])]).await?;
+    store.copy_vectors(&target, page.rows).await?;
+
+    let keys: Vec<String> = ["k0", "k1", "k2", "k3", "k5"].map(String::from).into_iter().chain([long]).collect();
+    let got = store.get_many(&target, &keys).await?;
+    let vector = |r: &Option<StoredRow>| match r {
+        Some(StoredRow::Vector { vector, .. }) => Some(vector.clone()),
+        _ => None,
+    };
+    assert_eq!(vector(&got[0]), Some(vec![-1.0; 4]), "the target's own row stands");
+    assert!(matches!(got[1], Some(StoredRow::Failed(_))), "{:?}", got[1]);
+    assert_eq!(vector(&got[2]), Some(vec![2.0; 4]));
+    assert_eq!(vector(&got[3]), Some(vec![-3.0; 4]), "a later fill wins over the copy");
+    assert_eq!(vector(&got[4]), Some(vec![5.0; 4]));
+    assert_eq!(vector(&got[5]), Some(vec![7.0; 4]), "the long key by its hash");
+    Ok(())
+}

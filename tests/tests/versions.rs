@@ -242,3 +242,45 @@ async fn reembed_then_promote_moves_rankers_to_a_new_version_without_an_oov_spik
     assert!(sources(&v2_after).iter().all(|s| matches!(s, Source::Store | Source::Cache)));
     Ok(())
 }
+
+/// Issue 12: a release before versions stored its rows under the bare
+/// model name, which no version reads, so after an upgrade every stored
+/// key was a miss. `embark adopt` copies them into the current version
+/// (no network run): the upgraded `embark up` answers them from the store,
+/// and `retire --unversioned` removes the old rows afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_keeps_the_rows_stored_before_versions() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data)?;
+    let data_flag = data.to_str().expect("utf-8");
+    let keys: Vec<String> = (0..20).map(|i| format!("a title stored before versions, number {i}")).collect();
+    let vector = |i: usize| (0..DIM).map(|d| ((i * DIM + d) as f32 * 0.001).sin()).collect::<Vec<f32>>();
+    {
+        use embark_store::EmbeddingStore;
+        let old = embark_store::embedded::EmbeddedStore::open(&data.join("embark.redb"))?;
+        old.put_vectors(MODEL, keys.iter().enumerate().map(|(i, k)| (k.clone(), vector(i))).collect()).await?;
+    }
+    let common = ["--data-dir", data_flag];
+
+    let adopted: serde_json::Value = serde_json::from_str(&tool(&["adopt", "--model", MODEL, "--json"], &common)?)?;
+    assert_eq!((adopted["scanned"].as_u64(), adopted["copied"].as_u64()), (Some(20), Some(20)), "{adopted}");
+    assert_eq!(adopted["version"].as_str(), Some(embark_tests::builtin_version(MODEL).as_str()));
+
+    let mut embark = Server::start(&binary("embark"), &["up", "--data-dir", data_flag, "--models", MODEL]).await?;
+    let mut client = embark.embark_client().await?;
+    let r = client.lookup(lookup(&keys, "")).await?.into_inner();
+    assert_eq!(sources(&r), vec![Source::Store; 20], "every key stored before the upgrade is a hit");
+    let got = rows(&r.vectors, DIM);
+    for (i, row) in got.iter().enumerate() {
+        assert_eq!(row, &vector(i), "key {i}: the stored vector, as it was");
+    }
+    embark.terminate(Duration::from_secs(30))?;
+
+    let retired: serde_json::Value =
+        serde_json::from_str(&tool(&["retire", "--model", MODEL, "--unversioned", "--json"], &common)?)?;
+    assert_eq!(retired["removed"].as_u64(), Some(20), "{retired}");
+    let again: serde_json::Value = serde_json::from_str(&tool(&["adopt", "--model", MODEL, "--json"], &common)?)?;
+    assert_eq!(again["scanned"].as_u64(), Some(0), "nothing unversioned is left: {again}");
+    Ok(())
+}

@@ -22,6 +22,11 @@
 //!   version that is not current, page by page; it can be stopped and run
 //!   again. Remove the version from the catalogue too, or its Lookups
 //!   fill it again.
+//! - **adopt** copies the vectors a release before versions stored under
+//!   the bare model name into a version's rows, without running the
+//!   network, so an upgrade keeps every key rankers found before (`reembed
+//!   --from-unversioned` embeds them again instead, for a changed model;
+//!   `retire --unversioned` removes them afterwards).
 
 use std::{path::PathBuf, sync::Arc, time::Instant};
 
@@ -48,8 +53,13 @@ pub(crate) struct ReembedArgs {
     to_version: String,
     /// The version whose stored keys are embedded again (default: the
     /// current one).
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", conflicts_with = "from_unversioned")]
     from_version: String,
+    /// Embed again the keys of the rows a release before versions wrote
+    /// under the bare model name (when the model changed since; when it
+    /// did not, `embark adopt` copies them without running it).
+    #[arg(long)]
+    from_unversioned: bool,
     #[command(flatten)]
     location: StoreLocation,
     #[command(flatten)]
@@ -101,10 +111,15 @@ struct ReembedCheckpoint {
 
 pub(crate) async fn reembed(args: ReembedArgs) -> anyhow::Result<i32> {
     let store = args.location.open().await?;
-    let from = model_version(&args.location.catalog, &*store, &args.model, &args.from_version).await?;
     let to = model_version(&args.location.catalog, &*store, &args.model, &args.to_version).await?;
+    // The source's version; empty for the unversioned rows.
+    let from_version = if args.from_unversioned {
+        String::new()
+    } else {
+        model_version(&args.location.catalog, &*store, &args.model, &args.from_version).await?.version.clone()
+    };
     anyhow::ensure!(
-        from.version != to.version,
+        from_version != to.version,
         "version {:?} is the source of the reembed already; name another --to-version",
         to.version
     );
@@ -114,7 +129,7 @@ pub(crate) async fn reembed(args: ReembedArgs) -> anyhow::Result<i32> {
     let mut state = match checkpoint.load::<ReembedCheckpoint>()? {
         Some(c)
             if c.summary.model != args.model
-                || c.summary.from_version != from.version
+                || c.summary.from_version != from_version
                 || c.summary.to_version != to.version =>
         {
             anyhow::bail!(
@@ -132,14 +147,14 @@ pub(crate) async fn reembed(args: ReembedArgs) -> anyhow::Result<i32> {
         None => ReembedCheckpoint {
             summary: ReembedSummary {
                 model: args.model.clone(),
-                from_version: from.version.clone(),
+                from_version: from_version.clone(),
                 to_version: to.version.clone(),
                 ..Default::default()
             },
             cursor: None,
         },
     };
-    let source = namespace(&args.model, &from.version);
+    let source = namespace(&args.model, &from_version);
     let total = store.count_vectors(&source).await.context("counting the source version's vectors")?;
     let stop = embark_ops::shutdown::on_signal();
     let embedder_stop = CancellationToken::new();
@@ -260,6 +275,158 @@ async fn reembed_pages(
     }
 }
 
+#[derive(Debug, Args)]
+pub(crate) struct AdoptArgs {
+    #[arg(long)]
+    model: String,
+    /// The version the unversioned rows become (default: the current one).
+    #[arg(long, default_value = "")]
+    version: String,
+    #[command(flatten)]
+    location: StoreLocation,
+    /// Where the scan position is saved (default: `.adopt-<model>.json`
+    /// in the working directory).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Stored rows read per page (the checkpoint is saved once a page is done).
+    #[arg(long, default_value_t = 1024)]
+    page: usize,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What an adopt did, over every run of it.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub(crate) struct AdoptSummary {
+    pub model: String,
+    pub version: String,
+    /// Unversioned vectors seen by the scan.
+    pub scanned: u64,
+    /// Copied into the version's rows.
+    pub copied: u64,
+    /// Skipped: the version had a row for the key already (a newer fill,
+    /// or a failure or delete record, which stands).
+    pub already_stored: u64,
+    /// Skipped: the vector's dim is not the version's (such rows were not
+    /// made by this version's model; their keys fill on their next Lookup).
+    pub wrong_dim: u64,
+    pub interrupted: bool,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct AdoptCheckpoint {
+    summary: AdoptSummary,
+    /// The unversioned scan's next page (hex), `None` at the start.
+    cursor: Option<String>,
+}
+
+/// `embark adopt`: the rows a release before versions wrote under the bare
+/// model name become a version's rows, copied as they are, without running
+/// the network. For an upgrade whose catalogue entry is the model that
+/// wrote them (the shipped models are): rankers then find every key they
+/// found before, with no OOV spike. When the model changed, use `reembed
+/// --from-unversioned` instead.
+pub(crate) async fn adopt(args: AdoptArgs) -> anyhow::Result<i32> {
+    let store = args.location.open().await?;
+    let to = model_version(&args.location.catalog, &*store, &args.model, &args.version).await?;
+    let checkpoint = Checkpoint::new(
+        args.checkpoint.clone().unwrap_or_else(|| PathBuf::from(format!(".adopt-{}.json", args.model))),
+    );
+    let mut state = match checkpoint.load::<AdoptCheckpoint>()? {
+        Some(c) if c.summary.model != args.model || c.summary.version != to.version => anyhow::bail!(
+            "{} holds an unfinished adopt of {:?} into {:?}; finish it, or delete the file",
+            checkpoint.path().display(),
+            c.summary.model,
+            c.summary.version
+        ),
+        Some(mut c) => {
+            tracing::info!(scanned = c.summary.scanned, "resuming the adopt");
+            c.summary.interrupted = false;
+            c
+        }
+        None => AdoptCheckpoint {
+            summary: AdoptSummary { model: args.model.clone(), version: to.version.clone(), ..Default::default() },
+            cursor: None,
+        },
+    };
+    let total = store.count_vectors(&args.model).await.context("counting the unversioned vectors")?;
+    let stop = embark_ops::shutdown::on_signal();
+    let started = Instant::now();
+    let mut bar = Progress::new(Some(total), "adopt");
+    bar.set_position(state.summary.scanned);
+    adopt_pages(&*store, to, args.page, &checkpoint, &mut state, &mut bar, &stop).await?;
+    bar.finish();
+    state.summary.seconds += started.elapsed().as_secs_f64();
+    if state.summary.interrupted {
+        checkpoint.save(&state)?;
+    } else {
+        checkpoint.remove()?;
+    }
+    let s = &state.summary;
+    if args.json {
+        println!("{}", serde_json::to_string(s)?);
+    } else {
+        println!("adopt of {}'s unversioned rows into {:?}: {} vectors scanned", s.model, s.version, s.scanned);
+        println!("  copied           {}", s.copied);
+        println!("  already there    {}", s.already_stored);
+        if s.wrong_dim > 0 {
+            println!("  wrong dim        {} (not this version's: filled on their next Lookup)", s.wrong_dim);
+        }
+        if s.interrupted {
+            println!("  interrupted: run the same command again to carry on ({})", checkpoint.path().display());
+        } else {
+            println!("  next, once every process runs this release: embark retire --model {} --unversioned", s.model);
+        }
+    }
+    Ok(if s.interrupted { EXIT_INTERRUPTED } else { 0 })
+}
+
+/// Copies the unversioned vectors of `to.name` of the right dim into
+/// `to`'s rows, page by page from `state.cursor`, until the scan ends or
+/// `stop`, saving the checkpoint after each page. Never over anything the
+/// version has ([`EmbeddingStore::copy_vectors`]): its own fills, failure
+/// records and Invalidates' delete records stand. Rows are copied by their
+/// stored keys, so a long key's row is found by its hash afterwards.
+async fn adopt_pages(
+    store: &dyn EmbeddingStore,
+    to: &retina::ModelSpec,
+    page: usize,
+    checkpoint: &Checkpoint,
+    state: &mut AdoptCheckpoint,
+    bar: &mut Progress,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let target = namespace(&to.name, &to.version);
+    loop {
+        if stop.is_cancelled() {
+            state.summary.interrupted = true;
+            return Ok(());
+        }
+        let cursor = saved_cursor(state.cursor.as_deref())?;
+        let p = store.scan(&to.name, cursor, page.max(1)).await.context("reading the unversioned rows")?;
+        let s = &mut state.summary;
+        s.scanned += p.rows.len() as u64;
+        bar.inc(p.rows.len() as u64);
+        let (rows, wrong): (Vec<_>, Vec<_>) = p.rows.into_iter().partition(|(_, v)| v.len() == to.dim);
+        s.wrong_dim += wrong.len() as u64;
+        let offered = rows.len() as u64;
+        let copied = if rows.is_empty() {
+            0
+        } else {
+            store.copy_vectors(&target, rows).await.context("writing the version's rows")?
+        };
+        s.copied += copied;
+        s.already_stored += offered - copied;
+        state.cursor = p.next.map(|c| c.to_hex());
+        if state.cursor.is_none() {
+            return Ok(());
+        }
+        checkpoint.save(state)?;
+    }
+}
+
 /// The share of the current version's vectors a promote wants the new
 /// version to hold.
 pub(crate) const DEFAULT_MIN_COVERAGE: f64 = 0.99;
@@ -347,8 +514,13 @@ pub(crate) struct RetireArgs {
     #[arg(long)]
     model: String,
     /// The version whose rows are removed (not the current one).
+    #[arg(long, required_unless_present = "unversioned", conflicts_with = "unversioned")]
+    version: Option<String>,
+    /// Remove the rows a release before versions wrote under the bare model
+    /// name instead (after `embark adopt`, once no process of that release
+    /// still writes them).
     #[arg(long)]
-    version: String,
+    unversioned: bool,
     #[command(flatten)]
     location: StoreLocation,
     /// Rows removed per page.
@@ -372,19 +544,25 @@ struct RetireSummary {
 pub(crate) async fn retire(args: RetireArgs) -> anyhow::Result<i32> {
     let store = args.location.open().await?;
     let current = model_version(&args.location.catalog, &*store, &args.model, "").await?;
+    // Empty for the unversioned rows (clap requires one of the two).
+    let version = args.version.clone().unwrap_or_default();
     anyhow::ensure!(
-        current.version != args.version,
-        "version {:?} is current: promote another version before retiring this one",
-        args.version
+        current.version != version,
+        "version {version:?} is current: promote another version before retiring this one"
     );
     let stop = embark_ops::shutdown::on_signal();
-    let summary = retire_rows(&*store, &args.model, &args.version, args.page, &stop).await?;
+    let summary = retire_rows(&*store, &args.model, &version, args.page, &stop).await?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else if summary.interrupted {
         println!(
             "retire of {} {:?} interrupted after {} rows; run it again to finish",
             summary.model, summary.version, summary.removed
+        );
+    } else if args.unversioned {
+        println!(
+            "retired {}'s unversioned rows: {} rows removed in {:.1} s",
+            summary.model, summary.removed, summary.seconds
         );
     } else {
         println!(
@@ -487,6 +665,75 @@ mod tests {
         assert!(!state.summary.interrupted, "a resumed run that reaches the end is done");
         assert_eq!((state.summary.scanned, state.summary.embedded, state.summary.already_stored), (50, 50, 0));
         assert_eq!(inner.count_vectors(&namespace(&to.name, "2")).await.expect("count"), 50);
+    }
+
+    /// Issue 12: rows written before versions lived under the bare model
+    /// name, which no version reads, so an upgrade turned every stored key
+    /// into a miss. Adopt copies them (right dim only) into a version, never
+    /// over what the version has, and resumes after an interruption.
+    #[tokio::test]
+    async fn adopt_copies_the_unversioned_rows_into_a_version_without_overwriting_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inner = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
+        let base = retina::catalog::builtin().spec("minilm-l6-v2").expect("built-in");
+        let to: &'static retina::ModelSpec =
+            Box::leak(Box::new(retina::ModelSpec { version: "2".into(), dim: 4, ..base.clone() }));
+        let (bare, target) = (to.name.clone(), namespace(&to.name, "2"));
+        let long = "u".repeat(300);
+        let mut rows: Vec<(String, Vec<f32>)> = (0..30).map(|i| (format!("k{i:02}"), vec![i as f32; 4])).collect();
+        rows.push((long.clone(), vec![7.0; 4]));
+        rows.push(("stale dim".into(), vec![1.0; 3]));
+        inner.put_vectors(&bare, rows).await.expect("put");
+        // The version filled one key itself, failed another, and an
+        // Invalidate deleted a third: all three stand.
+        inner.put_vectors(&target, vec![("k00".into(), vec![-1.0; 4])]).await.expect("put");
+        inner
+            .put_failures(&target, vec![("k01".into(), FailureRecord { code: 4, reason: "404".into(), at_unix_ms: 1 })])
+            .await
+            .expect("put");
+        inner.delete(&target, &["k02".to_owned()]).await.expect("delete");
+        // Another model's unversioned rows are not this one's.
+        inner.put_vectors("other", vec![("k03".into(), vec![3.0; 4])]).await.expect("put");
+
+        let checkpoint = Checkpoint::new(dir.path().join("adopt.json"));
+        let mut bar = Progress::new(None, "adopt");
+        let stop = CancellationToken::new();
+        let stopping = StopAfterScans { inner: inner.clone(), left: AtomicUsize::new(1), stop: stop.clone() };
+        let mut state = AdoptCheckpoint { summary: AdoptSummary::default(), cursor: None };
+        adopt_pages(&stopping, to, 10, &checkpoint, &mut state, &mut bar, &stop).await.expect("run");
+        assert!(state.summary.interrupted);
+        assert_eq!(state.summary.scanned, 10);
+        checkpoint.save(&state).expect("save");
+
+        let mut state = checkpoint.load::<AdoptCheckpoint>().expect("load").expect("saved");
+        state.summary.interrupted = false;
+        adopt_pages(&inner, to, 10, &checkpoint, &mut state, &mut bar, &CancellationToken::new()).await.expect("run");
+        let s = &state.summary;
+        assert!(!s.interrupted);
+        assert_eq!((s.scanned, s.wrong_dim), (32, 1));
+        assert_eq!((s.copied, s.already_stored), (28, 3), "k00 (filled), k01 (failed), k02 (deleted) stand");
+
+        let keys: Vec<String> =
+            ["k00", "k01", "k02", "k03", "k29"].map(String::from).into_iter().chain([long]).collect();
+        let got = inner.get_many(&target, &keys).await.expect("get");
+        let vector = |r: &Option<embark_store::StoredRow>| match r {
+            Some(embark_store::StoredRow::Vector { vector, .. }) => Some(vector.clone()),
+            _ => None,
+        };
+        assert_eq!(vector(&got[0]), Some(vec![-1.0; 4]), "the version's own fill is kept");
+        assert!(matches!(got[1], Some(embark_store::StoredRow::Failed(_))), "{:?}", got[1]);
+        assert!(got[2].is_none(), "the Invalidate stands: {:?}", got[2]);
+        assert_eq!(vector(&got[3]), Some(vec![3.0; 4]));
+        assert_eq!(vector(&got[4]), Some(vec![29.0; 4]));
+        assert_eq!(vector(&got[5]), Some(vec![7.0; 4]), "a long key is found by its hash");
+        assert_eq!(inner.count_vectors(&target).await.expect("count"), 1 + 28);
+        assert!(inner.get_many(&target, &["stale dim".to_owned()]).await.expect("get")[0].is_none());
+
+        // The bare rows are then retired; the version's stay.
+        retire_rows(&inner, &to.name, "", 100, &CancellationToken::new()).await.expect("retire");
+        assert_eq!(inner.count_vectors(&bare).await.expect("count"), 0);
+        assert_eq!(inner.count_vectors(&target).await.expect("count"), 29);
+        assert_eq!(inner.count_vectors("other").await.expect("count"), 1);
     }
 
     #[tokio::test]
