@@ -6,8 +6,10 @@
 //! The hash is SipHash-1-3 under a random key drawn at start: keys are
 //! URLs an attacker can choose, and with a secret key they cannot aim a
 //! collision (which would answer one key with another's vector); by chance
-//! a collision needs ~2^64 distinct keys (invariant in ARCHITECTURE.md). Rows are shared little-endian `Bytes`: a hit costs one
-//! copy, into the response.
+//! a collision needs ~2^64 distinct keys (invariant in ARCHITECTURE.md).
+//! Rows are shared `Bytes`, packed in the model's tier type
+//! (`embark_proto::vectors`; little-endian f32 unless `--tier-type` says
+//! otherwise): a hit in that type costs one copy, into the response.
 
 use std::{sync::Arc, time::Duration};
 
@@ -35,8 +37,9 @@ pub fn key_hash(model: &str, key: &str) -> KeyHash {
 
 #[derive(Debug, Clone)]
 pub enum CachedRow {
-    /// The row as the response carries it: little-endian f32, `dim * 4`
-    /// bytes in an allocation of exactly that size (see [`le_bytes`]).
+    /// The row packed in the model's tier type (`embark_proto::vectors`;
+    /// little-endian f32 by default, `dim * 4` bytes), in an allocation of
+    /// exactly that size (see [`le_bytes`]).
     Vector(Bytes),
     /// Known un-embeddable until this time (ms since epoch).
     Failed { until_unix_ms: i64 },

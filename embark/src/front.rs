@@ -5,13 +5,17 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use embark_proto::{embark::v1::Source, internal::v1::MissEvent};
+use embark_proto::{
+    embark::v1::{Source, VectorType},
+    internal::v1::MissEvent,
+    vectors,
+};
 use embark_queue::MissPublisher;
 use embark_store::{StoreError, StoredRow, now_unix_ms};
 use tracing::Instrument as _;
 
 use crate::{
-    cache::{CachedRow, KeyHash, MissDedup, VectorCache, key_hash, le_bytes},
+    cache::{CachedRow, KeyHash, MissDedup, VectorCache, key_hash},
     models::{ModelRegistry, ServedModel},
     similar::{SimilarError, SimilarIndexes},
     store_guard::GuardedStore,
@@ -58,7 +62,12 @@ pub struct LookupAnswer {
     /// The model version every row belongs to.
     pub version: &'static str,
     pub dim: usize,
+    /// The rows' type, as asked.
+    pub vector_type: VectorType,
+    /// `sources.len() x dim` values of `vector_type`, little-endian.
     pub vectors: Vec<u8>,
+    /// I8 only: each row's float32 scale, little-endian.
+    pub scales: Vec<u8>,
     pub sources: Vec<Source>,
 }
 
@@ -319,11 +328,24 @@ impl Front {
         version: &str,
         keys: &[String],
     ) -> Result<LookupAnswer, FrontError> {
+        self.lookup_as(model, version, keys, VectorType::F32).await
+    }
+
+    /// [`Front::lookup_version`] with rows of `vector_type`: a tier row of
+    /// that type is copied as it is, another converted (`vectors::append_as`).
+    pub async fn lookup_as(
+        &self,
+        model: &str,
+        version: &str,
+        keys: &[String],
+        vector_type: VectorType,
+    ) -> Result<LookupAnswer, FrontError> {
         let started = std::time::Instant::now();
         let served = self.model(model, version)?;
         self.check_keys(keys)?;
         let dim = served.spec.dim;
         let ns = served.namespace.as_str();
+        let packed_len = vectors::packed_row_bytes(served.tier_type, dim);
 
         // Distinct keys, each resolved once: `slot[i]` is key i's distinct index.
         let mut first: HashMap<&str, usize> = HashMap::with_capacity(keys.len());
@@ -343,9 +365,9 @@ impl Front {
         let mut to_store: Vec<usize> = Vec::new();
         for (i, (_, h)) in distinct.iter().enumerate() {
             match self.tier.get(h) {
-                Some(CachedRow::Vector(v)) if v.len() == dim * 4 => resolved[i] = Some((v, Source::Cache)),
+                Some(CachedRow::Vector(v)) if v.len() == packed_len => resolved[i] = Some((v, Source::Cache)),
                 Some(CachedRow::Failed { until_unix_ms }) if now < until_unix_ms => {
-                    resolved[i] = Some((served.oov_le.clone(), Source::OovFailed))
+                    resolved[i] = Some((served.oov_packed.clone(), Source::OovFailed))
                 }
                 _ => to_store.push(i),
             }
@@ -365,13 +387,13 @@ impl Front {
                 // Not answered in time: OOV, not queued (the key may well
                 // be stored), counted by the guard.
                 let Ok(row) = row else {
-                    resolved[i] = Some((served.oov_le.clone(), Source::OovUnavailable));
+                    resolved[i] = Some((served.oov_packed.clone(), Source::OovUnavailable));
                     continue;
                 };
                 let (key, h) = distinct[i];
                 resolved[i] = Some(match row {
                     Some(StoredRow::Vector { vector, .. }) if vector.len() == dim => {
-                        let v = le_bytes(&vector);
+                        let v = served.pack(&vector);
                         if may_cache {
                             self.tier.insert(h, CachedRow::Vector(v.clone()));
                         }
@@ -381,26 +403,31 @@ impl Front {
                         if may_cache {
                             self.tier.insert(h, CachedRow::Failed { until_unix_ms: f.at_unix_ms + ttl_ms });
                         }
-                        (served.oov_le.clone(), Source::OovFailed)
+                        (served.oov_packed.clone(), Source::OovFailed)
                     }
                     // Unknown, an expired failure, a corrupt row or a
                     // vector of another dim (stale model output): queue it.
                     _ => {
                         self.queue_miss(served, key, h, now);
-                        (served.oov_le.clone(), Source::OovPending)
+                        (served.oov_packed.clone(), Source::OovPending)
                     }
                 });
             }
         }
 
-        // One copy of each row into the response; counters once per
-        // request, not once per key.
-        let mut vectors = Vec::with_capacity(keys.len() * dim * 4);
+        // One copy of each row into the response (converted when the tier
+        // keeps another type); counters once per request, not once per key.
+        let mut wire = vectors::WireRows::with_capacity(vector_type, keys.len(), dim);
+        let mut scratch = Vec::new();
         let mut sources = Vec::with_capacity(keys.len());
         let mut counts = [0u64; 8];
         for s in slot {
             let (v, source) = resolved[s].as_ref().unwrap_or_else(|| unreachable!("every distinct key is resolved"));
-            vectors.extend_from_slice(v);
+            if served.tier_type == vector_type && vector_type != VectorType::I8 {
+                wire.vectors.extend_from_slice(v);
+            } else if !vectors::append_as(served.tier_type, v, dim, vector_type, &mut wire, &mut scratch) {
+                unreachable!("tier rows and the OOV row are packed rows of the model's dim");
+            }
             sources.push(*source);
             counts[(*source as usize).min(counts.len() - 1)] += 1;
         }
@@ -413,7 +440,14 @@ impl Front {
         }
         served.metrics.lookups.increment(1);
         served.metrics.latency.record(started.elapsed().as_secs_f64());
-        Ok(LookupAnswer { version: served.spec.version.as_str(), dim, vectors, sources })
+        Ok(LookupAnswer {
+            version: served.spec.version.as_str(),
+            dim,
+            vector_type,
+            vectors: wire.vectors,
+            scales: wire.scales,
+            sources,
+        })
     }
 
     fn queue_miss(&self, served: &ServedModel, key: &str, h: KeyHash, now: i64) {
@@ -593,6 +627,7 @@ mod tests {
     use embark_store::{EmbeddingStore, FailureRecord, RowRead, embedded::EmbeddedStore};
 
     use super::*;
+    use crate::cache::le_bytes;
     use crate::store_guard::GuardConfig;
 
     const MODEL: &str = "minilm-l6-v2";
@@ -729,6 +764,8 @@ mod tests {
         /// Generous by default: a read of the embedded store on a loaded
         /// machine must not turn into `OOV_UNAVAILABLE` by accident.
         deadline: Duration,
+        /// `--tier-type` flags.
+        tier_types: Vec<String>,
     }
 
     impl Default for Options {
@@ -739,6 +776,7 @@ mod tests {
                 dedup_window: Duration::from_secs(60),
                 failure_ttl: Duration::from_secs(3600),
                 deadline: Duration::from_secs(10),
+                tier_types: Vec::new(),
             }
         }
     }
@@ -748,8 +786,10 @@ mod tests {
         let inner = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
         let store = Arc::new(Instrumented { inner, reads: Default::default() });
         let publisher = Arc::new(Recorder::default());
+        let mut registry = ModelRegistry::new(&o.specs, &[]).expect("registry");
+        registry.set_tier_types(&o.tier_types).expect("tier types");
         let front = Front::new(
-            ModelRegistry::new(&o.specs, &[]).expect("registry"),
+            registry,
             VectorCache::new(64 << 20, None),
             GuardedStore::new(store.clone(), GuardConfig { deadline: o.deadline, ..GuardConfig::default() }),
             publisher.clone(),
@@ -837,6 +877,47 @@ mod tests {
         assert_eq!(a.vectors, wire(0.25), "the tier's row, not the store's");
         assert_eq!(f.store.reads(), Vec::<Vec<String>>::new());
         assert_eq!(f.publisher.published(), vec![]);
+    }
+
+    /// Issue 14: a Lookup answers in the type it asks for (f16, bf16, i8
+    /// with per-row scales), from an f32 tier or a compact one, store hits
+    /// and tier hits alike, OOV rows included; a compact tier keeps the
+    /// smaller row.
+    #[tokio::test]
+    async fn lookups_answer_in_the_type_asked_from_a_tier_of_any_type() {
+        use embark_proto::vectors::{decode_matrix, pack, packed_row_bytes, unpack, value_bytes};
+        let all = [VectorType::F32, VectorType::F16, VectorType::Bf16, VectorType::I8];
+        let through = |t: VectorType, row: &[f32]| {
+            let mut packed = Vec::new();
+            pack(t, row, &mut packed);
+            let mut back = Vec::new();
+            assert!(unpack(t, &packed, row.len(), &mut back));
+            back
+        };
+        let row: Vec<f32> = (0..DIM).map(|i| ((i as f32) * 0.1).sin() * 0.3).collect();
+        for tier in all {
+            let name = embark_proto::vectors::type_name(tier);
+            let f = fixture(Options { tier_types: vec![format!("{MODEL}={name}")], ..Options::default() });
+            f.store.put_vectors(&ns(), vec![("k".into(), row.clone())]).await.expect("put");
+            for (round, source) in [(0, Source::Store), (1, Source::Cache)] {
+                for t in all {
+                    let a = f.front.lookup_as(MODEL, "", &strings(&["k", "unknown"]), t).await.expect("lookup");
+                    let what = format!("tier {tier:?}, answer {t:?}, round {round}");
+                    assert_eq!(a.vector_type, t, "{what}");
+                    assert_eq!(a.sources[0], if t == all[0] { source } else { Source::Cache }, "{what}");
+                    assert_eq!(a.vectors.len(), 2 * DIM * value_bytes(t), "{what}");
+                    assert_eq!(a.scales.len(), if t == VectorType::I8 { 8 } else { 0 }, "{what}");
+                    let got = decode_matrix(t, &a.vectors, &a.scales, DIM).expect("whole rows");
+                    let want = if t == tier { through(t, &row) } else { through(t, &through(tier, &row)) };
+                    assert_eq!(&got[..DIM], &want[..], "{what}");
+                    assert!(got[DIM..].iter().all(|v| *v == 0.0), "{what}: the OOV row");
+                }
+            }
+            match f.front.tier().get(&key_hash(&ns(), "k")) {
+                Some(CachedRow::Vector(v)) => assert_eq!(v.len(), packed_row_bytes(tier, DIM), "{tier:?}"),
+                other => panic!("{tier:?}: {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]

@@ -11,7 +11,10 @@ use std::{
     },
 };
 
-use embark_proto::embark::v1::{ModelInfo, ModelKind as WireKind, Source};
+use embark_proto::{
+    embark::v1::{ModelInfo, ModelKind as WireKind, Source, VectorType},
+    vectors,
+};
 use retina::{ModelKind, ModelSpec};
 
 /// What an unknown key's row is, per model.
@@ -31,6 +34,8 @@ pub enum ModelConfigError {
     Unknown { name: String, known: Vec<&'static str> },
     #[error("--oov {0:?}: expected MODEL=PATH or MODEL@VERSION=PATH")]
     BadOovFlag(String),
+    #[error("--tier-type {0:?}: expected MODEL=TYPE or MODEL@VERSION=TYPE, TYPE one of f32, f16, bf16, i8")]
+    BadTierType(String),
     #[error("OOV file {path} for model {model}: {reason}")]
     OovFile { model: String, path: String, reason: String },
 }
@@ -44,9 +49,22 @@ pub struct ServedModel {
     pub namespace: String,
     /// The OOV row, `spec.dim` values.
     pub oov: Arc<[f32]>,
-    /// The OOV row as the response carries it (little-endian bytes).
-    pub oov_le: bytes::Bytes,
+    /// How the tier keeps this version's rows (`--tier-type`; f32 unless
+    /// told): a packed row of `embark_proto::vectors`.
+    pub tier_type: VectorType,
+    /// The OOV row packed as `tier_type`, as the tier's rows are.
+    pub oov_packed: bytes::Bytes,
     pub metrics: ModelMetrics,
+}
+
+impl ServedModel {
+    /// `row` packed as the tier keeps it, in an allocation of exactly its
+    /// size (see `cache::le_bytes`).
+    pub fn pack(&self, row: &[f32]) -> bytes::Bytes {
+        let mut out = Vec::with_capacity(vectors::packed_row_bytes(self.tier_type, row.len()));
+        vectors::pack(self.tier_type, row, &mut out);
+        bytes::Bytes::from(out)
+    }
 }
 
 /// A model kind as the JSON APIs and the CLI's tables name it: `image`,
@@ -163,8 +181,15 @@ impl ModelRegistry {
                 .or_else(|| spec.oov_file.clone().map(OovPolicy::File))
                 .unwrap_or(OovPolicy::Zeros);
             let oov = oov_row(spec, &policy)?;
-            let oov_le = crate::cache::le_bytes(&oov);
-            let served = ServedModel { spec, namespace, oov, oov_le, metrics: ModelMetrics::new(name) };
+            let oov_packed = crate::cache::le_bytes(&oov);
+            let served = ServedModel {
+                spec,
+                namespace,
+                oov,
+                tier_type: VectorType::F32,
+                oov_packed,
+                metrics: ModelMetrics::new(name),
+            };
             let entry = models
                 .entry(name)
                 .or_insert_with(|| ServedVersions { versions: Vec::new(), current: AtomicUsize::new(0) });
@@ -174,6 +199,34 @@ impl ModelRegistry {
             entry.versions.push(served);
         }
         Ok(Self { models })
+    }
+
+    /// Keeps the tier rows of some models in a compact type: `flags` are
+    /// `MODEL=TYPE` (every version) or `MODEL@VERSION=TYPE`, with TYPE one
+    /// of `f32`, `f16`, `bf16`, `i8` (`--tier-type`). A row is packed once,
+    /// when it enters the tier; a Lookup of another type converts it.
+    pub fn set_tier_types(&mut self, flags: &[String]) -> Result<(), ModelConfigError> {
+        let mut types: HashMap<String, VectorType> = HashMap::new();
+        for flag in flags {
+            let bad = || ModelConfigError::BadTierType(flag.clone());
+            let (target, name) = flag.split_once('=').ok_or_else(bad)?;
+            let t = vectors::parse_type(name).ok_or_else(bad)?;
+            if !self.all().any(|m| m.spec.name == target || m.namespace == target) {
+                return Err(ModelConfigError::Unknown {
+                    name: target.to_owned(),
+                    known: self.all().map(|m| m.spec.name.as_str()).collect(),
+                });
+            }
+            types.insert(target.to_owned(), t);
+        }
+        for versions in self.models.values_mut() {
+            for m in &mut versions.versions {
+                let t = types.get(&m.namespace).or_else(|| types.get(m.spec.name.as_str()));
+                m.tier_type = t.copied().unwrap_or(VectorType::F32);
+                m.oov_packed = m.pack(&m.oov.clone());
+            }
+        }
+        Ok(())
     }
 
     /// The current version of `name`.
@@ -322,5 +375,20 @@ mod tests {
         assert!(r.get("minilm-l6-v2").expect("model").oov.iter().all(|v| *v == 0.25));
         let r = ModelRegistry::new(&[spec], &[format!("minilm-l6-v2={}", flag.display())]).expect("registry");
         assert!(r.get("minilm-l6-v2").expect("model").oov.iter().all(|v| *v == 0.75));
+    }
+
+    #[test]
+    fn tier_types_name_a_served_model_and_a_known_type() {
+        let mut r = ModelRegistry::new(&[minilm()], &[]).expect("registry");
+        r.set_tier_types(&["minilm-l6-v2=f16".into()]).expect("f16");
+        let m = r.get("minilm-l6-v2").expect("served");
+        assert_eq!((m.tier_type, m.oov_packed.len()), (VectorType::F16, 384 * 2));
+        for bad in ["minilm-l6-v2=f64", "minilm-l6-v2", "nope=f16", "minilm-l6-v2@nope=i8"] {
+            assert!(r.set_tier_types(&[bad.into()]).is_err(), "{bad}");
+        }
+        let version = format!("minilm-l6-v2@{}", minilm().version);
+        r.set_tier_types(&[format!("{version}=i8")]).expect("one version");
+        let m = r.get("minilm-l6-v2").expect("served");
+        assert_eq!((m.tier_type, m.oov_packed.len()), (VectorType::I8, 4 + 384));
     }
 }

@@ -29,9 +29,12 @@ use axum::{
 };
 use base64::Engine as _;
 use embark_ops::auth::{Access, AuthLayer, Principal};
-use embark_proto::embark::v1::{
-    InvalidateRequest, LookupRequest, ModelsRequest, SimilarRequest, Source, emb_ark_server::EmbArk,
-    similar_request::Query,
+use embark_proto::{
+    embark::v1::{
+        InvalidateRequest, LookupRequest, ModelsRequest, SimilarRequest, Source, VectorType, emb_ark_server::EmbArk,
+        similar_request::Query,
+    },
+    vectors,
 };
 use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
@@ -242,6 +245,9 @@ struct LookupBody {
     version: String,
     #[serde(default)]
     encoding: Encoding,
+    /// `f32` (default), `f16`, `bf16` or `i8`.
+    #[serde(default)]
+    vector_type: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -258,6 +264,9 @@ struct LookupAnswer {
     vectors: Option<Vec<Vec<f32>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     vectors_base64: Option<String>,
+    vector_type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scales_base64: Option<String>,
 }
 
 async fn lookup(
@@ -265,15 +274,30 @@ async fn lookup(
     principal: Option<axum::Extension<Principal>>,
     Body(body): Body<LookupBody>,
 ) -> Result<Json<LookupAnswer>, ApiError> {
-    let request = LookupRequest { model: body.model.clone(), keys: body.keys, version: body.version };
+    let vector_type = match body.vector_type.as_deref() {
+        None => VectorType::F32,
+        Some(name) => vectors::parse_type(name).ok_or_else(|| {
+            ApiError::from(Status::invalid_argument(format!("unknown vector_type {name:?}; known: f32, f16, bf16, i8")))
+        })?,
+    };
+    let request = LookupRequest {
+        model: body.model.clone(),
+        keys: body.keys,
+        version: body.version,
+        vector_type: vector_type as i32,
+    };
     let answer = rest.service.lookup(grpc_request(request, principal.map(|p| p.0))).await?.into_inner();
     let real = |s: &i32| *s == Source::Cache as i32 || *s == Source::Store as i32;
-    let (vectors, vectors_base64) = match body.encoding {
-        Encoding::Base64 => (None, Some(base64::engine::general_purpose::STANDARD.encode(&answer.vectors))),
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let (vectors, vectors_base64, scales_base64) = match body.encoding {
+        Encoding::Base64 => {
+            (None, Some(b64(&answer.vectors)), (vector_type == VectorType::I8).then(|| b64(&answer.scales)))
+        }
         Encoding::Floats => {
-            let floats = embark_proto::f32_from_le(&answer.vectors).unwrap_or_default();
-            let rows = floats.chunks(answer.dim.max(1) as usize).take(answer.sources.len());
-            (Some(rows.map(<[f32]>::to_vec).collect()), None)
+            let dim = answer.dim as usize;
+            let floats = vectors::decode_matrix(vector_type, &answer.vectors, &answer.scales, dim).unwrap_or_default();
+            let rows = floats.chunks(dim.max(1)).take(answer.sources.len());
+            (Some(rows.map(<[f32]>::to_vec).collect()), None, None)
         }
     };
     Ok(Json(LookupAnswer {
@@ -284,6 +308,8 @@ async fn lookup(
         sources: answer.sources.iter().copied().map(source_name).collect(),
         vectors,
         vectors_base64,
+        vector_type: vectors::type_name(vector_type),
+        scales_base64,
     }))
 }
 

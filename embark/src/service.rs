@@ -9,7 +9,7 @@ use embark_ops::auth::{Access, Principal, Role};
 
 use embark_proto::embark::v1::{
     InvalidateRequest, InvalidateResponse, LookupRequest, LookupResponse, ModelsRequest, ModelsResponse,
-    SimilarRequest, SimilarResponse, emb_ark_server::EmbArk, similar_request::Query,
+    SimilarRequest, SimilarResponse, VectorType, emb_ark_server::EmbArk, similar_request::Query,
 };
 use tonic::{Request, Response, Status};
 
@@ -123,13 +123,18 @@ impl EmbArk for EmbArkService {
         let span =
             tracing::info_span!("embark.Lookup", model = %request.get_ref().model, keys = request.get_ref().keys.len());
         embark_ops::traces::extract_metadata(&span, request.metadata());
-        let LookupRequest { model, keys, version } = request.into_inner();
-        let answer = self.front.lookup_version(&model, &version, &keys).instrument(span).await?;
+        let LookupRequest { model, keys, version, vector_type } = request.into_inner();
+        let vector_type = VectorType::try_from(vector_type).map_err(|_| {
+            Status::invalid_argument(format!("unknown vector_type {vector_type}; known: F32, F16, BF16, I8"))
+        })?;
+        let answer = self.front.lookup_as(&model, &version, &keys, vector_type).instrument(span).await?;
         Ok(Response::new(LookupResponse {
             dim: answer.dim as u32,
             vectors: answer.vectors.into(),
             sources: answer.sources.into_iter().map(|s| s as i32).collect(),
             version: answer.version.to_owned(),
+            vector_type: answer.vector_type as i32,
+            scales: answer.scales.into(),
         }))
     }
 

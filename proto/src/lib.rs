@@ -7,13 +7,17 @@
 //!   client sees: the [`internal::v1::MissEvent`] queued for unknown keys,
 //!   dead letters, invalidations across replicas.
 //! - [`codec`]: the services' codec: prost behind a field-count guard.
+//! - [`vectors`]: the row types a Lookup answers in (float32, float16,
+//!   bfloat16, int8 with a per-row scale) and their conversions.
 //! - [`EMBARK_DESCRIPTOR_SET`], [`RETINA_DESCRIPTOR_SET`]: compiled descriptors
 //!   for each server's gRPC reflection.
 //!
-//! Vectors cross the wire as one contiguous little-endian float32 matrix
-//! (`bytes`), never as repeated floats: a client wraps it without a copy.
+//! Vectors cross the wire as one contiguous little-endian matrix (`bytes`,
+//! float32 unless the Lookup asks for another [`vectors`] type), never as
+//! repeated floats: a client wraps it without a copy.
 
 pub mod codec;
+pub mod vectors;
 
 pub mod embark {
     pub mod v1 {

@@ -5,7 +5,7 @@
 
 use std::{path::Path, time::Duration};
 
-use embark_proto::embark::v1::{LookupRequest, Source};
+use embark_proto::embark::v1::{LookupRequest, Source, VectorType};
 use embark_tests::{SecuredEmbark, Server, binary, eventually, free_port};
 use serde_json::{Value, json};
 
@@ -114,6 +114,46 @@ async fn rest_answers_as_grpc_does_and_conforms_to_its_openapi_document() -> any
     let bytes = base64::engine::general_purpose::STANDARD.decode(b64["vectors_base64"].as_str().expect("base64"))?;
     assert_eq!(bytes, direct.vectors.to_vec());
     assert!(b64.get("vectors").is_none());
+    assert_eq!(b64["vector_type"], "f32");
+
+    // Issue 14: compact types, as gRPC answers them: i8 in base64 with
+    // its scales, f16 as numbers (the f16 values).
+    let typed = |t: VectorType| {
+        let keys = vec![red.to_owned(), blue.to_owned(), red.to_owned()];
+        let mut grpc = grpc.clone();
+        async move {
+            let r = LookupRequest { model: MODEL.into(), keys, vector_type: t as i32, ..Default::default() };
+            anyhow::Ok(grpc.lookup(r).await?.into_inner())
+        }
+    };
+    let i8_grpc = typed(VectorType::I8).await?;
+    let (_, i8_rest) = post(
+        &http,
+        &format!("{base}/lookup"),
+        &json!({"model": MODEL, "keys": [red, blue, red], "encoding": "base64", "vector_type": "i8"}),
+        None,
+    )
+    .await?;
+    let decode = |v: &Value| base64::engine::general_purpose::STANDARD.decode(v.as_str().expect("base64"));
+    assert_eq!(i8_rest["vector_type"], "i8");
+    assert_eq!(decode(&i8_rest["vectors_base64"])?, i8_grpc.vectors.to_vec());
+    assert_eq!(decode(&i8_rest["scales_base64"])?, i8_grpc.scales.to_vec());
+    assert_eq!((i8_grpc.vectors.len(), i8_grpc.scales.len()), (3 * 384, 3 * 4));
+    let f16_grpc = typed(VectorType::F16).await?;
+    let (_, f16_rest) = post(
+        &http,
+        &format!("{base}/lookup"),
+        &json!({"model": MODEL, "keys": [red, blue, red], "vector_type": "f16"}),
+        None,
+    )
+    .await?;
+    let f16_rows: Vec<Vec<f32>> = serde_json::from_value(f16_rest["vectors"].clone())?;
+    let want = embark_proto::vectors::decode_matrix(VectorType::F16, &f16_grpc.vectors, &[], 384).expect("rows");
+    assert_eq!(f16_rows.concat(), want);
+    let (code, bad) =
+        post(&http, &format!("{base}/lookup"), &json!({"model": MODEL, "keys": [red], "vector_type": "f64"}), None)
+            .await?;
+    assert_eq!(code, 400, "{bad}");
 
     // Similar, by key once indexed, and by vector.
     let near = eventually(Duration::from_secs(60), "the index to hold both keys", || {

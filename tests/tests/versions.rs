@@ -47,7 +47,7 @@ fn sources(r: &LookupResponse) -> Vec<Source> {
 }
 
 fn lookup(keys: &[String], version: &str) -> LookupRequest {
-    LookupRequest { model: MODEL.into(), keys: keys.to_vec(), version: version.into() }
+    LookupRequest { model: MODEL.into(), keys: keys.to_vec(), version: version.into(), ..Default::default() }
 }
 
 /// Runs `embark <args>` with the store and catalogue flags; returns stdout,

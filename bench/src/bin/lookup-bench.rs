@@ -18,6 +18,11 @@
 //!   store, with a certificate from `embark dev-certs` (ECDSA P-256, TLS 1.3,
 //!   rustls on ring), is warmed the same way; then plaintext TCP and TLS
 //!   are measured back to back at their peaks: what TLS costs a Lookup.
+//! - Row types (`--vector-types`, default f16, bf16, i8): per type, an
+//!   `embark serve` on a copy of the store with `--tier-type` of that type,
+//!   warmed the same way (its memory per entry measured), then f32 from the
+//!   first server and that type from this one back to back at their peaks
+//!   over TCP.
 //!
 //! Writes `lookup-bench.json` and `lookup-bench.png` to `--out`. Run with
 //! `scripts/bench-lookup.sh`.
@@ -32,10 +37,14 @@ use std::{
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Parser;
-use embark_proto::embark::v1::{
-    InvalidateRequest, InvalidateResponse, LookupRequest, LookupResponse, ModelsRequest, ModelsResponse, Source,
-    emb_ark_client::EmbArkClient,
-    emb_ark_server::{EmbArk, EmbArkServer},
+use embark_proto::{
+    embark::v1::{
+        InvalidateRequest, InvalidateResponse, LookupRequest, LookupResponse, ModelsRequest, ModelsResponse, Source,
+        VectorType,
+        emb_ark_client::EmbArkClient,
+        emb_ark_server::{EmbArk, EmbArkServer},
+    },
+    vectors,
 };
 use embark_store::{EmbeddingStore, embedded::EmbeddedStore};
 use embark_tests::{KillOnDrop, cpu_seconds, free_port, rss_bytes};
@@ -85,6 +94,10 @@ struct Args {
     /// Also measure EmbArk over TLS against plaintext TCP.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     tls: bool,
+    /// Compact row types to measure against f32 (empty: none): for each, a
+    /// second `embark serve` keeps its tier in that type and answers in it.
+    #[arg(long, value_delimiter = ',', default_value = "f16,bf16,i8")]
+    vector_types: Vec<String>,
     /// Output directory for the JSON and the PNG.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
@@ -320,11 +333,13 @@ async fn connect(system: System, target: &str) -> anyhow::Result<Conn> {
 }
 
 /// One request of `keys`; returns the bytes received.
-async fn call(conn: &mut Conn, keys: Vec<String>, row: usize) -> anyhow::Result<usize> {
+async fn call(conn: &mut Conn, keys: Vec<String>, row: usize, vector_type: VectorType) -> anyhow::Result<usize> {
     let n = keys.len();
     let got = match conn {
         Conn::Grpc(c) => {
-            let r = c.lookup(LookupRequest { model: MODEL.into(), keys, ..Default::default() }).await?.into_inner();
+            let request =
+                LookupRequest { model: MODEL.into(), keys, vector_type: vector_type as i32, ..Default::default() };
+            let r = c.lookup(request).await?.into_inner();
             r.vectors.len()
         }
         Conn::Redis(c) => {
@@ -408,7 +423,23 @@ async fn drive(
     secs: f64,
     warmup: f64,
 ) -> anyhow::Result<Run> {
-    let row = args.dim * 4;
+    drive_as(system, target, server_pid, args, picker, rate, secs, warmup, VectorType::F32).await
+}
+
+/// [`drive`] with EmbArk's rows asked in `vector_type`.
+#[allow(clippy::too_many_arguments)]
+async fn drive_as(
+    system: System,
+    target: &str,
+    server_pid: Option<u32>,
+    args: &Args,
+    picker: Arc<KeyPicker>,
+    rate: Option<f64>,
+    secs: f64,
+    warmup: f64,
+    vector_type: VectorType,
+) -> anyhow::Result<Run> {
+    let row = args.dim * vectors::value_bytes(vector_type);
     let mut tasks = Vec::new();
     let start = Instant::now() + Duration::from_millis(200);
     let measure_from = start + Duration::from_secs_f64(warmup);
@@ -442,7 +473,7 @@ async fn drive(
                     break;
                 }
                 let keys = picker.pick(&mut rng, batch);
-                call(&mut conn, keys, row).await?;
+                call(&mut conn, keys, row, vector_type).await?;
                 if scheduled >= measure_from {
                     let us = scheduled.elapsed().as_micros().max(1) as u64;
                     hist.saturating_record(us);
@@ -475,7 +506,7 @@ async fn drive(
 }
 
 /// An `embark serve` on the store in `data`, its tier large enough for
-/// every key, on `grpc_port`, with `extra` flags.
+/// every key, Similar off, on `grpc_port`, with `extra` flags.
 fn spawn_embark(
     bin_dir: &Path,
     data: &Path,
@@ -497,6 +528,10 @@ fn spawn_embark(
                 &format!("127.0.0.1:{}", free_port()),
             ])
             .args(["--concurrency-per-connection", "1024", "--store-deadline-ms", "10000"])
+            // A Lookup replica without Similar: with it, each server spends
+            // its first minutes building an HNSW index of every stored
+            // vector on one of the two cores the measurement shares.
+            .args(["--similar-max-vectors", "0"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
@@ -619,6 +654,110 @@ async fn tls_cost(
     }))
 }
 
+/// A store copy and its server per compact type, made ready before the
+/// measured runs start.
+struct TypedServer {
+    vector_type: VectorType,
+    target: String,
+    server: KillOnDrop,
+    /// Resident bytes per cached entry at the margin (the second half of
+    /// the first warm-up pass), as for the f32 server.
+    marginal_bytes: f64,
+}
+
+/// For each of `types`: `embark serve --tier-type MODEL=<type>` on a copy
+/// of the store in `data`, warmed, its memory per entry measured.
+async fn typed_servers(
+    args: &Args,
+    bin_dir: &Path,
+    data: &Path,
+    work: &Path,
+    types: &[VectorType],
+) -> anyhow::Result<Vec<TypedServer>> {
+    let mut out = Vec::new();
+    for &t in types {
+        let name = vectors::type_name(t);
+        let dir = work.join(format!("embark-{name}"));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(data.join("embark.redb"), dir.join("embark.redb"))?;
+        let port = free_port();
+        let flag = format!("{MODEL}={name}");
+        let server = spawn_embark(bin_dir, &dir, port, args, &["--tier-type", &flag])?;
+        let target = format!("127.0.0.1:{port}");
+        wait_for(name, Duration::from_secs(60), || std::net::TcpStream::connect(&target).is_ok()).await?;
+        let pid = server.0.id();
+        let mut client = EmbArkClient::new(channel(&target).await?).max_decoding_message_size(256 << 20);
+        let half = warm(&mut client, args.keys, Some(pid)).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = rss_bytes(pid)?;
+        let half_keys = (args.keys / 2048 * 1024) as f64;
+        let marginal_bytes = after.saturating_sub(half) as f64 / (args.keys as f64 - half_keys);
+        out.push(TypedServer { vector_type: t, target, server, marginal_bytes });
+    }
+    Ok(out)
+}
+
+/// f32 from the first server and each compact type from its own, back to
+/// back at their peaks over TCP.
+async fn type_costs(
+    args: &Args,
+    typed: &[TypedServer],
+    f32_target: &str,
+    f32_pid: u32,
+    f32_marginal: f64,
+    picker: Arc<KeyPicker>,
+) -> anyhow::Result<serde_json::Value> {
+    if typed.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    println!("row types (tier and answer in the type, TCP; each against f32 measured just before it):");
+    let keys = |r: &Run| r.req_per_s() * args.batch as f64;
+    let per_cpu = |r: &Run| r.keys_per_server_cpu_s(args.batch).unwrap_or(f64::NAN);
+    let mut out = Vec::new();
+    for t in typed {
+        let name = vectors::type_name(t.vector_type);
+        let base =
+            drive(System::Embark, f32_target, Some(f32_pid), args, picker.clone(), None, args.seconds, args.warmup)
+                .await?;
+        let run = drive_as(
+            System::Embark,
+            &t.target,
+            Some(t.server.0.id()),
+            args,
+            picker.clone(),
+            None,
+            args.seconds,
+            args.warmup,
+            t.vector_type,
+        )
+        .await?;
+        let stored = vectors::packed_row_bytes(t.vector_type, args.dim) as f64;
+        println!(
+            "  {name:<5} {:>12.0} keys/s = {:.2}x f32's {:.0}; p99 {:.0} us (f32 {:.0}); {:.0} keys per server CPU-s              ({:.2}x f32); {:.0} B per cached entry = {:.3}x its {stored:.0} B row, {:.3}x f32's entry",
+            keys(&run),
+            keys(&run) / keys(&base),
+            keys(&base),
+            run.us(0.99),
+            base.us(0.99),
+            per_cpu(&run),
+            per_cpu(&run) / per_cpu(&base),
+            t.marginal_bytes,
+            t.marginal_bytes / stored,
+            t.marginal_bytes / f32_marginal,
+        );
+        out.push(json!({
+            "vector_type": name, "keys_s": keys(&run), "f32_keys_s": keys(&base),
+            "over_f32": keys(&run) / keys(&base),
+            "p99_us": run.us(0.99), "f32_p99_us": base.us(0.99),
+            "keys_per_server_cpu_s": per_cpu(&run), "f32_keys_per_server_cpu_s": per_cpu(&base),
+            "marginal_bytes_per_entry": t.marginal_bytes, "row_bytes": stored,
+            "entry_over_row": t.marginal_bytes / stored, "entry_over_f32_entry": t.marginal_bytes / f32_marginal,
+        }));
+    }
+    println!();
+    Ok(json!(out))
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let bin_dir = match &args.bin_dir {
         Some(d) => d.clone(),
@@ -651,6 +790,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::create_dir_all(&tls_data)?;
         std::fs::copy(data.join("embark.redb"), tls_data.join("embark.redb"))?;
     }
+    let types: Vec<VectorType> = args
+        .vector_types
+        .iter()
+        .filter(|t| !t.is_empty())
+        .map(|t| vectors::parse_type(t).with_context(|| format!("--vector-types: {t:?} is not f16, bf16 or i8")))
+        .collect::<anyhow::Result<_>>()?;
+    let typed = typed_servers(&args, &bin_dir, &data, work.path(), &types).await?;
     let grpc_port = free_port();
     let uds_path = work.path().join("embark.sock");
     let uds_flag = uds_path.to_str().context("utf-8 path")?.to_owned();
@@ -820,6 +966,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!();
     }
 
+    let types = type_costs(&args, &typed, &embark_tcp, pid, marginal, picker.clone()).await?;
+    drop(typed);
     let tls = match args.tls {
         true => tls_cost(&args, &bin_dir, &tls_data, work.path(), &embark_tcp, pid, picker.clone()).await?,
         false => serde_json::Value::Null,
@@ -835,7 +983,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "embark_ratio_to_raw": per_entry / row as f64,
             "redis_used_memory_per_key": redis_used / n as f64,
         },
-        "peaks": results, "curves": curves, "tls": tls,
+        "peaks": results, "curves": curves, "tls": tls, "vector_types": types,
     });
     let json_path = args.out.join("lookup-bench.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;

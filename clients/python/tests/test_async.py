@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import DIM, FILL_BOUND_SECS, MODEL, SHOES, Server, free_port, fresh_keys
 
-from embark_client import AsyncEmbArk, EmbArk, NotFound, NotSupported, Source, Unavailable
+from embark_client import AsyncEmbArk, EmbArk, NotFound, Source, Unavailable
 
 
 def test_async_lookup_polls_to_real_rows_as_a_zero_copy_view(server: Server) -> None:
@@ -48,8 +48,8 @@ def test_async_batches_similar_invalidate_and_models(server: Server, shoes: np.n
             assert await c.invalidate(MODEL, keys + keys) == 5
             with pytest.raises(NotFound):
                 await c.lookup("no-such-model", ["k"])
-            with pytest.raises(NotSupported):
-                await c.lookup(MODEL, ["k"], dtype="i8")
+            quantized = await c.lookup(MODEL, SHOES[:1], dtype="i8")
+            assert quantized.matrix.dtype == np.float32 and quantized.matrix.shape == (1, DIM)
 
     asyncio.run(scenario())
 

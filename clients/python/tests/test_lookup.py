@@ -8,7 +8,17 @@ import time
 
 import numpy as np
 import pytest
-from conftest import DIM, FILL_BOUND_SECS, MODEL, SERVER_MAX_BATCH_KEYS, Server, free_port, fresh_keys, wait_filled
+from conftest import (
+    DIM,
+    FILL_BOUND_SECS,
+    MODEL,
+    SERVER_MAX_BATCH_KEYS,
+    SHOES,
+    Server,
+    free_port,
+    fresh_keys,
+    wait_filled,
+)
 
 from embark_client import EmbArk, NotFound, NotSupported, Source
 
@@ -94,16 +104,36 @@ def test_no_keys_is_an_empty_matrix(client: EmbArk) -> None:
     assert result.matrix.shape == (0, DIM) and len(result) == 0
 
 
-def test_options_the_server_lacks_are_refused_before_sending() -> None:
+def test_bad_options_are_refused_before_sending() -> None:
     # Nothing listens there: reaching the network would raise Unavailable.
     with EmbArk(f"127.0.0.1:{free_port()}", retries=0) as c:
         with pytest.raises(ValueError, match="version"):
             c.lookup(MODEL, ["k"], version="")
-        with pytest.raises(NotSupported, match="f32") as dtype:
-            c.lookup(MODEL, ["k"], dtype="f16")
-        assert isinstance(dtype.value, NotImplementedError) and dtype.value.code is None
+        with pytest.raises(ValueError, match="f16") as dtype:
+            c.lookup(MODEL, ["k"], dtype="f64")
+        assert not isinstance(dtype.value, NotSupported)
         with pytest.raises(TypeError, match="sequence"):
             c.lookup(MODEL, "one string")
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.mark.parametrize("batch", [64, 2])
+def test_every_dtype_gives_the_f32_vectors_within_its_precision(server: Server, shoes: np.ndarray, batch: int) -> None:
+    # Issue 14: f16, bf16 and i8 rows on the wire, decoded to arrays; with
+    # batch 2 the four keys take two requests (the concatenated matrix).
+    with EmbArk(server.target, max_batch_keys=batch, timeout=30.0) as c:
+        exact = c.lookup(MODEL, SHOES).matrix
+        assert np.array_equal(exact, shoes)
+        for dtype, kind, floor in [("f16", np.float16, 0.9999), ("bf16", np.float32, 0.999), ("i8", np.float32, 0.999)]:
+            got = c.lookup(MODEL, SHOES, dtype=dtype)
+            assert got.mask.all() and got.matrix.dtype == kind and got.matrix.shape == shoes.shape, dtype
+            assert cosines(got.matrix, shoes).min() >= floor, (dtype, cosines(got.matrix, shoes))
+        half = c.lookup(MODEL, SHOES, dtype="f16").matrix
+        assert np.array_equal(half, shoes.astype(np.float16)), "f16 is f32 rounded to nearest"
 
 
 def test_the_defaults_of_version_and_dtype_are_served(client: EmbArk) -> None:

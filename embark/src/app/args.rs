@@ -80,6 +80,13 @@ pub struct FrontArgs {
     /// several models.
     #[arg(long, env = "EMBARK_OOV", value_delimiter = ',')]
     pub oov: Vec<String>,
+    /// Keep a model's rows in the tier in a compact type: MODEL=TYPE for
+    /// every version, MODEL@VERSION=TYPE for one, TYPE one of f32 (the
+    /// default), f16, bf16, i8 (per-row scale). f16 halves the tier's
+    /// memory per row; Lookups of another type convert, and f32 answers
+    /// then carry the compact type's rounding. Repeat or comma-separate.
+    #[arg(long, env = "EMBARK_TIER_TYPE", value_delimiter = ',')]
+    pub tier_type: Vec<String>,
     /// Size of the in-process tier: bytes, or with KiB/MiB/GiB.
     #[arg(long, env = "EMBARK_CACHE_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
     pub cache_bytes: u64,

@@ -213,7 +213,8 @@ pub async fn run(args: FrontArgs, mode: Mode) -> anyhow::Result<()> {
     let op = Operator::start(args.metrics_listen, args.log_json, &args.traces, "embark").await?;
     let backends = Backends::open(&args, &mode).await?;
     let (engine, specs) = load_models(&args, &mode).await?;
-    let registry = ModelRegistry::new(&specs, &args.oov)?;
+    let mut registry = ModelRegistry::new(&specs, &args.oov)?;
+    registry.set_tier_types(&args.tier_type)?;
 
     // Similarity indexes: loaded from the store in the background; every
     // write and delete of this process goes through `IndexingStore`.

@@ -25,7 +25,7 @@ use embark_ops::{
     tls::{ClientTlsFiles, client_tls},
 };
 use embark_proto::embark::v1::{
-    InvalidateRequest, LookupRequest, LookupResponse, ModelsRequest, SimilarRequest, Source,
+    InvalidateRequest, LookupRequest, LookupResponse, ModelsRequest, SimilarRequest, Source, VectorType,
     emb_ark_client::EmbArkClient, similar_request::Query,
 };
 use serde::Serialize;
@@ -90,6 +90,13 @@ pub(crate) struct GetArgs {
     /// Components of each vector the table shows (JSON has them all).
     #[arg(long, default_value_t = 4)]
     pub show: usize,
+    /// The rows' type on the wire: f32, f16, bf16 or i8 (shown as floats).
+    #[arg(long, default_value = "f32", value_parser = parse_vector_type)]
+    pub vector_type: VectorType,
+}
+
+fn parse_vector_type(name: &str) -> Result<VectorType, String> {
+    embark_proto::vectors::parse_type(name).ok_or_else(|| format!("{name:?} is not one of f32, f16, bf16, i8"))
 }
 
 /// `embark similar`: stored keys nearest a key or a vector.
@@ -333,8 +340,12 @@ pub(crate) async fn get(args: GetArgs) -> anyhow::Result<i32> {
     let mut rows: Vec<GetRow> = Vec::with_capacity(keys.len());
     for batch in keys.chunks(args.batch_keys as usize) {
         let lookup = || {
-            let request =
-                LookupRequest { model: args.model.clone(), keys: batch.to_vec(), version: args.version.clone() };
+            let request = LookupRequest {
+                model: args.model.clone(),
+                keys: batch.to_vec(),
+                version: args.version.clone(),
+                vector_type: args.vector_type as i32,
+            };
             api.call("Lookup", move |mut c| {
                 let request = request.clone();
                 async move { c.lookup(request).await }
@@ -347,15 +358,17 @@ pub(crate) async fn get(args: GetArgs) -> anyhow::Result<i32> {
         }
         dim = answer.dim;
         let width = answer.dim as usize;
-        if answer.sources.len() != batch.len() || answer.vectors.len() != batch.len() * width * 4 {
-            bail!(
-                "the server answered {} keys with {} rows of {} bytes",
-                batch.len(),
-                answer.sources.len(),
-                answer.vectors.len()
-            );
-        }
-        let floats = embark_proto::f32_from_le(&answer.vectors).unwrap_or_default();
+        let floats = embark_proto::vectors::decode_matrix(args.vector_type, &answer.vectors, &answer.scales, width)
+            .filter(|f| answer.sources.len() == batch.len() && f.len() == batch.len() * width)
+            .with_context(|| {
+                format!(
+                    "the server answered {} keys with {} sources and {} bytes of {width}-d {} rows",
+                    batch.len(),
+                    answer.sources.len(),
+                    answer.vectors.len(),
+                    embark_proto::vectors::type_name(args.vector_type)
+                )
+            })?;
         for ((key, source), vector) in batch.iter().zip(&answer.sources).zip(floats.chunks(width.max(1))) {
             rows.push(GetRow { key: key.clone(), source: source_name(*source), vector: vector.to_vec() });
         }

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._pb import embark_pb2 as pb
-from .errors import NotSupported, ProtocolError
+from .errors import ProtocolError
 from .results import LookupResult, ModelInfo, ModelKind, Neighbour, SimilarResult
 
 T = TypeVar("T")
@@ -113,34 +113,54 @@ class Settings:
         return timeout
 
 
+#: The row types a Lookup may ask for, by the name ``dtype=`` takes.
+DTYPES = {"f32": pb.F32, "f16": pb.F16, "bf16": pb.BF16, "i8": pb.I8}
+
+
 def _check_options(version: Optional[str], dtype: str) -> None:
-    # dtype is accepted now so that callers' code keeps working when the
-    # server learns it; refused before anything is sent, so a caller never
-    # gets vectors of another type than it asked for.
+    # Refused before anything is sent.
     if version is not None and (not isinstance(version, str) or not version):
         raise ValueError(f"version must be a non-empty string (as models() lists it) or None, got {version!r}")
-    if dtype != "f32":
-        raise NotSupported(f"dtype={dtype!r}: this server answers float32 only; pass dtype='f32'")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
 
 
 def _batches(keys: Sequence[str], size: int) -> Iterable[Sequence[str]]:
     return (keys[start : start + size] for start in range(0, len(keys), size))
 
 
-def _decode(reply: Any, rows: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
-    """The matrix of a LookupResponse as a read-only view over its bytes
-    (no copy), and its sources, after checking the shape the contract
-    promises: a wrong size would otherwise show up as a reshape error, or
-    worse, as rows of another key."""
+def _decode(reply: Any, rows: int, dtype: str = "f32") -> tuple[npt.NDArray[Any], npt.NDArray[np.int32]]:
+    """The matrix of a LookupResponse and its sources, after checking the
+    shape the contract promises: a wrong size would otherwise show up as a
+    reshape error, or worse, as rows of another key.
+
+    f32 and f16 are zero-copy read-only views over the answer's bytes;
+    bf16 (which numpy lacks) is widened to float32 and i8 scaled back to
+    float32 by its per-row scales, both into new arrays."""
     dim = int(reply.dim)
     vectors: bytes = reply.vectors
-    if len(reply.sources) != rows or len(vectors) != rows * dim * 4:
+    width = {"f32": 4, "f16": 2, "bf16": 2, "i8": 1}[dtype]
+    asked = DTYPES[dtype]
+    if int(reply.vector_type) != asked:
+        raise ProtocolError(f"asked for {dtype} rows, answered with type {int(reply.vector_type)}", method="Lookup")
+    if len(reply.sources) != rows or len(vectors) != rows * dim * width:
         raise ProtocolError(
-            f"{rows} keys answered with {len(reply.sources)} sources and {len(vectors)} bytes of {dim}-d rows",
+            f"{rows} keys answered with {len(reply.sources)} sources and {len(vectors)} bytes of {dim}-d {dtype} rows",
             method="Lookup",
         )
-    matrix = np.frombuffer(vectors, dtype="<f4").reshape(rows, dim)
-    return matrix, np.array(reply.sources, dtype=np.int32)
+    sources = np.array(reply.sources, dtype=np.int32)
+    if dtype == "f32":
+        return np.frombuffer(vectors, dtype="<f4").reshape(rows, dim), sources
+    if dtype == "f16":
+        return np.frombuffer(vectors, dtype="<f2").reshape(rows, dim), sources
+    if dtype == "bf16":
+        wide = np.frombuffer(vectors, dtype="<u2").astype(np.uint32) << np.uint32(16)
+        return wide.view(np.float32).reshape(rows, dim), sources
+    scales: bytes = reply.scales
+    if len(scales) != rows * 4:
+        raise ProtocolError(f"{rows} i8 rows answered with {len(scales)} bytes of scales", method="Lookup")
+    quantized = np.frombuffer(vectors, dtype=np.int8).reshape(rows, dim).astype(np.float32)
+    return quantized * np.frombuffer(scales, dtype="<f4")[:, None], sources
 
 
 def lookup(
@@ -151,8 +171,9 @@ def lookup(
         raise TypeError("keys must be a sequence of strings, not one string")
     keys = list(keys)
     if len(keys) <= max_batch_keys:
-        reply = yield Call("Lookup", pb.LookupRequest(model=model, keys=keys, version=version or ""))
-        return LookupResult.of(*_decode(reply, len(keys)), version=reply.version)
+        request = pb.LookupRequest(model=model, keys=keys, version=version or "", vector_type=DTYPES[dtype])
+        reply = yield Call("Lookup", request)
+        return LookupResult.of(*_decode(reply, len(keys), dtype), version=reply.version)
     # Several requests. Each key is asked once, so duplicates get the same
     # row even across batches (the server promises it within one request
     # only) and no batch carries a key twice. The batches after the first
@@ -162,11 +183,12 @@ def lookup(
     parts = []
     answered = version or ""
     for batch in _batches(unique, max_batch_keys):
-        reply = yield Call("Lookup", pb.LookupRequest(model=model, keys=batch, version=answered))
+        request = pb.LookupRequest(model=model, keys=batch, version=answered, vector_type=DTYPES[dtype])
+        reply = yield Call("Lookup", request)
         if answered and reply.version and reply.version != answered:
             raise ProtocolError(f"asked for version {answered!r}, answered from {reply.version!r}", method="Lookup")
         answered = answered or reply.version
-        parts.append(_decode(reply, len(batch)))
+        parts.append(_decode(reply, len(batch), dtype))
     dims = {m.shape[1] for m, _ in parts}
     if len(dims) != 1:
         raise ProtocolError(f"the batches of one Lookup came back with different dims {sorted(dims)}", method="Lookup")

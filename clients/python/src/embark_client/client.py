@@ -90,9 +90,14 @@ class EmbArk:
 
         ``version`` pins a model version (as :meth:`models` lists it);
         ``None`` gets the current one, and ``result.version`` says which it
-        was (batches of one call are all answered from it). ``dtype`` is
-        accepted for a stable signature; the server answers float32 only,
-        so anything but ``"f32"`` raises :class:`NotSupported`.
+        was (batches of one call are all answered from it).
+
+        ``dtype`` is the rows' type on the wire: ``"f32"`` (default),
+        ``"f16"`` (half the bytes; the matrix is float16, still a zero-copy
+        view), ``"bf16"`` (half the bytes; widened to a float32 matrix, as
+        numpy has no bfloat16) or ``"i8"`` (a quarter; scaled back to a
+        float32 matrix by each row's scale). The cosine of each to f32 on
+        real vectors is in the server's docs/vector-types.md.
         """
         plan = _core.lookup(model, keys, self._settings.max_batch_keys, version, dtype)
         return self._run(plan, timeout)
@@ -107,9 +112,10 @@ class EmbArk:
         dtype: str = "f32",
         timeout: Optional[float] = None,
     ) -> Any:
-        """:meth:`lookup`'s matrix as a float32 ``torch.Tensor`` (on
-        ``device`` if given). Needs PyTorch, imported only here. The rows'
-        sources are not part of a tensor: use :meth:`lookup` for the mask.
+        """:meth:`lookup`'s matrix as a ``torch.Tensor`` of its dtype
+        (float16 for ``dtype="f16"``, else float32), on ``device`` if given.
+        Needs PyTorch, imported only here. The rows' sources are not part of
+        a tensor: use :meth:`lookup` for the mask.
 
         A tensor is always writable, so a single-batch answer (a read-only
         view) is copied once; a multi-batch matrix is shared as it is.

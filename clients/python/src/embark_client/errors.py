@@ -91,8 +91,9 @@ class DeadlineExceeded(EmbArkError):
 
 class NotSupported(EmbArkError, NotImplementedError):
     """An option the client accepts for a stable signature but the server
-    cannot honour yet (a model version or a dtype other than f32). Raised
-    before anything is sent."""
+    cannot honour. Raised before anything is sent. (No option is refused
+    this way today: model versions and the f16, bf16 and i8 dtypes are
+    served; the class stays for callers that catch it.)"""
 
 
 class ProtocolError(EmbArkError):

@@ -24,35 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65mbark/v1/embark.proto\x12\tembark.v1\"=\n\rLookupRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"c\n\x0eLookupResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\"\n\x07sources\x18\x03 \x03(\x0e\x32\x11.embark.v1.Source\x12\x0f\n\x07version\x18\x04 \x01(\t\"\x0f\n\rModelsRequest\"\xaf\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.embark.v1.ModelKind\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x05 \x01(\x08\x12\x16\n\x0estored_vectors\x18\x06 \x01(\x04\x12)\n!stored_vectors_counted_at_unix_ms\x18\x07 \x01(\x03\"6\n\x0eModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.embark.v1.ModelInfo\"0\n\x11InvalidateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\")\n\x12InvalidateResponse\x12\x13\n\x0binvalidated\x18\x01 \x01(\r\"x\n\x0eSimilarRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\r\n\x03key\x18\x02 \x01(\tH\x00\x12\x10\n\x06vector\x18\x03 \x01(\x0cH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12\x11\n\tmin_score\x18\x05 \x01(\x02\x42\x07\n\x05query\">\n\x0fSimilarResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\r\n\x05\x65xact\x18\x03 \x01(\x08*l\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\t\n\x05\x43\x41\x43HE\x10\x01\x12\t\n\x05STORE\x10\x02\x12\x0f\n\x0bOOV_PENDING\x10\x03\x12\x0e\n\nOOV_FAILED\x10\x04\x12\x13\n\x0fOOV_UNAVAILABLE\x10\x05*<\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05IMAGE\x10\x01\x12\x08\n\x04TEXT\x10\x02\x32\x93\x02\n\x06\x45mbArk\x12=\n\x06Lookup\x12\x18.embark.v1.LookupRequest\x1a\x19.embark.v1.LookupResponse\x12=\n\x06Models\x12\x18.embark.v1.ModelsRequest\x1a\x19.embark.v1.ModelsResponse\x12I\n\nInvalidate\x12\x1c.embark.v1.InvalidateRequest\x1a\x1d.embark.v1.InvalidateResponse\x12@\n\x07Similar\x12\x19.embark.v1.SimilarRequest\x1a\x1a.embark.v1.SimilarResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65mbark/v1/embark.proto\x12\tembark.v1\"i\n\rLookupRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12*\n\x0bvector_type\x18\x04 \x01(\x0e\x32\x15.embark.v1.VectorType\"\x9f\x01\n\x0eLookupResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\"\n\x07sources\x18\x03 \x03(\x0e\x32\x11.embark.v1.Source\x12\x0f\n\x07version\x18\x04 \x01(\t\x12*\n\x0bvector_type\x18\x05 \x01(\x0e\x32\x15.embark.v1.VectorType\x12\x0e\n\x06scales\x18\x06 \x01(\x0c\"\x0f\n\rModelsRequest\"\xaf\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.embark.v1.ModelKind\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x05 \x01(\x08\x12\x16\n\x0estored_vectors\x18\x06 \x01(\x04\x12)\n!stored_vectors_counted_at_unix_ms\x18\x07 \x01(\x03\"6\n\x0eModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.embark.v1.ModelInfo\"0\n\x11InvalidateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\")\n\x12InvalidateResponse\x12\x13\n\x0binvalidated\x18\x01 \x01(\r\"x\n\x0eSimilarRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\r\n\x03key\x18\x02 \x01(\tH\x00\x12\x10\n\x06vector\x18\x03 \x01(\x0cH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12\x11\n\tmin_score\x18\x05 \x01(\x02\x42\x07\n\x05query\">\n\x0fSimilarResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\r\n\x05\x65xact\x18\x03 \x01(\x08*0\n\nVectorType\x12\x07\n\x03\x46\x33\x32\x10\x00\x12\x07\n\x03\x46\x31\x36\x10\x01\x12\x08\n\x04\x42\x46\x31\x36\x10\x02\x12\x06\n\x02I8\x10\x03*l\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\t\n\x05\x43\x41\x43HE\x10\x01\x12\t\n\x05STORE\x10\x02\x12\x0f\n\x0bOOV_PENDING\x10\x03\x12\x0e\n\nOOV_FAILED\x10\x04\x12\x13\n\x0fOOV_UNAVAILABLE\x10\x05*<\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05IMAGE\x10\x01\x12\x08\n\x04TEXT\x10\x02\x32\x93\x02\n\x06\x45mbArk\x12=\n\x06Lookup\x12\x18.embark.v1.LookupRequest\x1a\x19.embark.v1.LookupResponse\x12=\n\x06Models\x12\x18.embark.v1.ModelsRequest\x1a\x19.embark.v1.ModelsResponse\x12I\n\nInvalidate\x12\x1c.embark.v1.InvalidateRequest\x1a\x1d.embark.v1.InvalidateResponse\x12@\n\x07Similar\x12\x19.embark.v1.SimilarRequest\x1a\x1a.embark.v1.SimilarResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'embark.v1.embark_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SOURCE']._serialized_start=731
-  _globals['_SOURCE']._serialized_end=839
-  _globals['_MODELKIND']._serialized_start=841
-  _globals['_MODELKIND']._serialized_end=901
+  _globals['_VECTORTYPE']._serialized_start=836
+  _globals['_VECTORTYPE']._serialized_end=884
+  _globals['_SOURCE']._serialized_start=886
+  _globals['_SOURCE']._serialized_end=994
+  _globals['_MODELKIND']._serialized_start=996
+  _globals['_MODELKIND']._serialized_end=1056
   _globals['_LOOKUPREQUEST']._serialized_start=37
-  _globals['_LOOKUPREQUEST']._serialized_end=98
-  _globals['_LOOKUPRESPONSE']._serialized_start=100
-  _globals['_LOOKUPRESPONSE']._serialized_end=199
-  _globals['_MODELSREQUEST']._serialized_start=201
-  _globals['_MODELSREQUEST']._serialized_end=216
-  _globals['_MODELINFO']._serialized_start=219
-  _globals['_MODELINFO']._serialized_end=394
-  _globals['_MODELSRESPONSE']._serialized_start=396
-  _globals['_MODELSRESPONSE']._serialized_end=450
-  _globals['_INVALIDATEREQUEST']._serialized_start=452
-  _globals['_INVALIDATEREQUEST']._serialized_end=500
-  _globals['_INVALIDATERESPONSE']._serialized_start=502
-  _globals['_INVALIDATERESPONSE']._serialized_end=543
-  _globals['_SIMILARREQUEST']._serialized_start=545
-  _globals['_SIMILARREQUEST']._serialized_end=665
-  _globals['_SIMILARRESPONSE']._serialized_start=667
-  _globals['_SIMILARRESPONSE']._serialized_end=729
-  _globals['_EMBARK']._serialized_start=904
-  _globals['_EMBARK']._serialized_end=1179
+  _globals['_LOOKUPREQUEST']._serialized_end=142
+  _globals['_LOOKUPRESPONSE']._serialized_start=145
+  _globals['_LOOKUPRESPONSE']._serialized_end=304
+  _globals['_MODELSREQUEST']._serialized_start=306
+  _globals['_MODELSREQUEST']._serialized_end=321
+  _globals['_MODELINFO']._serialized_start=324
+  _globals['_MODELINFO']._serialized_end=499
+  _globals['_MODELSRESPONSE']._serialized_start=501
+  _globals['_MODELSRESPONSE']._serialized_end=555
+  _globals['_INVALIDATEREQUEST']._serialized_start=557
+  _globals['_INVALIDATEREQUEST']._serialized_end=605
+  _globals['_INVALIDATERESPONSE']._serialized_start=607
+  _globals['_INVALIDATERESPONSE']._serialized_end=648
+  _globals['_SIMILARREQUEST']._serialized_start=650
+  _globals['_SIMILARREQUEST']._serialized_end=770
+  _globals['_SIMILARRESPONSE']._serialized_start=772
+  _globals['_SIMILARRESPONSE']._serialized_end=834
+  _globals['_EMBARK']._serialized_start=1059
+  _globals['_EMBARK']._serialized_end=1334
 # @@protoc_insertion_point(module_scope)

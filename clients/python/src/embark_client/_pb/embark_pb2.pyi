@@ -6,6 +6,13 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class VectorType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    F32: _ClassVar[VectorType]
+    F16: _ClassVar[VectorType]
+    BF16: _ClassVar[VectorType]
+    I8: _ClassVar[VectorType]
+
 class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SOURCE_UNSPECIFIED: _ClassVar[Source]
@@ -20,6 +27,10 @@ class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_KIND_UNSPECIFIED: _ClassVar[ModelKind]
     IMAGE: _ClassVar[ModelKind]
     TEXT: _ClassVar[ModelKind]
+F32: VectorType
+F16: VectorType
+BF16: VectorType
+I8: VectorType
 SOURCE_UNSPECIFIED: Source
 CACHE: Source
 STORE: Source
@@ -31,26 +42,32 @@ IMAGE: ModelKind
 TEXT: ModelKind
 
 class LookupRequest(_message.Message):
-    __slots__ = ("model", "keys", "version")
+    __slots__ = ("model", "keys", "version", "vector_type")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_TYPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     keys: _containers.RepeatedScalarFieldContainer[str]
     version: str
-    def __init__(self, model: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ...) -> None: ...
+    vector_type: VectorType
+    def __init__(self, model: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ..., vector_type: _Optional[_Union[VectorType, str]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("dim", "vectors", "sources", "version")
+    __slots__ = ("dim", "vectors", "sources", "version", "vector_type", "scales")
     DIM_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
     dim: int
     vectors: bytes
     sources: _containers.RepeatedScalarFieldContainer[Source]
     version: str
-    def __init__(self, dim: _Optional[int] = ..., vectors: _Optional[bytes] = ..., sources: _Optional[_Iterable[_Union[Source, str]]] = ..., version: _Optional[str] = ...) -> None: ...
+    vector_type: VectorType
+    scales: bytes
+    def __init__(self, dim: _Optional[int] = ..., vectors: _Optional[bytes] = ..., sources: _Optional[_Iterable[_Union[Source, str]]] = ..., version: _Optional[str] = ..., vector_type: _Optional[_Union[VectorType, str]] = ..., scales: _Optional[bytes] = ...) -> None: ...
 
 class ModelsRequest(_message.Message):
     __slots__ = ()
