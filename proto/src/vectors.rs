@@ -55,15 +55,23 @@ pub fn packed_row_bytes(t: VectorType, dim: usize) -> usize {
 pub fn pack(t: VectorType, row: &[f32], out: &mut Vec<u8>) {
     match t {
         VectorType::F32 => crate::extend_le_f32(out, row),
+        // Through a buffer on the stack, a block at a time: no allocation
+        // per row on the Lookup path.
         VectorType::F16 => {
-            let mut half = vec![f16::ZERO; row.len()];
-            half.convert_from_f32_slice(row);
-            extend_le_u16(out, bytemuck::cast_slice(&half));
+            let mut half = [f16::ZERO; BLOCK];
+            for block in row.chunks(BLOCK) {
+                let half = &mut half[..block.len()];
+                half.convert_from_f32_slice(block);
+                extend_le_u16(out, bytemuck::cast_slice(half));
+            }
         }
         VectorType::Bf16 => {
-            let mut half = vec![bf16::ZERO; row.len()];
-            half.convert_from_f32_slice(row);
-            extend_le_u16(out, bytemuck::cast_slice(&half));
+            let mut half = [bf16::ZERO; BLOCK];
+            for block in row.chunks(BLOCK) {
+                let half = &mut half[..block.len()];
+                half.convert_from_f32_slice(block);
+                extend_le_u16(out, bytemuck::cast_slice(half));
+            }
         }
         VectorType::I8 => {
             let scale = i8_scale(row);
@@ -73,19 +81,23 @@ pub fn pack(t: VectorType, row: &[f32], out: &mut Vec<u8>) {
     }
 }
 
-/// The symmetric scale of a row: max |value| / 127 (0 for a row of zeros).
+/// Values converted per block of [`pack`].
+const BLOCK: usize = 256;
+
+/// The symmetric scale of a row: max |finite value| / 127 (0 for a row of
+/// zeros or of non-finite values only).
 fn i8_scale(row: &[f32]) -> f32 {
-    let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-    if max > 0.0 && max.is_finite() { max / 127.0 } else { 0.0 }
+    let max = row.iter().filter(|v| v.is_finite()).fold(0f32, |m, v| m.max(v.abs()));
+    max / 127.0
 }
 
-/// Appends `row / scale` rounded, as signed bytes.
+/// Appends `row / scale` rounded, as signed bytes: clamped to ±127 (an
+/// infinity, or every value of a row whose scale underflows to 0), NaN as
+/// 0. Rounds half away from zero by truncation, which vectorises, unlike
+/// `round`.
 fn extend_i8(out: &mut Vec<u8>, row: &[f32], scale: f32) {
-    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    // Round half away from zero by truncation (vectorises, unlike `round`);
-    // |v * inv| <= 127 by the choice of scale.
     out.extend(row.iter().map(|v| {
-        let r = v * inv;
+        let r = (v / scale).clamp(-127.0, 127.0);
         (r + 0.5f32.copysign(r)) as i32 as i8 as u8
     }));
 }
@@ -280,6 +292,29 @@ mod tests {
         let mut zero = Vec::new();
         pack(VectorType::I8, &[0.0; 4], &mut zero);
         assert_eq!(zero, vec![0; 8]);
+    }
+
+    /// Review of issue 14: a row of tiny values made `1 / scale` infinite
+    /// and its bytes wrapped (`inf as i32 as i8` is -1); an infinity made
+    /// the whole row zeros.
+    #[test]
+    fn i8_keeps_tiny_rows_and_clamps_infinities() {
+        let tiny = [3e-38f32, -1.5e-38, 0.0];
+        let mut packed = Vec::new();
+        pack(VectorType::I8, &tiny, &mut packed);
+        // The scale is subnormal, so its precision is a few bits: -63 or -64.
+        let q: Vec<i8> = packed[4..].iter().map(|b| *b as i8).collect();
+        assert!(q[0] == 127 && (-64..=-63).contains(&q[1]) && q[2] == 0, "signs and magnitudes kept: {q:?}");
+        let odd = [1.0f32, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -0.5];
+        let mut packed = Vec::new();
+        pack(VectorType::I8, &odd, &mut packed);
+        assert_eq!(f32::from_le_bytes([packed[0], packed[1], packed[2], packed[3]]), 1.0 / 127.0);
+        assert_eq!(&packed[4..], &[127, 127, (-127i8) as u8, 0, (-64i8) as u8]);
+        let mut none = Vec::new();
+        pack(VectorType::I8, &[f32::NAN, f32::INFINITY], &mut none);
+        let mut back = Vec::new();
+        assert!(unpack(VectorType::I8, &none, 2, &mut back));
+        assert!(back.iter().all(|v| *v == 0.0), "no finite value: scale 0, zeros: {back:?}");
     }
 
     #[test]

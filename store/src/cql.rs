@@ -530,8 +530,8 @@ impl CqlStore {
         .await?;
         let put_failure = prepare(
             format!(
-                "INSERT INTO {ks}.embeddings (model, key, status, code, reason, created_at) \
-                 VALUES (?, ?, ?, ?, ?, ?){ttl}"
+                "INSERT INTO {ks}.embeddings (model, key, vector, dim, status, code, reason, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?){ttl}"
             ),
             config.write_consistency,
         )
@@ -609,8 +609,22 @@ impl CqlStore {
                         self.session.execute_unpaged(&at(&self.put_vector, write_ts), values).await
                     }
                     Filled::Failure(f) => {
-                        let values =
-                            (model, skey, row::STATUS_FAILED as i32, f.code, f.reason, CqlTimestamp(f.at_unix_ms));
+                        // The vector and dim cells are written empty (null,
+                        // at this write's timestamp): CQL resolves cell by
+                        // cell, so an older vector's cells (a row adopted
+                        // at timestamp 1) must not outlive the record and
+                        // read as a vector once its status cell expires.
+                        let (no_vector, no_dim): (Option<Vec<u8>>, Option<i32>) = (None, None);
+                        let values = (
+                            model,
+                            skey,
+                            no_vector,
+                            no_dim,
+                            row::STATUS_FAILED as i32,
+                            f.code,
+                            f.reason,
+                            CqlTimestamp(f.at_unix_ms),
+                        );
                         self.session.execute_unpaged(&at(&self.put_failure, write_ts), values).await
                     }
                 };

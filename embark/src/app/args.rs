@@ -82,9 +82,10 @@ pub struct FrontArgs {
     pub oov: Vec<String>,
     /// Keep a model's rows in the tier in a compact type: MODEL=TYPE for
     /// every version, MODEL@VERSION=TYPE for one, TYPE one of f32 (the
-    /// default), f16, bf16, i8 (per-row scale). f16 halves the tier's
-    /// memory per row; Lookups of another type convert, and f32 answers
-    /// then carry the compact type's rounding. Repeat or comma-separate.
+    /// default), f16, bf16, i8 (per-row scale). f16 halves a row's bytes
+    /// (an entry also has ~96 B of bookkeeping); Lookups of another type
+    /// convert, and f32 answers then carry the compact type's rounding.
+    /// Repeat or comma-separate.
     #[arg(long, env = "EMBARK_TIER_TYPE", value_delimiter = ',')]
     pub tier_type: Vec<String>,
     /// Size of the in-process tier: bytes, or with KiB/MiB/GiB.

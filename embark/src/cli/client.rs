@@ -358,6 +358,13 @@ pub(crate) async fn get(args: GetArgs) -> anyhow::Result<i32> {
         }
         dim = answer.dim;
         let width = answer.dim as usize;
+        if answer.vector_type != args.vector_type as i32 {
+            bail!(
+                "asked for {} rows, the server answered type {} (a server before vector types answers f32 only)",
+                embark_proto::vectors::type_name(args.vector_type),
+                answer.vector_type
+            );
+        }
         let floats = embark_proto::vectors::decode_matrix(args.vector_type, &answer.vectors, &answer.scales, width)
             .filter(|f| answer.sources.len() == batch.len() && f.len() == batch.len() * width)
             .with_context(|| {

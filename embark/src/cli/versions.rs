@@ -377,7 +377,11 @@ pub(crate) async fn adopt(args: AdoptArgs) -> anyhow::Result<i32> {
         if s.interrupted {
             println!("  interrupted: run the same command again to carry on ({})", checkpoint.path().display());
         } else {
-            println!("  next, once every process runs this release: embark retire --model {} --unversioned", s.model);
+            println!(
+                "  next, once every process runs this release: this command again, then embark retire --model {} \
+                 --unversioned",
+                s.model
+            );
         }
     }
     Ok(if s.interrupted { EXIT_INTERRUPTED } else { 0 })

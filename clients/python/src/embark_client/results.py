@@ -63,7 +63,8 @@ def _source_name(code: int) -> str:
 class LookupResult:
     """The answer to a Lookup, one row per key in request order.
 
-    ``matrix`` is float32, shape ``(len(keys), dim)``. When the keys fit in
+    ``matrix`` is float32 (float16 for ``dtype="f16"``), shape
+    ``(len(keys), dim)``. When the keys fit in
     one batch it is a zero-copy, READ-ONLY view over the bytes of the
     server's answer (``numpy.frombuffer``): writing to it raises
     ``ValueError``; call ``matrix.copy()`` for a writable array. When the
