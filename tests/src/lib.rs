@@ -105,7 +105,9 @@ impl Server {
             .arg("--metrics-listen")
             .arg(metrics.to_string())
             .env("EMBARK_MODELS_DIR", models_dir())
-            .env("RUST_LOG", "info")
+            // `EMBARK_TEST_RUST_LOG` to see more of a server under test, e.g.
+            // `info,librdkafka=debug` with `--kafka-property debug=cgrp`.
+            .env("RUST_LOG", std::env::var("EMBARK_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
