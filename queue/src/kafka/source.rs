@@ -78,6 +78,12 @@ pub struct KafkaSourceConfig {
     pub max_delayed: usize,
     /// How long a worker waits to fill a batch after its first miss.
     pub linger: Duration,
+    /// How long a retry or dead letter may wait for the broker's
+    /// acknowledgement (librdkafka's `message.timeout.ms`) before its
+    /// round fails, is logged and is sent again. Without it librdkafka
+    /// waits 300 s, and a produce the broker never answers held the misses
+    /// of every partition unsettled, silently: commits stopped.
+    pub publish_timeout: Duration,
     /// Extra librdkafka properties (`key=value`), e.g. security settings.
     pub properties: Vec<(String, String)>,
 }
@@ -94,6 +100,7 @@ impl std::fmt::Debug for KafkaSourceConfig {
             .field("ready_buffer", &self.ready_buffer)
             .field("max_delayed", &self.max_delayed)
             .field("linger", &self.linger)
+            .field("publish_timeout", &self.publish_timeout)
             .field("properties", &super::security::Redacted(&self.properties))
             .finish()
     }
@@ -111,6 +118,7 @@ impl Default for KafkaSourceConfig {
             ready_buffer: 1024,
             max_delayed: 100_000,
             linger: Duration::from_millis(5),
+            publish_timeout: Duration::from_secs(30),
             properties: Vec::new(),
         }
     }
@@ -206,9 +214,13 @@ impl KafkaMissSource {
         let consumer: StreamConsumer<TrackingContext> = cc.create_with_context(context)?;
         consumer.subscribe(&[&config.miss_topic])?;
 
-        let producer: FutureProducer =
-            client_config(&config.brokers, &config.properties, &[("acks", "all".into()), ("linger.ms", "5".into())])
-                .create()?;
+        let publish_timeout = config.publish_timeout.as_millis().max(1).to_string();
+        let producer: FutureProducer = client_config(
+            &config.brokers,
+            &config.properties,
+            &[("acks", "all".into()), ("linger.ms", "5".into()), ("message.timeout.ms", publish_timeout)],
+        )
+        .create()?;
 
         let (ready_tx, ready_rx) = mpsc::channel(config.ready_buffer.max(1));
         let (redeliver_tx, redeliver_rx) = mpsc::unbounded_channel();
@@ -552,5 +564,49 @@ impl MissSource for KafkaMissSource {
             // unsettled and are replayed by the next owner.
             let _ = self.redeliver.send((r, after));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stall of `a_backlog_survives_kill_9_of_kfc` on a loaded machine:
+    /// a produce the broker never acknowledged kept a worker waiting for
+    /// librdkafka's default 300 s, with nothing logged, while its batch
+    /// held every partition's commits back. Against a broker that accepts
+    /// connections and never answers, a send now fails within the publish
+    /// timeout (and its round is logged and retried).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_produce_the_broker_never_answers_fails_within_the_publish_timeout() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = silent.local_addr().expect("addr");
+        // Accepts and holds every connection, reads nothing, answers nothing.
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for c in silent.incoming().flatten() {
+                held.push(c);
+            }
+        });
+        let stop = CancellationToken::new();
+        let config = KafkaSourceConfig {
+            brokers: addr.to_string(),
+            publish_timeout: Duration::from_secs(2),
+            ..KafkaSourceConfig::default()
+        };
+        let source = KafkaMissSource::start(config, stop.clone()).expect("start");
+        let record = Outgoing {
+            topic: "misses",
+            key: b"k".to_vec(),
+            payload: b"payload".to_vec(),
+            headers: None,
+            kind: "retry",
+            permanent_failures: 0,
+        };
+        let sent = tokio::time::timeout(Duration::from_secs(20), source.send_once(vec![record])).await;
+        stop.cancel();
+        let (failed, error) = sent.expect("the send ends within the publish timeout, not librdkafka's 300 s");
+        assert_eq!(failed.len(), 1, "the record is kept for the next round");
+        assert!(matches!(error, Some(KafkaError::MessageProduction(_))), "{error:?}");
     }
 }
