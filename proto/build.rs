@@ -24,6 +24,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".")
         // prost, with a guard on the number of fields before decoding.
         .codec_path("crate::codec::BoundedCodec")
+        // Written by hand, to send its matrix from the rows where they are
+        // (src/lookup_response.rs); the same message on the wire.
+        .extern_path(".embark.v1.LookupResponse", "crate::lookup_response::LookupResponse")
         .compile_fds(descriptors)?;
     Ok(())
 }

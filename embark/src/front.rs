@@ -64,11 +64,21 @@ pub struct LookupAnswer {
     pub dim: usize,
     /// The rows' type, as asked.
     pub vector_type: VectorType,
-    /// `sources.len() x dim` values of `vector_type`, little-endian.
-    pub vectors: Vec<u8>,
+    /// `sources.len() x dim` values of `vector_type`, little-endian, in
+    /// pieces to be sent one after the other: each row's own shared buffer
+    /// from the tier when it is kept in the asked type (no copy until the
+    /// encoder's), else one buffer of converted rows.
+    pub matrix: Vec<Bytes>,
     /// I8 only: each row's float32 scale, little-endian.
     pub scales: Vec<u8>,
     pub sources: Vec<Source>,
+}
+
+impl LookupAnswer {
+    /// The matrix in one buffer (a copy; tests and in-process readers).
+    pub fn vectors(&self) -> Vec<u8> {
+        self.matrix.concat()
+    }
 }
 
 pub struct Front {
@@ -415,21 +425,37 @@ impl Front {
             }
         }
 
-        // One copy of each row into the response (converted when the tier
-        // keeps another type); counters once per request, not once per key.
-        let mut wire = vectors::WireRows::with_capacity(vector_type, keys.len(), dim);
+        // The answer's rows: the tier's own buffers when it keeps the asked
+        // type (shared, copied once by the encoder), else converted into
+        // one buffer. Counters once per request, not once per key.
+        let shared = served.tier_type == vector_type;
+        let mut matrix = Vec::with_capacity(if shared { keys.len() } else { 1 });
+        let mut wire = vectors::WireRows::with_capacity(vector_type, if shared { 0 } else { keys.len() }, dim);
+        let mut scales = Vec::new();
         let mut scratch = Vec::new();
         let mut sources = Vec::with_capacity(keys.len());
         let mut counts = [0u64; 8];
         for s in slot {
             let (v, source) = resolved[s].as_ref().unwrap_or_else(|| unreachable!("every distinct key is resolved"));
-            if served.tier_type == vector_type && vector_type != VectorType::I8 {
-                wire.vectors.extend_from_slice(v);
-            } else if !vectors::append_as(served.tier_type, v, dim, vector_type, &mut wire, &mut scratch) {
-                unreachable!("tier rows and the OOV row are packed rows of the model's dim");
+            match (shared, vector_type) {
+                // A packed I8 row is its scale, then its values.
+                (true, VectorType::I8) => {
+                    scales.extend_from_slice(&v[..4]);
+                    matrix.push(v.slice(4..));
+                }
+                (true, _) => matrix.push(v.clone()),
+                (false, _) => {
+                    if !vectors::append_as(served.tier_type, v, dim, vector_type, &mut wire, &mut scratch) {
+                        unreachable!("tier rows and the OOV row are packed rows of the model's dim");
+                    }
+                }
             }
             sources.push(*source);
             counts[(*source as usize).min(counts.len() - 1)] += 1;
+        }
+        if !shared {
+            matrix.push(Bytes::from(wire.vectors));
+            scales = wire.scales;
         }
         for (i, n) in counts.iter().enumerate() {
             if *n > 0
@@ -440,14 +466,7 @@ impl Front {
         }
         served.metrics.lookups.increment(1);
         served.metrics.latency.record(started.elapsed().as_secs_f64());
-        Ok(LookupAnswer {
-            version: served.spec.version.as_str(),
-            dim,
-            vector_type,
-            vectors: wire.vectors,
-            scales: wire.scales,
-            sources,
-        })
+        Ok(LookupAnswer { version: served.spec.version.as_str(), dim, vector_type, matrix, scales, sources })
     }
 
     fn queue_miss(&self, served: &ServedModel, key: &str, h: KeyHash, now: i64) {
@@ -539,7 +558,7 @@ impl Front {
                     }
                     None => unreachable!("one row per key"),
                 }
-                let vector = embark_proto::f32_from_le(&answer.vectors).unwrap_or_default();
+                let vector = embark_proto::f32_from_le(&answer.vectors()).unwrap_or_default();
                 (vector, Some(embark_store::storage_key(&key).into_owned()))
             }
         };
@@ -821,7 +840,7 @@ mod tests {
         // The catalogue marks version 2 current.
         let a = f.front.lookup(MODEL, &strings(&["k", "only in 1"])).await.expect("lookup");
         assert_eq!((a.version, a.sources.clone()), ("2", vec![Source::Store, Source::OovPending]));
-        assert_eq!(&a.vectors[..DIM * 4], wire(0.75).as_slice());
+        assert_eq!(&a.vectors()[..DIM * 4], wire(0.75).as_slice());
         let published = f.publisher.published();
         assert_eq!((published[0].key.as_str(), published[0].version.as_str()), ("only in 1", "2"));
 
@@ -829,7 +848,7 @@ mod tests {
         let v1 = spec().version.as_str();
         for source in [Source::Store, Source::Cache] {
             let a = f.front.lookup_version(MODEL, v1, &strings(&["k"])).await.expect("lookup");
-            assert_eq!((a.version, a.sources, a.vectors), (v1, vec![source], wire(0.5)));
+            assert_eq!((a.version, a.sources.clone(), a.vectors()), (v1, vec![source], wire(0.5)));
         }
         let e = f.front.lookup_version(MODEL, "3", &strings(&["k"])).await.expect_err("unknown version");
         assert!(matches!(&e, FrontError::NotFound(m) if m.contains("no version \"3\"")), "{e}");
@@ -837,7 +856,7 @@ mod tests {
         // A promote read from the store: version 1 is current, from its tier entry.
         assert!(f.front.set_current(MODEL, v1).expect("served"));
         let a = f.front.lookup(MODEL, &strings(&["k"])).await.expect("lookup");
-        assert_eq!((a.version, a.sources, a.vectors), (v1, vec![Source::Cache], wire(0.5)));
+        assert_eq!((a.version, a.sources.clone(), a.vectors()), (v1, vec![Source::Cache], wire(0.5)));
         assert!(f.front.set_current(MODEL, "3").is_err(), "a version this front does not serve");
         let infos = f.front.model_infos();
         assert_eq!(
@@ -873,8 +892,8 @@ mod tests {
         f.store.put_vectors(&ns(), vec![("k".into(), vec![0.5; DIM])]).await.expect("put");
         f.front.tier().insert(key_hash(&ns(), "k"), CachedRow::Vector(le_bytes(&[0.25; DIM])));
         let a = f.front.lookup(MODEL, &strings(&["k"])).await.expect("lookup");
-        assert_eq!((a.dim, a.sources), (DIM, vec![Source::Cache]));
-        assert_eq!(a.vectors, wire(0.25), "the tier's row, not the store's");
+        assert_eq!((a.dim, a.sources.clone()), (DIM, vec![Source::Cache]));
+        assert_eq!(a.vectors(), wire(0.25), "the tier's row, not the store's");
         assert_eq!(f.store.reads(), Vec::<Vec<String>>::new());
         assert_eq!(f.publisher.published(), vec![]);
     }
@@ -905,9 +924,9 @@ mod tests {
                     let what = format!("tier {tier:?}, answer {t:?}, round {round}");
                     assert_eq!(a.vector_type, t, "{what}");
                     assert_eq!(a.sources[0], if t == all[0] { source } else { Source::Cache }, "{what}");
-                    assert_eq!(a.vectors.len(), 2 * DIM * value_bytes(t), "{what}");
+                    assert_eq!(a.vectors().len(), 2 * DIM * value_bytes(t), "{what}");
                     assert_eq!(a.scales.len(), if t == VectorType::I8 { 8 } else { 0 }, "{what}");
-                    let got = decode_matrix(t, &a.vectors, &a.scales, DIM).expect("whole rows");
+                    let got = decode_matrix(t, &a.vectors(), &a.scales, DIM).expect("whole rows");
                     let want = if t == tier { through(t, &row) } else { through(t, &through(tier, &row)) };
                     assert_eq!(&got[..DIM], &want[..], "{what}");
                     assert!(got[DIM..].iter().all(|v| *v == 0.0), "{what}: the OOV row");
@@ -925,11 +944,11 @@ mod tests {
         let f = fixture(Options::default());
         f.store.put_vectors(&ns(), vec![("k".into(), vec![0.5; DIM])]).await.expect("put");
         let first = f.front.lookup(MODEL, &strings(&["k"])).await.expect("lookup");
-        assert_eq!((first.sources, first.vectors), (vec![Source::Store], wire(0.5)));
+        assert_eq!((first.sources.clone(), first.vectors()), (vec![Source::Store], wire(0.5)));
         // Gone from the store behind the front's back: the tier answers.
         f.store.inner.delete(&ns(), &strings(&["k"])).await.expect("delete");
         let second = f.front.lookup(MODEL, &strings(&["k"])).await.expect("lookup");
-        assert_eq!((second.sources, second.vectors), (vec![Source::Cache], wire(0.5)));
+        assert_eq!((second.sources.clone(), second.vectors()), (vec![Source::Cache], wire(0.5)));
         assert_eq!(f.store.reads(), vec![strings(&["k"])], "read once");
         assert_eq!(f.publisher.published(), vec![]);
     }
@@ -941,7 +960,7 @@ mod tests {
         let before = now_unix_ms();
         let a = f.front.lookup(MODEL, &strings(&["new"])).await.expect("lookup");
         let after = now_unix_ms();
-        assert_eq!((a.dim, a.sources, a.vectors), (DIM, vec![Source::OovPending], oov()));
+        assert_eq!((a.dim, a.sources.clone(), a.vectors()), (DIM, vec![Source::OovPending], oov()));
         let published = f.publisher.published();
         assert_eq!(published.len(), 1, "{published:?}");
         let seen = published[0].first_seen_unix_ms;
@@ -960,7 +979,7 @@ mod tests {
         // Within the window: still OOV_PENDING, not queued again.
         for _ in 0..3 {
             let again = f.front.lookup(MODEL, &strings(&["new"])).await.expect("lookup");
-            assert_eq!((again.sources, again.vectors), (vec![Source::OovPending], oov()));
+            assert_eq!((again.sources.clone(), again.vectors()), (vec![Source::OovPending], oov()));
         }
         assert_eq!(f.publisher.keys(), strings(&["new"]));
         // The next window queues it again: the key is still unknown.
@@ -993,7 +1012,7 @@ mod tests {
         use Source::{Cache, OovPending, Store};
         assert_eq!(a.sources, vec![Store, OovPending, Cache, Store, OovPending, Cache]);
         let want: Vec<u8> = [wire(0.5), oov(), wire(0.25), wire(0.5), oov(), wire(0.25)].concat();
-        assert_eq!(a.vectors, want);
+        assert_eq!(a.vectors(), want);
         assert_eq!(f.store.reads(), vec![strings(&["s", "u"])], "one read of the distinct non-tier keys");
         assert_eq!(f.publisher.keys(), strings(&["u"]), "one miss for the twice-asked unknown key");
     }
@@ -1005,7 +1024,7 @@ mod tests {
         f.store.put_vectors(&ns(), vec![("stale".into(), vec![0.5; 10])]).await.expect("put");
         for _ in 0..2 {
             let a = f.front.lookup(MODEL, &strings(&["stale"])).await.expect("lookup");
-            assert_eq!((a.sources, a.vectors), (vec![Source::OovPending], oov()));
+            assert_eq!((a.sources.clone(), a.vectors()), (vec![Source::OovPending], oov()));
         }
         assert!(f.front.tier().get(&key_hash(&ns(), "stale")).is_none(), "the stale row is not cached");
         assert_eq!(f.store.reads().len(), 2, "each Lookup read the store again");
@@ -1017,7 +1036,7 @@ mod tests {
         f.front.tier().insert(key_hash(&ns(), "t"), CachedRow::Vector(le_bytes(&[1.0; 10])));
         f.store.put_vectors(&ns(), vec![("t".into(), vec![0.5; DIM])]).await.expect("put");
         let a = f.front.lookup(MODEL, &strings(&["t"])).await.expect("lookup");
-        assert_eq!((a.sources, a.vectors), (vec![Source::Store], wire(0.5)));
+        assert_eq!((a.sources.clone(), a.vectors()), (vec![Source::Store], wire(0.5)));
     }
 
     #[tokio::test]
@@ -1033,7 +1052,10 @@ mod tests {
             .await
             .expect("put");
         let a = f.front.lookup(MODEL, &strings(&["bad", "old"])).await.expect("lookup");
-        assert_eq!((a.sources, a.vectors), (vec![Source::OovFailed, Source::OovPending], [oov(), oov()].concat()));
+        assert_eq!(
+            (a.sources.clone(), a.vectors()),
+            (vec![Source::OovFailed, Source::OovPending], [oov(), oov()].concat())
+        );
         assert_eq!(f.publisher.keys(), strings(&["old"]), "only the expired failure is tried again");
         // The fresh failure is answered from the tier now.
         let again = f.front.lookup(MODEL, &strings(&["bad"])).await.expect("lookup");
@@ -1048,7 +1070,7 @@ mod tests {
         let stalled = format!("{STALL}b");
         let a = f.front.lookup(MODEL, &["a".to_string(), stalled.clone()]).await.expect("lookup");
         assert_eq!(a.sources, vec![Source::Store, Source::OovUnavailable]);
-        assert_eq!(a.vectors, [wire(0.5), oov()].concat(), "the row that came in time is kept");
+        assert_eq!(a.vectors(), [wire(0.5), oov()].concat(), "the row that came in time is kept");
         assert_eq!(f.publisher.published(), vec![], "an unanswered key may well be stored: not queued");
         assert!(f.front.tier().get(&key_hash(&ns(), &stalled)).is_none());
         assert!(!f.front.store_breaker_open(), "a partly answered read is no failure");
@@ -1091,7 +1113,7 @@ mod tests {
         let ok = f.front.lookup(MODEL, &strings(&["12345678", "cached", "c", "d"])).await.expect("lookup");
         assert_eq!(ok.sources.len(), 4);
         let empty = f.front.lookup(MODEL, &[]).await.expect("lookup");
-        assert_eq!((empty.dim, empty.vectors.len(), empty.sources.len()), (DIM, 0, 0));
+        assert_eq!((empty.dim, empty.vectors().len(), empty.sources.len()), (DIM, 0, 0));
     }
 
     /// Defect 11.11: `Similar` had no concurrency bound: searches queued on

@@ -287,15 +287,14 @@ async fn lookup(
         vector_type: vector_type as i32,
     };
     let answer = rest.service.lookup(grpc_request(request, principal.map(|p| p.0))).await?.into_inner();
+    let matrix = answer.matrix();
     let real = |s: &i32| *s == Source::Cache as i32 || *s == Source::Store as i32;
     let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
     let (vectors, vectors_base64, scales_base64) = match body.encoding {
-        Encoding::Base64 => {
-            (None, Some(b64(&answer.vectors)), (vector_type == VectorType::I8).then(|| b64(&answer.scales)))
-        }
+        Encoding::Base64 => (None, Some(b64(&matrix)), (vector_type == VectorType::I8).then(|| b64(&answer.scales))),
         Encoding::Floats => {
             let dim = answer.dim as usize;
-            let floats = vectors::decode_matrix(vector_type, &answer.vectors, &answer.scales, dim).unwrap_or_default();
+            let floats = vectors::decode_matrix(vector_type, &matrix, &answer.scales, dim).unwrap_or_default();
             let rows = floats.chunks(dim.max(1)).take(answer.sources.len());
             (Some(rows.map(<[f32]>::to_vec).collect()), None, None)
         }

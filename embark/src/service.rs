@@ -130,7 +130,8 @@ impl EmbArk for EmbArkService {
         let answer = self.front.lookup_as(&model, &version, &keys, vector_type).instrument(span).await?;
         Ok(Response::new(LookupResponse {
             dim: answer.dim as u32,
-            vectors: answer.vectors.into(),
+            vectors: bytes::Bytes::new(),
+            chunks: answer.matrix,
             sources: answer.sources.into_iter().map(|s| s as i32).collect(),
             version: answer.version.to_owned(),
             vector_type: answer.vector_type as i32,

@@ -7,6 +7,8 @@
 //!   client sees: the [`internal::v1::MissEvent`] queued for unknown keys,
 //!   dead letters, invalidations across replicas.
 //! - [`codec`]: the services' codec: prost behind a field-count guard.
+//! - [`lookup_response`]: `embark.v1.LookupResponse` by hand, to send an
+//!   answer's rows from where they are (one copy, into the encode buffer).
 //! - [`vectors`]: the row types a Lookup answers in (float32, float16,
 //!   bfloat16, int8 with a per-row scale) and their conversions.
 //! - [`EMBARK_DESCRIPTOR_SET`], [`RETINA_DESCRIPTOR_SET`]: compiled descriptors
@@ -17,11 +19,13 @@
 //! repeated floats: a client wraps it without a copy.
 
 pub mod codec;
+pub mod lookup_response;
 pub mod vectors;
 
 pub mod embark {
     pub mod v1 {
         tonic::include_proto!("embark.v1");
+        pub use crate::lookup_response::LookupResponse;
     }
 }
 
