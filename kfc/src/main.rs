@@ -82,6 +82,14 @@ struct Args {
     /// Misses held in memory until their retry time; reading pauses beyond.
     #[arg(long, env = "KFC_MAX_DELAYED", default_value_t = KafkaSourceConfig::default().max_delayed)]
     max_delayed: usize,
+    /// How long a retry or dead letter may wait for the broker's
+    /// acknowledgement before it is logged and sent again, in milliseconds.
+    #[arg(
+        long,
+        env = "KFC_PUBLISH_TIMEOUT_MS",
+        default_value_t = KafkaSourceConfig::default().publish_timeout.as_millis() as u64
+    )]
+    publish_timeout_ms: u64,
 
     /// Operator HTTP address: /metrics, /healthz, /readyz.
     #[arg(long, env = "KFC_METRICS_LISTEN", default_value = "127.0.0.1:9466")]
@@ -105,6 +113,7 @@ fn main() -> anyhow::Result<()> {
             commit_interval: Duration::from_millis(args.commit_interval_ms),
             ready_buffer: args.fill_batch * args.workers.max(1),
             max_delayed: args.max_delayed,
+            publish_timeout: Duration::from_millis(args.publish_timeout_ms.max(1)),
             properties: embark_queue::kafka::client_properties(&args.kafka_security, &args.kafka_property)?,
             ..KafkaSourceConfig::default()
         },
