@@ -131,8 +131,22 @@ async fn start_embark(
 
 /// Retina with the text model; inputs over 300 bytes are refused
 /// (permanently), which makes a poison input.
+/// Retina on `addr`. A restart on the address of a killed Retina may find
+/// it taken for a moment: KFC's reconnects to a port nobody listens on can
+/// be given that very port as their own (a TCP self-connect on loopback,
+/// seen in CI), until KFC drops the connection. So a bind refused with
+/// "Address already in use" is tried again, for up to 10 s.
 async fn start_retina(addr: SocketAddr) -> anyhow::Result<Server> {
-    Server::start_on(&binary("retina"), &["--models", MODEL, "--max-input-bytes", "300"], Some(addr)).await
+    let args = ["--models", MODEL, "--max-input-bytes", "300"];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Server::start_on(&binary("retina"), &args, Some(addr)).await {
+            Err(e) if format!("{e:#}").contains("Address already in use") && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 fn lookup(keys: Vec<String>) -> LookupRequest {
