@@ -27,7 +27,7 @@ use rdkafka::{
 
 fn tansu() -> PathBuf {
     let path = std::env::var_os("EMBARK_TANSU").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/embark/tansu-0.6.0/bin/tansu")
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/embark/tansu-0.6.0-embark2/bin/tansu")
     });
     assert!(path.is_file(), "no tansu at {}: run scripts/install-tansu.sh (scripts/test.sh does)", path.display());
     path

@@ -12,8 +12,8 @@ use std::{
 use anyhow::{Context, bail};
 use embark_proto::internal::v1::{DeadLetter, MissEvent};
 use rdkafka::{
-    ClientConfig, Message,
-    consumer::{BaseConsumer, Consumer},
+    ClientConfig, Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, CommitMode, Consumer},
     producer::{FutureProducer, FutureRecord},
     util::Timeout,
 };
@@ -26,7 +26,7 @@ pub fn tansu_binary() -> PathBuf {
         let cache = std::env::var_os("EMBARK_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/embark"));
-        cache.join("tansu-0.6.0/bin/tansu")
+        cache.join("tansu-0.6.0-embark2/bin/tansu")
     });
     assert!(path.is_file(), "no tansu at {}: run scripts/install-tansu.sh (scripts/test.sh does)", path.display());
     path
@@ -151,6 +151,24 @@ pub async fn produce_misses(brokers: &str, topic: &str, model: &str, keys: &[Str
         })
         .collect();
     produce(brokers, topic, payloads).await
+}
+
+/// Sets `group`'s committed offset of `topic`'s `partition` to `offset`,
+/// as a consumer of that group killed at that point would have left it.
+pub fn commit_group_offset(brokers: &str, group: &str, topic: &str, partition: i32, offset: i64) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    consumer.assign(&tpl)?;
+    consumer.commit(&tpl, CommitMode::Sync).context("committing")?;
+    let committed = consumer.committed(Duration::from_secs(10))?;
+    let got = committed.find_partition(topic, partition).map(|p| p.offset());
+    anyhow::ensure!(got == Some(Offset::Offset(offset)), "the broker has {got:?} committed, not {offset}");
+    Ok(())
 }
 
 /// Reads every dead letter on `topic` from the start, waiting up to

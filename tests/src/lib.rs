@@ -197,6 +197,14 @@ impl Server {
     }
 }
 
+impl Server {
+    /// How the process ended, if it has (without waiting): a test that
+    /// faults what the server depends on checks the server outlived it.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
 impl Drop for Server {
     /// Kills the server. One that had exited on its own before the test
     /// stopped it (a crash the test did not cause) says so, with the end
