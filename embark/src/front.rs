@@ -576,6 +576,8 @@ impl Front {
         let (hits, exact) = found.map_err(|e| match e {
             SimilarError::Off(_) => FrontError::FailedPrecondition(e.to_string()),
             SimilarError::Loading { .. } => FrontError::Unavailable(e.to_string()),
+            // The graph refusing a search is ours (out of memory), not the caller's.
+            SimilarError::Query(q @ embark_index::IndexError::Graph(_)) => FrontError::Unavailable(q.to_string()),
             SimilarError::Query(q) => FrontError::InvalidArgument(q.to_string()),
         })?;
         metrics::counter!("embark_similar_requests_total", "model" => model.to_owned()).increment(1);

@@ -3,15 +3,17 @@
 //!
 //! - [`SimilarityIndex`]: keys and unit vectors of one model. Below
 //!   [`IndexConfig::exact_below`] vectors it searches exactly (a scan of a
-//!   flat matrix, which is fast and has perfect recall at that size); once
-//!   it grows past that it builds an HNSW graph (`hnsw_rs`) off the lock,
-//!   then drops the flat copy so the vectors are held once.
+//!   flat f32 matrix, which is fast and has perfect recall at that size);
+//!   once it grows past that it builds an HNSW graph ([`graph`]: USearch,
+//!   vectors in [`IndexConfig::quantization`]) off the lock, then drops the
+//!   flat copy so the vectors are held once.
 //! - Scores are cosine similarities in [-1, 1]: vectors are normalised on
 //!   the way in, and the graph's distance is `1 - dot`.
-//! - Memory is bounded by [`IndexConfig::max_vectors`]: beyond it new keys
-//!   are not indexed (and counted by the caller), never evicting silently.
-//! - Replacing or removing a key leaves a tombstone that searches filter
-//!   out; HNSW graphs cannot delete nodes cheaply.
+//! - Memory is bounded by [`IndexConfig::max_vectors`] live keys: beyond
+//!   it new keys are not indexed (and counted by the caller), never
+//!   evicting silently.
+//! - Replacing or removing a key frees its slot for real, in the flat
+//!   matrix and in the graph alike: no tombstones accumulate.
 
 use std::{
     cmp::Reverse,
@@ -19,8 +21,12 @@ use std::{
     sync::Arc,
 };
 
-use hnsw_rs::{anndists::dist::Distance, hnsw::Hnsw};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+
+pub mod graph;
+
+use graph::{Graph, GraphShape};
+pub use graph::{GraphError, GraphMemory, Quantization};
 
 /// How an index searches and how large it may grow.
 #[derive(Debug, Clone)]
@@ -28,7 +34,7 @@ pub struct IndexConfig {
     /// Below this many vectors, search is an exact scan; at it, the HNSW
     /// graph is built.
     pub exact_below: usize,
-    /// Vectors (live and replaced) the index holds at most.
+    /// Live keys the index holds at most.
     pub max_vectors: usize,
     /// HNSW `M`: links per node and layer.
     pub max_connections: usize,
@@ -36,11 +42,20 @@ pub struct IndexConfig {
     pub ef_construction: usize,
     /// HNSW candidate list while searching (at least `k`).
     pub ef_search: usize,
+    /// How the graph stores vectors (the exact scan keeps f32).
+    pub quantization: Quantization,
 }
 
 impl Default for IndexConfig {
     fn default() -> Self {
-        Self { exact_below: 20_000, max_vectors: 250_000, max_connections: 16, ef_construction: 128, ef_search: 96 }
+        Self {
+            exact_below: 20_000,
+            max_vectors: 250_000,
+            max_connections: 16,
+            ef_construction: 128,
+            ef_search: 96,
+            quantization: Quantization::default(),
+        }
     }
 }
 
@@ -50,6 +65,14 @@ pub enum IndexError {
     Dimension { expected: usize, got: usize },
     #[error("the vector is zero (or not finite) and has no direction")]
     NoDirection,
+    #[error("{0}")]
+    Graph(String),
+}
+
+impl From<GraphError> for IndexError {
+    fn from(e: GraphError) -> Self {
+        Self::Graph(e.to_string())
+    }
 }
 
 /// One search result.
@@ -64,28 +87,17 @@ pub struct Hit {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct InsertReport {
     pub added: usize,
-    /// Keys that were indexed already: their old vector is a tombstone now.
+    /// Keys that were indexed already: their vector is replaced.
     pub replaced: usize,
     /// Not indexed: the index holds `max_vectors` already.
     pub full: usize,
-    /// Not indexed: wrong dimension, zero or not finite.
+    /// Not indexed: wrong dimension, zero or not finite, or the graph
+    /// refused it (out of memory).
     pub rejected: usize,
 }
 
-/// `1 - dot(a, b)` of unit vectors, i.e. `1 - cosine`. Eight running sums
-/// let the compiler vectorise the loop (a single running sum cannot be
-/// reordered under IEEE rules, which is why `hnsw_rs`'s own `DistDot`
-/// without its SIMD feature runs several times slower).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct UnitDot;
-
-impl Distance<f32> for UnitDot {
-    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
-        (1.0 - dot(a, b)).max(0.0)
-    }
-}
-
-/// The dot product, vectorisable.
+/// The dot product, vectorisable: eight running sums let the compiler use
+/// SIMD lanes (a single running sum cannot be reordered under IEEE rules).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut sums = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -104,27 +116,65 @@ pub fn normalized(v: &[f32]) -> Option<Vec<f32>> {
     (norm.is_finite() && norm > 0.0).then(|| v.iter().map(|x| x / norm).collect())
 }
 
-type Graph = Hnsw<'static, f32, UnitDot>;
-
-/// Measured graph overhead per node at M = 16 (see [`SimilarityIndex::memory_bytes`]).
-const GRAPH_BYTES_PER_NODE: usize = 3_380;
-
 struct Inner {
-    /// Id -> key (ids are dense and never reused).
-    keys: Vec<Arc<str>>,
+    /// Id -> key; `None` for a free id (removed, to be reused).
+    keys: Vec<Option<Arc<str>>>,
     /// Live key -> id.
     ids: HashMap<Arc<str>, usize>,
-    /// Id -> replaced or removed.
-    dead: Vec<bool>,
-    /// How many of `dead` are true.
-    tombstones: usize,
+    /// Ids free for reuse.
+    free: Vec<usize>,
     /// Unit vectors by id, while the index is exact (and during the build).
     flat: Vec<f32>,
     graph: Option<Arc<Graph>>,
-    /// A graph build is running off the lock.
-    building: bool,
+    /// A graph build is running off the lock; the ids written meanwhile
+    /// are put right in the graph before it is swapped in.
+    building: Option<Vec<usize>>,
+    /// The graph could not be built (out of memory): stay exact.
+    graph_failed: bool,
     /// Bytes of key text held.
     key_bytes: usize,
+}
+
+impl Inner {
+    /// An id for a new key: a free one, or the next.
+    fn new_id(&mut self) -> usize {
+        self.free.pop().unwrap_or(self.keys.len())
+    }
+
+    fn set_key(&mut self, id: usize, key: Arc<str>) {
+        self.key_bytes += key.len();
+        if id == self.keys.len() {
+            self.keys.push(Some(key.clone()));
+        } else {
+            self.keys[id] = Some(key.clone());
+        }
+        self.ids.insert(key, id);
+    }
+
+    fn free_id(&mut self, key: &str) -> Option<usize> {
+        let id = self.ids.remove(key)?;
+        if let Some(k) = self.keys[id].take() {
+            self.key_bytes -= k.len();
+        }
+        self.free.push(id);
+        if let Some(touched) = &mut self.building {
+            touched.push(id);
+        }
+        Some(id)
+    }
+
+    /// Writes a flat row (exact phase).
+    fn write_row(&mut self, dim: usize, id: usize, unit: &[f32]) {
+        let at = id * dim;
+        if at == self.flat.len() {
+            self.flat.extend_from_slice(unit);
+        } else {
+            self.flat[at..at + dim].copy_from_slice(unit);
+        }
+        if let Some(touched) = &mut self.building {
+            touched.push(id);
+        }
+    }
 }
 
 /// Keys and vectors of one model, searchable by cosine similarity.
@@ -132,6 +182,10 @@ pub struct SimilarityIndex {
     dim: usize,
     config: IndexConfig,
     inner: RwLock<Inner>,
+    /// One writer at a time (inserts and removes): the graph is changed
+    /// outside `inner`'s lock, so searches go on meanwhile, and ids are
+    /// reused only once the graph has let go of them.
+    writer: Mutex<()>,
 }
 
 impl std::fmt::Debug for SimilarityIndex {
@@ -145,18 +199,23 @@ impl SimilarityIndex {
         let inner = Inner {
             keys: Vec::new(),
             ids: HashMap::new(),
-            dead: Vec::new(),
-            tombstones: 0,
+            free: Vec::new(),
             flat: Vec::new(),
             graph: None,
-            building: false,
+            building: None,
+            graph_failed: false,
             key_bytes: 0,
         };
-        Self { dim, config, inner: RwLock::new(inner) }
+        Self { dim, config, inner: RwLock::new(inner), writer: Mutex::new(()) }
     }
 
     pub fn dim(&self) -> usize {
         self.dim
+    }
+
+    /// How the graph stores vectors (once there is one).
+    pub fn quantization(&self) -> Quantization {
+        self.config.quantization
     }
 
     /// Live keys.
@@ -178,18 +237,30 @@ impl SimilarityIndex {
         self.inner.read().graph.is_some()
     }
 
-    /// An estimate of the heap the index holds: vectors, key text and maps,
-    /// and the graph. `hnsw_rs` keeps each neighbour link as a
-    /// reference-counted allocation; `scripts/bench-similar.sh` measured
-    /// 2.7 KiB (384-d) to 3.8 KiB (1280-d) of RSS per vector beyond the
-    /// vector itself at M = 16, so the graph is counted at 3.3 KiB a node.
+    /// The heap the index holds: key text and maps, the flat matrix while
+    /// exact, and what USearch reports for the graph (its vectors, links
+    /// and key table).
     pub fn memory_bytes(&self) -> usize {
         let inner = self.inner.read();
-        let n = inner.keys.len();
-        let keys = inner.key_bytes + n * (16 + 1) + inner.ids.capacity() * 32;
+        let keys = inner.key_bytes + inner.keys.capacity() * 16 + inner.ids.capacity() * 32 + inner.free.capacity() * 8;
         let flat = inner.flat.capacity() * 4;
-        let graph = if inner.graph.is_some() { n * (self.dim * 4 + GRAPH_BYTES_PER_NODE) } else { 0 };
+        let graph = inner.graph.as_ref().map_or(0, |g| g.memory_bytes());
         keys + flat + graph
+    }
+
+    /// Where the graph's bytes go, once there is one.
+    pub fn graph_memory(&self) -> Option<GraphMemory> {
+        self.inner.read().graph.as_ref().map(|g| g.memory())
+    }
+
+    fn shape(&self) -> GraphShape {
+        GraphShape {
+            dim: self.dim,
+            connectivity: self.config.max_connections,
+            expansion_add: self.config.ef_construction,
+            expansion_search: self.config.ef_search,
+            quantization: self.config.quantization,
+        }
     }
 
     fn check(&self, v: &[f32]) -> Result<Vec<f32>, IndexError> {
@@ -205,9 +276,16 @@ impl SimilarityIndex {
     /// while searches keep using the exact scan.
     pub fn insert(&self, rows: &[(String, Vec<f32>)]) -> InsertReport {
         let mut report = InsertReport::default();
+        // The last vector of a key repeated in one batch wins.
+        let mut last: HashMap<&str, usize> = HashMap::with_capacity(rows.len());
+        for (i, (k, _)) in rows.iter().enumerate() {
+            last.insert(k.as_str(), i);
+        }
         let unit: Vec<(&str, Vec<f32>)> = rows
             .iter()
-            .filter_map(|(k, v)| match self.check(v) {
+            .enumerate()
+            .filter(|(i, (k, _))| last.get(k.as_str()) == Some(i))
+            .filter_map(|(_, (k, v))| match self.check(v) {
                 Ok(u) => Some((k.as_str(), u)),
                 Err(_) => {
                     report.rejected += 1;
@@ -215,93 +293,164 @@ impl SimilarityIndex {
                 }
             })
             .collect();
-        let (graph, to_graph, build) = {
-            let mut inner = self.inner.write();
-            let mut to_graph = Vec::new();
-            for (key, v) in unit {
-                // The bound is on live keys (a replaced or removed key's old
-                // slot does not count), and slots, tombstones included, stay
-                // under twice it, so memory is bounded either way; a
-                // restart drops the tombstones.
-                let replaces = inner.ids.contains_key(key);
-                if (!replaces && inner.ids.len() >= self.config.max_vectors)
-                    || inner.keys.len() >= self.config.max_vectors.saturating_mul(2)
-                {
-                    report.full += 1;
-                    continue;
-                }
-                let id = inner.keys.len();
-                let key: Arc<str> = Arc::from(key);
-                if let Some(old) = inner.ids.insert(key.clone(), id) {
-                    inner.dead[old] = true;
-                    inner.tombstones += 1;
-                    report.replaced += 1;
-                } else {
-                    report.added += 1;
-                }
-                inner.key_bytes += key.len();
-                inner.keys.push(key);
-                inner.dead.push(false);
-                if inner.graph.is_some() {
-                    to_graph.push((v, id));
-                } else {
-                    inner.flat.extend_from_slice(&v);
-                }
-            }
-            let build = inner.graph.is_none() && !inner.building && inner.keys.len() >= self.config.exact_below;
-            if build {
-                inner.building = true;
-            }
-            (inner.graph.clone(), to_graph, build)
-        };
-        // The graph takes concurrent inserts through `&self`; ids are
-        // mapped to keys before they reach it, so a search never meets an
-        // id without a key.
-        if let Some(graph) = graph
-            && !to_graph.is_empty()
-        {
-            let refs: Vec<(&[f32], usize)> = to_graph.iter().map(|(v, id)| (v.as_slice(), *id)).collect();
-            graph.parallel_insert_slice(&refs);
-        }
-        if build {
-            self.build_graph();
+        let _writer = self.writer.lock();
+        let graph = self.inner.read().graph.clone();
+        match graph {
+            None => self.insert_flat(unit, &mut report),
+            Some(graph) => self.insert_graph(&graph, unit, &mut report),
         }
         report
     }
 
-    /// Builds the graph from a snapshot of the flat matrix without holding
-    /// the lock, adds what arrived meanwhile, then swaps it in.
-    fn build_graph(&self) {
-        let (snapshot, n) = {
-            let inner = self.inner.read();
-            (inner.flat.clone(), inner.keys.len())
+    /// Whether a new key fits under the bound.
+    fn has_room(&self, inner: &Inner) -> bool {
+        inner.ids.len() < self.config.max_vectors
+    }
+
+    fn insert_flat(&self, unit: Vec<(&str, Vec<f32>)>, report: &mut InsertReport) {
+        let build = {
+            let mut inner = self.inner.write();
+            for (key, v) in unit {
+                let id = match inner.ids.get(key) {
+                    Some(&id) => {
+                        report.replaced += 1;
+                        id
+                    }
+                    None if self.has_room(&inner) => {
+                        let id = inner.new_id();
+                        inner.set_key(id, Arc::from(key));
+                        report.added += 1;
+                        id
+                    }
+                    None => {
+                        report.full += 1;
+                        continue;
+                    }
+                };
+                inner.write_row(self.dim, id, &v);
+            }
+            let build = inner.building.is_none() && !inner.graph_failed && inner.ids.len() >= self.config.exact_below;
+            if build {
+                inner.building = Some(Vec::new());
+            }
+            build
         };
-        let graph = Graph::new(
-            self.config.max_connections,
-            // A sizing hint for the layer tables, not a bound.
-            (2 * n).clamp(n, self.config.max_vectors.max(n)),
-            16,
-            self.config.ef_construction,
-            UnitDot,
-        );
-        let refs: Vec<(&[f32], usize)> = snapshot.chunks_exact(self.dim).zip(0..).collect();
-        graph.parallel_insert_slice(&refs);
+        if build {
+            self.build_graph();
+        }
+    }
+
+    fn insert_graph(&self, graph: &Graph, unit: Vec<(&str, Vec<f32>)>, report: &mut InsertReport) {
+        // Replacements first, one by one (each is a remove and an add of
+        // its id); then the new keys, from every core when they are many.
+        let mut new_rows: Vec<(u64, Vec<f32>)> = Vec::new();
+        {
+            let mut inner = self.inner.write();
+            let mut replaced = Vec::new();
+            for (key, v) in unit {
+                match inner.ids.get(key) {
+                    Some(&id) => replaced.push((id, v)),
+                    None if self.has_room(&inner) => {
+                        let id = inner.new_id();
+                        inner.set_key(id, Arc::from(key));
+                        new_rows.push((id as u64, v));
+                    }
+                    None => report.full += 1,
+                }
+            }
+            drop(inner);
+            for (id, v) in replaced {
+                let done =
+                    graph.remove(id as u64).and_then(|()| graph.make_room(1)).and_then(|()| graph.add(id as u64, &v));
+                if done.is_ok() {
+                    report.replaced += 1;
+                } else {
+                    self.forget_ids(&[id]);
+                    report.rejected += 1;
+                }
+            }
+        }
+        let refs: Vec<(u64, &[f32])> = new_rows.iter().map(|(id, v)| (*id, v.as_slice())).collect();
+        let added = if refs.len() >= 64 {
+            graph.add_parallel(&refs).map(|()| refs.len())
+        } else {
+            graph
+                .make_room(refs.len())
+                .and_then(|()| refs.iter().try_for_each(|(id, v)| graph.add(*id, v)).map(|()| refs.len()))
+        };
+        match added {
+            Ok(n) => report.added += n,
+            Err(_) => {
+                // Those the graph did not take are taken back from the map.
+                let missing: Vec<usize> =
+                    refs.iter().filter(|(id, _)| !graph.contains(*id)).map(|(id, _)| *id as usize).collect();
+                report.added += refs.len() - missing.len();
+                report.rejected += missing.len();
+                self.forget_ids(&missing);
+            }
+        }
+    }
+
+    /// Drops ids from the map (their vectors are not in the graph).
+    fn forget_ids(&self, ids: &[usize]) {
         let mut inner = self.inner.write();
-        let late: Vec<(&[f32], usize)> = inner.flat.chunks_exact(self.dim).zip(0..).skip(n).collect();
-        graph.parallel_insert_slice(&late);
-        inner.graph = Some(Arc::new(graph));
-        inner.flat = Vec::new();
-        inner.building = false;
+        for &id in ids {
+            if let Some(key) = inner.keys.get(id).cloned().flatten() {
+                inner.free_id(&key);
+            }
+        }
+    }
+
+    /// Builds the graph from a snapshot of the flat matrix without holding
+    /// the lock, puts right the ids written meanwhile, then swaps it in.
+    fn build_graph(&self) {
+        let (snapshot, live) = {
+            let inner = self.inner.read();
+            let live: Vec<usize> = inner.ids.values().copied().collect();
+            (inner.flat.clone(), live)
+        };
+        let built =
+            Graph::new(self.shape(), (2 * live.len()).min(self.config.max_vectors.max(live.len()))).and_then(|graph| {
+                let rows: Vec<(u64, &[f32])> =
+                    live.iter().map(|&id| (id as u64, &snapshot[id * self.dim..(id + 1) * self.dim])).collect();
+                graph.add_parallel(&rows).map(|()| graph)
+            });
+        let mut inner = self.inner.write();
+        let touched = inner.building.take().unwrap_or_default();
+        let graph = built.and_then(|graph| {
+            let mut touched = touched;
+            touched.sort_unstable();
+            touched.dedup();
+            graph.make_room(touched.len())?;
+            for id in touched {
+                graph.remove(id as u64)?;
+                if inner.keys.get(id).is_some_and(Option::is_some) {
+                    graph.add(id as u64, &inner.flat[id * self.dim..(id + 1) * self.dim])?;
+                }
+            }
+            Ok(graph)
+        });
+        match graph {
+            Ok(graph) => {
+                inner.graph = Some(Arc::new(graph));
+                inner.flat = Vec::new();
+            }
+            Err(_) => inner.graph_failed = true,
+        }
     }
 
     /// Forgets keys; absent ones are ignored. Returns how many were indexed.
     pub fn remove(&self, keys: &[String]) -> usize {
-        let mut inner = self.inner.write();
+        let _writer = self.writer.lock();
+        let graph = self.inner.read().graph.clone();
         let mut n = 0;
         for k in keys {
-            if let Some(id) = inner.ids.remove(k.as_str()) {
-                inner.dead[id] = true;
-                inner.tombstones += 1;
+            let Some(id) = self.inner.read().ids.get(k.as_str()).copied() else { continue };
+            // Out of the graph before the id can be reused.
+            if let Some(graph) = &graph {
+                let _ = graph.remove(id as u64);
+            }
+            if self.inner.write().free_id(k).is_some() {
                 n += 1;
             }
         }
@@ -334,46 +483,51 @@ impl SimilarityIndex {
         if k == 0 {
             return Ok(Vec::new());
         }
-        let inner = self.inner.read();
-        let skip = exclude.and_then(|key| inner.ids.get(key).copied());
-        let alive = |id: usize| Some(id) != skip && !inner.dead.get(id).copied().unwrap_or(true);
-        let mut hits: Vec<(usize, f32)> = match &inner.graph {
-            Some(graph) => {
-                // Not `search_filter`: with a filter, hnsw_rs 0.3 gives up
-                // its early exit and walks most of the graph. Instead ask
-                // for more than k and drop dead ids and the excluded key
-                // afterwards (tombstones are few; Invalidate is rare).
-                let want = k + 1 + inner.tombstones.min(4 * k);
-                graph
-                    .search(&q, want, ef.max(want))
-                    .into_iter()
-                    .filter(|n| alive(n.d_id))
-                    .map(|n| (n.d_id, 1.0 - n.distance))
-                    .collect()
-            }
-            None => {
-                // Exact: keep the k best in a min-heap.
-                let mut heap = BinaryHeap::with_capacity(k + 1);
-                for (id, v) in inner.flat.chunks_exact(self.dim).enumerate() {
-                    if !alive(id) {
-                        continue;
-                    }
-                    let s = dot(&q, v);
-                    if s < min_score {
-                        continue;
-                    }
-                    heap.push(Reverse(Scored(s, id)));
-                    if heap.len() > k {
-                        heap.pop();
-                    }
-                }
-                heap.into_iter().map(|Reverse(Scored(s, id))| (id, s)).collect()
+        let graph = {
+            let inner = self.inner.read();
+            match &inner.graph {
+                None => return Ok(self.exact(&inner, &q, k, min_score, exclude)),
+                Some(graph) => graph.clone(),
             }
         };
+        // The graph is searched without `inner`'s lock, and its ids mapped
+        // to keys afterwards: an id removed meanwhile maps to nothing. (One
+        // removed *and reused* within that instant would map to its new key.)
+        let found = graph.search(&q, k + 1, ef.max(k + 1))?;
+        let inner = self.inner.read();
+        let skip = exclude.and_then(|key| inner.ids.get(key).copied());
+        let hits = found.into_iter().map(|(id, s)| (id as usize, s)).filter(|&(id, _)| Some(id) != skip).collect();
+        Ok(Self::ranked(&inner, hits, k, min_score))
+    }
+
+    /// The exact scan of the flat matrix: the k best in a min-heap.
+    fn exact(&self, inner: &Inner, q: &[f32], k: usize, min_score: f32, exclude: Option<&str>) -> Vec<Hit> {
+        let skip = exclude.and_then(|key| inner.ids.get(key).copied());
+        let mut heap = BinaryHeap::with_capacity(k + 1);
+        for (id, v) in inner.flat.chunks_exact(self.dim).enumerate() {
+            if Some(id) == skip || inner.keys.get(id).is_none_or(Option::is_none) {
+                continue;
+            }
+            let s = dot(q, v);
+            if s < min_score {
+                continue;
+            }
+            heap.push(Reverse(Scored(s, id)));
+            if heap.len() > k {
+                heap.pop();
+            }
+        }
+        Self::ranked(inner, heap.into_iter().map(|Reverse(Scored(s, id))| (id, s)).collect(), k, min_score)
+    }
+
+    /// Live ids at or above `min_score`, best first, as keys.
+    fn ranked(inner: &Inner, mut hits: Vec<(usize, f32)>, k: usize, min_score: f32) -> Vec<Hit> {
         hits.retain(|&(_, s)| s >= min_score);
         hits.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        hits.truncate(k);
-        Ok(hits.into_iter().map(|(id, score)| Hit { key: inner.keys[id].clone(), score: score.min(1.0) }).collect())
+        hits.into_iter()
+            .filter_map(|(id, score)| Some(Hit { key: inner.keys.get(id)?.clone()?, score: score.clamp(-1.0, 1.0) }))
+            .take(k)
+            .collect()
     }
 }
 
@@ -429,7 +583,7 @@ mod tests {
         assert_eq!(keys(hits), ["east", "north-east", "north"]);
         assert_eq!(keys(index.search(&[1.0, 0.0], 10, 0.5, Some("east")).expect("search")), ["north-east"]);
         index.remove(&["north-east".into()]);
-        index.insert(&[("east".to_string(), vec![0.0, -1.0])]);
+        index.insert(&[("east".to_string(), vec![-0.1, -1.0])]);
         assert_eq!(keys(index.search(&[1.0, 0.0], 10, -0.5, None).expect("search")), ["north", "east"]);
         assert_eq!(index.len(), 3);
         assert_eq!(index.search(&[1.0], 1, 0.0, None), Err(IndexError::Dimension { expected: 2, got: 1 }));
@@ -466,6 +620,103 @@ mod tests {
         let mut keys: Vec<String> = hits.iter().map(|h| h.key.to_string()).collect();
         keys.sort();
         assert_eq!(keys, ["k0", "k1"], "k0 now has k1's vector; its old one is gone");
+    }
+
+    /// Recall@10 of an index built past its threshold against exact search,
+    /// over every 30th row as a query (its own key left out).
+    fn recall_against_exact(rows: &[(String, Vec<f32>)], config: IndexConfig) -> f64 {
+        let dim = rows[0].1.len();
+        let exact = SimilarityIndex::new(dim, IndexConfig { exact_below: usize::MAX, ..config.clone() });
+        exact.insert(rows);
+        let approx = SimilarityIndex::new(dim, config);
+        for chunk in rows.chunks(700) {
+            approx.insert(chunk);
+        }
+        assert!(approx.is_approximate());
+        let (mut found, mut total) = (0, 0);
+        for (key, v) in rows.iter().step_by(30) {
+            let truth = exact.search(v, 10, -1.0, Some(key)).expect("exact");
+            let got = approx.search(v, 10, -1.0, Some(key)).expect("approx");
+            total += truth.len();
+            found += truth.iter().filter(|t| got.iter().any(|g| g.key == t.key)).count();
+        }
+        found as f64 / total as f64
+    }
+
+    #[test]
+    fn every_vector_type_of_the_graph_keeps_recall_and_scores() {
+        let rows = random_rows(3_000, 32, 11);
+        for quantization in [Quantization::F32, Quantization::F16, Quantization::I8] {
+            let config = IndexConfig { exact_below: 1_000, quantization, ..IndexConfig::default() };
+            let recall = recall_against_exact(&rows, config.clone());
+            assert!(recall >= 0.95, "{quantization}: recall@10 {recall}");
+            // A key's own vector scores (about) 1 against itself.
+            let index = SimilarityIndex::new(32, config);
+            index.insert(&rows);
+            let hit = &index.search(&rows[5].1, 1, -1.0, None).expect("search")[0];
+            let tolerance = if quantization == Quantization::I8 { 2e-2 } else { 2e-3 };
+            assert!(*hit.key == *"k5" && (hit.score - 1.0).abs() <= tolerance, "{quantization}: {hit:?}");
+        }
+    }
+
+    #[test]
+    fn removed_keys_leave_the_graph_and_their_slots_are_reused() {
+        let dim = 16;
+        let index = SimilarityIndex::new(dim, IndexConfig { exact_below: 100, ..IndexConfig::default() });
+        let rows = random_rows(2_000, dim, 3);
+        index.insert(&rows[..1_000]);
+        assert!(index.is_approximate());
+        let settled = index.memory_bytes();
+        // Ten rounds of removing 100 keys and adding 100 new ones.
+        for round in 0..10 {
+            let gone: Vec<String> = rows[round * 100..(round + 1) * 100].iter().map(|(k, _)| k.clone()).collect();
+            assert_eq!(index.remove(&gone), 100);
+            let fresh = &rows[1_000 + round * 100..1_100 + round * 100];
+            assert_eq!(index.insert(fresh).added, 100);
+            for (key, v) in rows[round * 100..(round + 1) * 100].iter().step_by(10) {
+                let hits = index.search(v, 5, -1.0, None).expect("search");
+                assert!(hits.iter().all(|h| *h.key != **key), "{key} was removed");
+            }
+        }
+        assert_eq!(index.len(), 1_000);
+        let after = index.memory_bytes();
+        assert!(after < settled * 5 / 4, "slots are reused: {settled} -> {after} bytes");
+        // Replacing a key moves it.
+        index.insert(&[("k1500".to_string(), rows[42].1.clone())]);
+        let hits = index.search(&rows[42].1, 2, 0.99, None).expect("search");
+        assert!(hits.iter().any(|h| &*h.key == "k1500"), "{hits:?}");
+    }
+
+    #[test]
+    fn inserts_removes_and_searches_from_many_threads_at_once() {
+        let dim = 16;
+        let index = SimilarityIndex::new(dim, IndexConfig { exact_below: 200, ..IndexConfig::default() });
+        let rows = random_rows(4_000, dim, 5);
+        index.insert(&rows[..500]);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (index, rows) = (&index, &rows);
+                s.spawn(move || {
+                    for (i, chunk) in rows[500 + t * 875..500 + (t + 1) * 875].chunks(25).enumerate() {
+                        index.insert(chunk);
+                        if i % 3 == 0 {
+                            index.remove(&[chunk[0].0.clone()]);
+                        }
+                    }
+                });
+                s.spawn(move || {
+                    for (key, v) in rows.iter().step_by(40) {
+                        let hits = index.search(v, 10, -1.0, Some(key)).expect("search");
+                        assert!(hits.len() <= 10);
+                    }
+                });
+            }
+        });
+        // 3,500 added by the writers, one of every three chunks' first key removed.
+        let removed = 4 * 875usize.div_ceil(25).div_ceil(3);
+        assert_eq!(index.len(), 4_000 - removed);
+        let (key, v) = &rows[3_999];
+        assert_eq!(&*index.search(v, 1, -1.0, None).expect("search")[0].key, key);
     }
 
     /// Defect 11.11: tombstones counted toward the bound, so after removals

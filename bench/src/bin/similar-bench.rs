@@ -1,6 +1,9 @@
-//! Benchmark (not a test): `Similar`'s index against exact search.
+//! Benchmark (not a test): `Similar`'s index against exact search and,
+//! in the same run, the `hnsw_rs` graph it used before (same M,
+//! ef_construction and threads).
 //!
-//! Builds the HNSW index of `embark_index` over N vectors (default 100k,
+//! Builds the HNSW index of `embark_index` (USearch, once per vector type
+//! in `--vector-types`) over N vectors (default 100k,
 //! 384-d like minilm-l6-v2), drawn around 2,000 cluster centres so that
 //! neighbourhoods exist as they do in real embeddings (uniform random
 //! vectors in high dimension have none). Held-out queries are searched
@@ -21,7 +24,7 @@ use std::{
 };
 
 use clap::Parser;
-use embark_index::{IndexConfig, SimilarityIndex, normalized};
+use embark_index::{IndexConfig, Quantization, SimilarityIndex, dot, normalized};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
@@ -49,6 +52,12 @@ struct Args {
     /// Python with NumPy for the NumPy peer (skipped when absent).
     #[arg(long, env = "EMBARK_BENCH_PYTHON")]
     python: Option<PathBuf>,
+    /// The graph's vector types to measure.
+    #[arg(long, value_delimiter = ',', default_value = "f32,f16,i8")]
+    vector_types: Vec<Quantization>,
+    /// Leave out the `hnsw_rs` peer.
+    #[arg(long)]
+    no_hnsw_rs: bool,
     #[arg(long, default_value = "bench-results/similar.json")]
     out: PathBuf,
 }
@@ -85,29 +94,6 @@ fn main() -> anyhow::Result<()> {
     // the allocator cannot hand the index memory that looks already resident.
     let rows: Vec<(String, Vec<f32>)> = base.into_iter().enumerate().map(|(i, v)| (format!("key-{i}"), v)).collect();
 
-    // HNSW first, so its RSS growth is measured on a fresh heap; built the
-    // way Similar builds it at start (pages of inserts).
-    let rss1 = embark_tests::rss_bytes(pid)?;
-    let config = IndexConfig { exact_below: 1, max_vectors: usize::MAX, ..IndexConfig::default() };
-    let hnsw_index = SimilarityIndex::new(args.dim, config.clone());
-    let started = Instant::now();
-    for page in rows.chunks(2048) {
-        hnsw_index.insert(page);
-    }
-    let build = started.elapsed();
-    let hnsw_rss = embark_tests::rss_bytes(pid)?.saturating_sub(rss1);
-    let raw = args.vectors * args.dim * 4;
-    println!(
-        "hnsw (M={}, ef_construction={}): built in {:.1} s ({:.0} vectors/s), RSS +{:.0} MiB = {:.2}x the raw vectors ({:.0} MiB); estimate {:.0} MiB",
-        config.max_connections,
-        config.ef_construction,
-        build.as_secs_f64(),
-        args.vectors as f64 / build.as_secs_f64(),
-        hnsw_rss as f64 / (1 << 20) as f64,
-        hnsw_rss as f64 / raw as f64,
-        raw as f64 / (1 << 20) as f64,
-        hnsw_index.memory_bytes() as f64 / (1 << 20) as f64
-    );
     // Exact index (the flat scan): the ground truth and the peer.
     let exact = SimilarityIndex::new(
         args.dim,
@@ -134,32 +120,82 @@ fn main() -> anyhow::Result<()> {
     );
     drop(exact);
 
-    drop(rows);
-
-    let mut sweep = Vec::new();
-    for &ef in &args.ef {
-        let search = |q: &Vec<f32>| hnsw_index_search(&hnsw_index, q, args.k, ef);
-        let started = Instant::now();
-        let found: Vec<Vec<String>> = queries.par_iter().map(search).collect::<Result<_, _>>()?;
-        let qps_all = args.queries as f64 / started.elapsed().as_secs_f64();
-        let started = Instant::now();
-        for q in &queries[..single] {
-            std::hint::black_box(search(q)?);
-        }
-        let qps_1 = single as f64 / started.elapsed().as_secs_f64();
-        let hits: usize = found.iter().zip(&truth).map(|(f, t)| f.iter().filter(|k| t.contains(k)).count()).sum();
-        let recall = hits as f64 / truth.iter().map(Vec::len).sum::<usize>() as f64;
-        println!(
-            "  ef={ef:<4} recall@{} {recall:.4}  {qps_1:.0} q/s one thread ({:.0}x exact)  {qps_all:.0} q/s all ({:.0}x exact)",
-            args.k,
-            qps_1 / exact_qps_1,
-            qps_all / exact_qps_all
-        );
-        sweep.push(serde_json::json!({
-            "ef": ef, "recall_at_k": recall, "qps_one_thread": qps_1, "qps_all_threads": qps_all,
-            "speedup_vs_exact_one_thread": qps_1 / exact_qps_1, "speedup_vs_exact_all_threads": qps_all / exact_qps_all,
-        }));
+    let config = IndexConfig { exact_below: 1, max_vectors: usize::MAX, ..IndexConfig::default() };
+    let raw = args.vectors * args.dim * 4;
+    let mut engines = Vec::new();
+    let mut names: Vec<String> = args.vector_types.iter().map(|t| format!("usearch-{t}")).collect();
+    if !args.no_hnsw_rs {
+        names.push("hnsw_rs-f32".into());
     }
+    for name in names {
+        // Each engine on the heap the previous one gave back; built the
+        // way Similar builds at start (pages of inserts).
+        let rss_before = embark_tests::rss_bytes(pid)?;
+        let started = Instant::now();
+        let engine: Box<dyn Engine> = match name.strip_prefix("usearch-") {
+            Some(t) => {
+                let index = SimilarityIndex::new(
+                    args.dim,
+                    IndexConfig { quantization: t.parse().map_err(anyhow::Error::msg)?, ..config.clone() },
+                );
+                for page in rows.chunks(2048) {
+                    index.insert(page);
+                }
+                Box::new(index)
+            }
+            None => Box::new(HnswRs::build(&rows, args.dim, &config)),
+        };
+        let build = started.elapsed();
+        let rss = embark_tests::rss_bytes(pid)?.saturating_sub(rss_before) as usize;
+        let own = engine.memory_bytes();
+        let stored = args.vectors * args.dim * engine.bytes_per_component();
+        println!(
+            "{name} (M={}, ef_construction={}): built in {:.1} s ({:.0} vectors/s), RSS +{:.0} MiB, {} reports {:.0} MiB = the vectors' {:.0} MiB + {:.0} B a vector",
+            config.max_connections,
+            config.ef_construction,
+            build.as_secs_f64(),
+            args.vectors as f64 / build.as_secs_f64(),
+            rss as f64 / (1 << 20) as f64,
+            if own.is_some() { "the index" } else { "its estimate" },
+            own.unwrap_or(rss) as f64 / (1 << 20) as f64,
+            stored as f64 / (1 << 20) as f64,
+            own.unwrap_or(rss).saturating_sub(stored) as f64 / args.vectors as f64,
+        );
+        if let Some(b) = engine.breakdown() {
+            println!("  {b}");
+        }
+        let mut sweep = Vec::new();
+        for &ef in &args.ef {
+            let search = |q: &Vec<f32>| engine.search(q, args.k, ef);
+            let started = Instant::now();
+            let found: Vec<Vec<String>> = queries.par_iter().map(search).collect::<Result<_, _>>()?;
+            let qps_all = args.queries as f64 / started.elapsed().as_secs_f64();
+            let started = Instant::now();
+            for q in &queries[..single] {
+                std::hint::black_box(search(q)?);
+            }
+            let qps_1 = single as f64 / started.elapsed().as_secs_f64();
+            let hits: usize = found.iter().zip(&truth).map(|(f, t)| f.iter().filter(|k| t.contains(k)).count()).sum();
+            let recall = hits as f64 / truth.iter().map(Vec::len).sum::<usize>() as f64;
+            println!(
+                "  ef={ef:<4} recall@{} {recall:.4}  {qps_1:.0} q/s one thread ({:.0}x exact)  {qps_all:.0} q/s all ({:.0}x exact)",
+                args.k,
+                qps_1 / exact_qps_1,
+                qps_all / exact_qps_all
+            );
+            sweep.push(serde_json::json!({
+                "ef": ef, "recall_at_k": recall, "qps_one_thread": qps_1, "qps_all_threads": qps_all,
+                "speedup_vs_exact_one_thread": qps_1 / exact_qps_1, "speedup_vs_exact_all_threads": qps_all / exact_qps_all,
+            }));
+        }
+        engines.push(serde_json::json!({
+            "engine": name, "max_connections": config.max_connections, "ef_construction": config.ef_construction,
+            "build_seconds": build.as_secs_f64(), "inserts_per_second": args.vectors as f64 / build.as_secs_f64(),
+            "rss_bytes": rss, "index_bytes": own, "stored_vector_bytes": stored, "raw_f32_bytes": raw, "sweep": sweep,
+        }));
+        drop(engine);
+    }
+    drop(rows);
 
     let numpy = args.python.as_ref().filter(|p| p.exists()).map(|p| numpy_peer(p, &args)).transpose()?;
     if let Some(qps) = numpy {
@@ -169,11 +205,7 @@ fn main() -> anyhow::Result<()> {
     let report = serde_json::json!({
         "vectors": args.vectors, "dim": args.dim, "clusters": args.clusters, "spread": args.spread,
         "queries": args.queries, "k": args.k, "threads": rayon::current_num_threads(),
-        "hnsw": {
-            "max_connections": config.max_connections, "ef_construction": config.ef_construction,
-            "build_seconds": build.as_secs_f64(), "rss_bytes": hnsw_rss, "estimated_bytes": hnsw_index.memory_bytes(),
-            "raw_vector_bytes": raw, "sweep": sweep,
-        },
+        "engines": engines,
         "exact": { "qps_one_thread": exact_qps_1, "qps_all_threads": exact_qps_all },
         "numpy_per_query_qps": numpy,
     });
@@ -185,8 +217,70 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn hnsw_index_search(index: &SimilarityIndex, q: &[f32], k: usize, ef: usize) -> anyhow::Result<Vec<String>> {
-    Ok(index.search_with_ef(q, k, -1.0, None, ef)?.into_iter().map(|h| h.key.to_string()).collect())
+/// An index under test.
+trait Engine: Sync {
+    fn search(&self, q: &[f32], k: usize, ef: usize) -> anyhow::Result<Vec<String>>;
+    /// What the index says it holds, if it says.
+    fn memory_bytes(&self) -> Option<usize>;
+    fn bytes_per_component(&self) -> usize;
+    fn breakdown(&self) -> Option<String> {
+        None
+    }
+}
+
+impl Engine for SimilarityIndex {
+    fn search(&self, q: &[f32], k: usize, ef: usize) -> anyhow::Result<Vec<String>> {
+        Ok(self.search_with_ef(q, k, -1.0, None, ef)?.into_iter().map(|h| h.key.to_string()).collect())
+    }
+    fn memory_bytes(&self) -> Option<usize> {
+        Some(SimilarityIndex::memory_bytes(self))
+    }
+    fn bytes_per_component(&self) -> usize {
+        self.quantization().bytes()
+    }
+    fn breakdown(&self) -> Option<String> {
+        self.graph_memory().map(|m| format!("{m:?}"))
+    }
+}
+
+/// The index `Similar` used before: `hnsw_rs` 0.3 with the vectorised
+/// `1 - dot` of unit vectors, inserted in parallel pages as it was.
+struct HnswRs {
+    graph: hnsw_rs::hnsw::Hnsw<'static, f32, UnitDot>,
+    keys: Vec<String>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct UnitDot;
+impl hnsw_rs::anndists::dist::Distance<f32> for UnitDot {
+    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
+        (1.0 - dot(a, b)).max(0.0)
+    }
+}
+
+impl HnswRs {
+    fn build(rows: &[(String, Vec<f32>)], dim: usize, config: &IndexConfig) -> Self {
+        let graph = hnsw_rs::hnsw::Hnsw::new(config.max_connections, rows.len(), 16, config.ef_construction, UnitDot);
+        let unit: Vec<Vec<f32>> = rows.iter().map(|(_, v)| normalized(v).unwrap_or_else(|| vec![0.0; dim])).collect();
+        for (page, ids) in unit.chunks(2048).zip((0..rows.len()).collect::<Vec<_>>().chunks(2048)) {
+            let refs: Vec<(&[f32], usize)> = page.iter().map(Vec::as_slice).zip(ids.iter().copied()).collect();
+            graph.parallel_insert_slice(&refs);
+        }
+        Self { graph, keys: rows.iter().map(|(k, _)| k.clone()).collect() }
+    }
+}
+
+impl Engine for HnswRs {
+    fn search(&self, q: &[f32], k: usize, ef: usize) -> anyhow::Result<Vec<String>> {
+        let q = normalized(q).ok_or_else(|| anyhow::anyhow!("zero query"))?;
+        Ok(self.graph.search(&q, k, ef.max(k)).into_iter().map(|n| self.keys[n.d_id].clone()).collect())
+    }
+    fn memory_bytes(&self) -> Option<usize> {
+        None
+    }
+    fn bytes_per_component(&self) -> usize {
+        4
+    }
 }
 
 /// NumPy's per-query exact search (`X @ q`, then `argpartition`) on the

@@ -177,10 +177,10 @@ pub struct FrontArgs {
 #[derive(Debug, Args)]
 pub struct SimilarArgs {
     /// Vectors (live keys) each model's index holds at most (0: no index,
-    /// `Similar` off). Memory is about this x (dim x 4 + 3.3 KiB) bytes per
-    /// model: 1.2 GiB at 384-d, 2 GiB at 1280-d for the default; up to
-    /// twice that with tombstones (replaced or invalidated keys) until a
-    /// restart.
+    /// `Similar` off). Once past `--similar-exact-below`, memory is about
+    /// this x (dim x the bytes of `--similar-vector-type` + 200) bytes per
+    /// model: 0.2 GiB at 384-d, 0.65 GiB at 1280-d for the default in
+    /// f16. A removed or replaced key's slot is reused.
     #[arg(long, env = "EMBARK_SIMILAR_MAX_VECTORS", default_value_t = IndexConfig::default().max_vectors)]
     pub similar_max_vectors: usize,
     /// Below this many vectors a model is searched exactly; from it on
@@ -190,6 +190,11 @@ pub struct SimilarArgs {
     /// HNSW candidate list per search: higher is slower with better recall.
     #[arg(long, env = "EMBARK_SIMILAR_EF_SEARCH", default_value_t = IndexConfig::default().ef_search)]
     pub similar_ef_search: usize,
+    /// How the graph stores vectors: f32, f16 (half the memory; scores
+    /// within about 1e-3) or i8 (a quarter; within about 1e-2). The exact
+    /// scan below `--similar-exact-below` keeps f32.
+    #[arg(long, env = "EMBARK_SIMILAR_VECTOR_TYPE", default_value_t = IndexConfig::default().quantization)]
+    pub similar_vector_type: embark_index::Quantization,
     /// The largest k a Similar call may ask for.
     #[arg(long, env = "EMBARK_SIMILAR_MAX_K", default_value_t = 1000)]
     pub similar_max_k: usize,
@@ -205,6 +210,7 @@ impl SimilarArgs {
             exact_below: self.similar_exact_below.max(1),
             max_vectors: self.similar_max_vectors,
             ef_search: self.similar_ef_search.max(1),
+            quantization: self.similar_vector_type,
             ..embark_index::IndexConfig::default()
         }
     }
