@@ -9,7 +9,9 @@
 //! vectors in high dimension have none). Held-out queries are searched
 //! through the index at several `ef` and exactly (the flat scan, the same
 //! code as Similar below --similar-exact-below; and, in the same run,
-//! NumPy's `X @ q` per query when the client venv is installed). Reports
+//! NumPy's `X @ q` per query when the client venv is installed), and
+//! through faiss-cpu's HNSW (f32 and fp16, same M, ef_construction and
+//! threads) when `--faiss-python` is given. Reports
 //! recall@10 against the exact answer, queries/s (one thread and all
 //! cores), the build time and the index's memory (measured RSS growth and
 //! the index's own estimate). Writes JSON.
@@ -58,6 +60,11 @@ struct Args {
     /// Leave out the `hnsw_rs` peer.
     #[arg(long)]
     no_hnsw_rs: bool,
+    /// Python with faiss-cpu for the faiss HNSW peer (IndexHNSWFlat and
+    /// IndexHNSWSQ fp16, same M, ef_construction and threads; skipped when
+    /// absent).
+    #[arg(long, env = "EMBARK_BENCH_FAISS_PYTHON")]
+    faiss_python: Option<PathBuf>,
     #[arg(long, default_value = "bench-results/similar.json")]
     out: PathBuf,
 }
@@ -197,6 +204,10 @@ fn main() -> anyhow::Result<()> {
     }
     drop(rows);
 
+    let faiss = match args.faiss_python.as_ref().filter(|p| p.exists()) {
+        Some(p) => faiss_peer(p, &args, &config, &truth)?,
+        None => serde_json::Value::Null,
+    };
     let numpy = args.python.as_ref().filter(|p| p.exists()).map(|p| numpy_peer(p, &args)).transpose()?;
     if let Some(qps) = numpy {
         println!("numpy X @ q per query (same data): {qps:.1} q/s; exact scan here is {:.2}x that", exact_qps_1 / qps);
@@ -206,6 +217,7 @@ fn main() -> anyhow::Result<()> {
         "vectors": args.vectors, "dim": args.dim, "clusters": args.clusters, "spread": args.spread,
         "queries": args.queries, "k": args.k, "threads": rayon::current_num_threads(),
         "engines": engines,
+        "faiss": faiss,
         "exact": { "qps_one_thread": exact_qps_1, "qps_all_threads": exact_qps_all },
         "numpy_per_query_qps": numpy,
     });
@@ -281,6 +293,112 @@ impl Engine for HnswRs {
     fn bytes_per_component(&self) -> usize {
         4
     }
+}
+
+/// faiss-cpu's HNSW on the same data (unit vectors, inner product), in f32
+/// (`IndexHNSWFlat`) and fp16 (`IndexHNSWSQ`), same M and
+/// ef_construction, OpenMP on every core for the build and the "all"
+/// figure, one thread for the per-query figure; recall against the same
+/// exact answer. Prints its lines and returns them as JSON.
+fn faiss_peer(
+    python: &PathBuf,
+    args: &Args,
+    config: &IndexConfig,
+    truth: &[Vec<String>],
+) -> anyhow::Result<serde_json::Value> {
+    let (base, queries) = data(args);
+    let dir = tempfile::tempdir()?;
+    let write = |name: &str, rows: &[Vec<f32>]| -> anyhow::Result<()> {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.path().join(name))?);
+        for r in rows {
+            let u = normalized(r).unwrap_or_else(|| r.clone());
+            f.write_all(bytemuck::cast_slice(&u))?;
+        }
+        Ok(f.flush()?)
+    };
+    write("base.f32", &base)?;
+    write("queries.f32", &queries)?;
+    let ids: Vec<i64> = truth
+        .iter()
+        .flat_map(|t| {
+            let mut row: Vec<i64> =
+                t.iter().filter_map(|k| k.strip_prefix("key-").and_then(|n| n.parse().ok())).collect();
+            row.resize(args.k, -1);
+            row
+        })
+        .collect();
+    std::fs::write(dir.path().join("truth.i64"), bytemuck::cast_slice(&ids))?;
+    let ef: Vec<String> = args.ef.iter().map(|e| e.to_string()).collect();
+    let script = r#"
+import json, sys, time, numpy as np, faiss
+d, k, m, efc, single = (int(x) for x in sys.argv[2:7])
+efs = [int(x) for x in sys.argv[7].split(',')]
+X = np.fromfile(sys.argv[1] + '/base.f32', dtype=np.float32).reshape(-1, d)
+Q = np.fromfile(sys.argv[1] + '/queries.f32', dtype=np.float32).reshape(-1, d)
+T = np.fromfile(sys.argv[1] + '/truth.i64', dtype=np.int64).reshape(-1, k)
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+threads = faiss.omp_get_max_threads()
+out = []
+for name in ['faiss-hnsw-flat-f32', 'faiss-hnsw-sq-fp16']:
+    if name.endswith('f32'):
+        index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = efc
+    faiss.omp_set_num_threads(threads)
+    before = rss()
+    t = time.perf_counter()
+    if not index.is_trained:
+        index.train(X)
+    index.add(X)
+    build = time.perf_counter() - t
+    grown = rss() - before
+    print(f"{name} (M={m}, ef_construction={efc}, {threads} threads): built in {build:.1f} s ({len(X) / build:.0f} vectors/s), RSS +{grown / 2**20:.0f} MiB", flush=True)
+    sweep = []
+    for ef in efs:
+        index.hnsw.efSearch = ef
+        faiss.omp_set_num_threads(threads)
+        t = time.perf_counter()
+        _, I = index.search(Q, k)
+        qps_all = len(Q) / (time.perf_counter() - t)
+        faiss.omp_set_num_threads(1)
+        t = time.perf_counter()
+        for q in Q[:single]:
+            index.search(q.reshape(1, -1), k)
+        qps_1 = single / (time.perf_counter() - t)
+        found = sum(len(set(a[a >= 0]) & set(b[b >= 0])) for a, b in zip(I, T))
+        recall = found / max(1, int((T >= 0).sum()))
+        print(f"  ef={ef:<4} recall@{k} {recall:.4f}  {qps_1:.0f} q/s one thread  {qps_all:.0f} q/s all", flush=True)
+        sweep.append({"ef": ef, "recall_at_k": recall, "qps_one_thread": qps_1, "qps_all_threads": qps_all})
+    out.append({"engine": name, "build_seconds": build, "inserts_per_second": len(X) / build, "rss_bytes": grown, "sweep": sweep})
+    del index
+print("JSON " + json.dumps(out))
+"#;
+    let out = Command::new(python)
+        .args([
+            "-c",
+            script,
+            dir.path().to_str().unwrap_or("."),
+            &args.dim.to_string(),
+            &args.k.to_string(),
+            &config.max_connections.to_string(),
+            &config.ef_construction.to_string(),
+            &args.queries.min(200).to_string(),
+            &ef.join(","),
+        ])
+        .stderr(Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "the faiss peer failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut json = serde_json::Value::Null;
+    for line in text.lines() {
+        match line.strip_prefix("JSON ") {
+            Some(j) => json = serde_json::from_str(j)?,
+            None => println!("{line}"),
+        }
+    }
+    Ok(json)
 }
 
 /// NumPy's per-query exact search (`X @ q`, then `argpartition`) on the
