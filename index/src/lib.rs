@@ -293,11 +293,21 @@ impl SimilarityIndex {
                 }
             })
             .collect();
-        let _writer = self.writer.lock();
-        let graph = self.inner.read().graph.clone();
-        match graph {
-            None => self.insert_flat(unit, &mut report),
-            Some(graph) => self.insert_graph(&graph, unit, &mut report),
+        let build = {
+            let _writer = self.writer.lock();
+            let graph = self.inner.read().graph.clone();
+            match graph {
+                None => self.insert_flat(unit, &mut report),
+                Some(graph) => {
+                    self.insert_graph(&graph, unit, &mut report);
+                    false
+                }
+            }
+        };
+        // Without the writer lock: other inserts and removes go on during
+        // the build (into the flat matrix, noted for the build to put right).
+        if build {
+            self.build_graph();
         }
         report
     }
@@ -307,8 +317,10 @@ impl SimilarityIndex {
         inner.ids.len() < self.config.max_vectors
     }
 
-    fn insert_flat(&self, unit: Vec<(&str, Vec<f32>)>, report: &mut InsertReport) {
-        let build = {
+    /// Writes rows into the flat matrix; says whether the graph is to be
+    /// built now (the caller builds it after letting go of the writer lock).
+    fn insert_flat(&self, unit: Vec<(&str, Vec<f32>)>, report: &mut InsertReport) -> bool {
+        {
             let mut inner = self.inner.write();
             for (key, v) in unit {
                 let id = match inner.ids.get(key) {
@@ -334,9 +346,6 @@ impl SimilarityIndex {
                 inner.building = Some(Vec::new());
             }
             build
-        };
-        if build {
-            self.build_graph();
         }
     }
 
@@ -402,7 +411,8 @@ impl SimilarityIndex {
     }
 
     /// Builds the graph from a snapshot of the flat matrix without holding
-    /// the lock, puts right the ids written meanwhile, then swaps it in.
+    /// either lock, then, as the one writer, puts right the ids written
+    /// meanwhile and swaps it in.
     fn build_graph(&self) {
         let (snapshot, live) = {
             let inner = self.inner.read();
@@ -415,6 +425,7 @@ impl SimilarityIndex {
                     live.iter().map(|&id| (id as u64, &snapshot[id * self.dim..(id + 1) * self.dim])).collect();
                 graph.add_parallel(&rows).map(|()| graph)
             });
+        let _writer = self.writer.lock();
         let mut inner = self.inner.write();
         let touched = inner.building.take().unwrap_or_default();
         let graph = built.and_then(|graph| {
@@ -717,6 +728,38 @@ mod tests {
         assert_eq!(index.len(), 4_000 - removed);
         let (key, v) = &rows[3_999];
         assert_eq!(&*index.search(v, 1, -1.0, None).expect("search")[0].key, key);
+    }
+
+    #[test]
+    fn writes_during_the_graph_build_are_in_the_graph_it_swaps_in() {
+        let dim = 16;
+        let index = SimilarityIndex::new(dim, IndexConfig { exact_below: 2_000, ..IndexConfig::default() });
+        let rows = random_rows(4_000, dim, 9);
+        index.insert(&rows[..1_999]);
+        std::thread::scope(|s| {
+            // Crosses the threshold: this call builds the graph.
+            s.spawn(|| index.insert(&rows[1_999..2_000]));
+            // Meanwhile: new keys, replaced keys and removed keys.
+            s.spawn(|| {
+                for chunk in rows[2_000..].chunks(50) {
+                    index.insert(chunk);
+                    index.insert(&[(chunk[0].0.clone(), chunk[0].1.iter().map(|x| -x).collect())]);
+                    index.remove(&[chunk[1].0.clone()]);
+                }
+            });
+        });
+        assert!(index.is_approximate());
+        assert_eq!(index.len(), 4_000 - 40);
+        for (i, (key, v)) in rows.iter().enumerate().step_by(7) {
+            let hits = index.search(v, 3, -1.0, None).expect("search");
+            let removed = i >= 2_000 && (i - 2_000) % 50 == 1;
+            let replaced = i >= 2_000 && (i - 2_000) % 50 == 0;
+            if removed {
+                assert!(hits.iter().all(|h| *h.key != **key), "{key} was removed");
+            } else if !replaced {
+                assert!(hits.iter().any(|h| *h.key == **key), "{key} is not found by its own vector: {hits:?}");
+            }
+        }
     }
 
     /// Defect 11.11: tombstones counted toward the bound, so after removals

@@ -94,12 +94,23 @@ impl Stack {
     }
 
     async fn start_kfc_with(&self, extra: &[&str]) -> anyhow::Result<Server> {
+        self.start_kfc_on(&self.miss_topic, &self.dlq_topic, &self.group, extra).await
+    }
+
+    /// A `kfc` reading `miss_topic` in `group` (dead letters to `dlq_topic`).
+    async fn start_kfc_on(
+        &self,
+        miss_topic: &str,
+        dlq_topic: &str,
+        group: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Server> {
         let brokers = self.broker.brokers();
         let target = KfcTarget {
             brokers: &brokers,
-            miss_topic: &self.miss_topic,
-            dlq_topic: &self.dlq_topic,
-            group: &self.group,
+            miss_topic,
+            dlq_topic,
+            group,
             store_url: &self.store_url,
             retina: self.retina_addr,
         };
@@ -432,17 +443,7 @@ async fn kfc_resumes_from_inside_a_record_batch() -> anyhow::Result<()> {
     produce_misses(&brokers, &topic, MODEL, &keys).await?;
     commit_group_offset(&brokers, &group, &topic, 0, 17)?;
 
-    let target = KfcTarget {
-        brokers: &brokers,
-        miss_topic: &topic,
-        dlq_topic: &dlq,
-        group: &group,
-        store_url: &stack.store_url,
-        retina: stack.retina_addr,
-    };
-    let args = kfc_args(target, 0, 2000);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _kfc = Server::start_on(&binary("kfc"), &args, None).await?;
+    let _kfc = stack.start_kfc_on(&topic, &dlq, &group, &[]).await?;
     eventually(Duration::from_secs(90), "the misses from the committed offset on filled", || async {
         Ok((stack.stored(&keys[17..]).await? == keys.len() - 17).then_some(()))
     })

@@ -295,6 +295,16 @@ impl Engine for HnswRs {
     }
 }
 
+/// Writes `rows`, normalised, as raw little-endian float32 for a Python peer.
+fn write_unit_rows(path: &std::path::Path, rows: &[Vec<f32>]) -> anyhow::Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for r in rows {
+        let u = normalized(r).unwrap_or_else(|| r.clone());
+        f.write_all(bytemuck::cast_slice(&u))?;
+    }
+    Ok(f.flush()?)
+}
+
 /// faiss-cpu's HNSW on the same data (unit vectors, inner product), in f32
 /// (`IndexHNSWFlat`) and fp16 (`IndexHNSWSQ`), same M and
 /// ef_construction, OpenMP on every core for the build and the "all"
@@ -308,16 +318,8 @@ fn faiss_peer(
 ) -> anyhow::Result<serde_json::Value> {
     let (base, queries) = data(args);
     let dir = tempfile::tempdir()?;
-    let write = |name: &str, rows: &[Vec<f32>]| -> anyhow::Result<()> {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.path().join(name))?);
-        for r in rows {
-            let u = normalized(r).unwrap_or_else(|| r.clone());
-            f.write_all(bytemuck::cast_slice(&u))?;
-        }
-        Ok(f.flush()?)
-    };
-    write("base.f32", &base)?;
-    write("queries.f32", &queries)?;
+    write_unit_rows(&dir.path().join("base.f32"), &base)?;
+    write_unit_rows(&dir.path().join("queries.f32"), &queries)?;
     let ids: Vec<i64> = truth
         .iter()
         .flat_map(|t| {
@@ -406,16 +408,8 @@ print("JSON " + json.dumps(out))
 fn numpy_peer(python: &PathBuf, args: &Args) -> anyhow::Result<f64> {
     let (base, queries) = data(args);
     let dir = tempfile::tempdir()?;
-    let write = |name: &str, rows: &[Vec<f32>]| -> anyhow::Result<()> {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.path().join(name))?);
-        for r in rows {
-            let u = normalized(r).unwrap_or_else(|| r.clone());
-            f.write_all(bytemuck::cast_slice(&u))?;
-        }
-        Ok(f.flush()?)
-    };
-    write("base.f32", &base)?;
-    write("queries.f32", &queries[..args.queries.min(200)])?;
+    write_unit_rows(&dir.path().join("base.f32"), &base)?;
+    write_unit_rows(&dir.path().join("queries.f32"), &queries[..args.queries.min(200)])?;
     let script = r#"
 import sys, time, numpy as np
 d, k = int(sys.argv[2]), int(sys.argv[3])
